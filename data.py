@@ -1,0 +1,235 @@
+"""
+Turns `--data` into datasets and loaders, for every layout users have on disk:
+
+    ROOT/train/<class>/*.JPEG and ROOT/val/<class>/*.JPEG       ImageFolder layout (imagenette, most ImageNet copies)
+    ROOT/ILSVRC/Data/CLS-LOC/{train,val} + ROOT/LOC_val_solution.csv   the Kaggle ILSVRC download: a flat val/,
+                                                                       labels read from the CSV, no file moved
+    ROOT = .../ILSVRC/Data/CLS-LOC                                     the same, pointed at CLS-LOC itself
+
+The class index is the sorted folder name, which for wnids is the standard ImageNet-1k order.
+Loaders hand out uint8 images; train.py normalizes them on the device (model.normalize).
+Augmentation randomness is a pure function of (seed, epoch, image index), so a run gives the same images
+whatever the number of workers or ranks, and a resumed run sees exactly what an uninterrupted one would.
+"""
+import csv
+import math
+import os
+import random
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms import v2
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+DEFAULT_DATA = "data/imagenette2-160"
+EVAL_CROP_RATIO = 0.875  # resize to img_size / 0.875, then center crop: 256 -> 224, the standard ImageNet eval
+
+
+# -----------------------------------------------------------------------------
+# where the images are
+
+def default_data(path=DEFAULT_DATA):
+    """With no --data: Imagenette at 160 px (10 ImageNet classes, about 100 MB), downloaded once."""
+    path = Path(path)
+    if not (path / "train").is_dir():
+        from torchvision.datasets import Imagenette
+        print(f"no --data given: downloading Imagenette (160 px, 10 ImageNet classes, ~100 MB) to {path} ...")
+        try:
+            Imagenette(str(path.parent), size="160px", download=True)
+        except Exception as e:
+            raise FileNotFoundError(f"could not download Imagenette ({type(e).__name__}: {e}); "
+                               f"pass --data /path/to/imagenet instead") from None
+    return path
+
+
+def find_splits(root):
+    """Return (train_dir, val_dir, val_csv or None, synset_mapping_file or None) for any supported layout."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--data {root} is not a folder; pass the dataset root that holds train/ and val/")
+    for base in (root / "ILSVRC" / "Data" / "CLS-LOC", root):
+        if (base / "train").is_dir() and (base / "val").is_dir():
+            break
+    else:
+        raise ValueError(f"--data {root} holds neither train/ and val/ nor ILSVRC/Data/CLS-LOC/{{train,val}}; "
+                         f"see 'Data layouts' in README.md")
+    # the Kaggle files sit beside ILSVRC/, three levels above CLS-LOC
+    kaggle_root = base.parent.parent.parent
+    mapping = kaggle_root / "LOC_synset_mapping.txt"
+    mapping = mapping if mapping.is_file() else None
+    val_dir = base / "val"
+    if any(e.is_dir() for e in os.scandir(val_dir)):
+        return base / "train", val_dir, None, mapping
+    val_csv = kaggle_root / "LOC_val_solution.csv"
+    if not val_csv.is_file():
+        raise ValueError(f"{val_dir} is flat (no class folders) but {val_csv} is missing; "
+                         f"put the Kaggle LOC_val_solution.csv there, or sort val/ into class folders")
+    return base / "train", val_dir, val_csv, mapping
+
+
+def scan_folder(folder, classes=None):
+    """ImageFolder scan: (sorted class names, [(path, label)]). Given `classes`, the folders must be those."""
+    found = sorted(e.name for e in os.scandir(folder) if e.is_dir())
+    if classes is not None and found != classes:
+        extra, missing = sorted(set(found) - set(classes)), sorted(set(classes) - set(found))
+        raise ValueError(f"{folder} has other class folders than train/: extra {extra[:3]}, missing {missing[:3]}")
+    if not found:
+        raise ValueError(f"{folder} has no class folders; expected {folder}/<class>/<image>.JPEG")
+    samples = []
+    for label, name in enumerate(found):
+        files = sorted(e.path for e in os.scandir(os.path.join(folder, name))
+                       if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS))
+        samples += [(f, label) for f in files]
+    if not samples:
+        raise ValueError(f"{folder} has class folders but no images ({', '.join(IMG_EXTENSIONS)})")
+    return found, samples
+
+
+def read_val_csv(val_dir, val_csv, classes):
+    """Kaggle validation labels: rows of `ImageId,PredictionString`; the label is the first wnid of the string."""
+    index = {c: i for i, c in enumerate(classes)}
+    samples = []
+    with open(val_csv, newline="") as f:
+        for row in csv.DictReader(f):
+            wnid = row["PredictionString"].split()[0]
+            if wnid not in index:
+                raise ValueError(f"{val_csv} labels {row['ImageId']} as {wnid}, which is no class folder of train/")
+            samples.append((os.path.join(val_dir, row["ImageId"] + ".JPEG"), index[wnid]))
+    missing = [p for p, _ in samples[:50] if not os.path.isfile(p)]
+    if missing:
+        raise ValueError(f"{val_csv} names images that are not in {val_dir}, e.g. {missing[0]}")
+    return sorted(samples)
+
+
+def class_names(classes, mapping_file=None):
+    """Human-readable names: from Kaggle's LOC_synset_mapping.txt, else torchvision's lists, else the folder names."""
+    if mapping_file is not None:
+        with open(mapping_file) as f:
+            names = dict(line.strip().split(" ", 1) for line in f if line.strip())
+        return [names.get(c, c).split(",")[0] for c in classes]
+    if len(classes) == 1000 and all(c.startswith("n") and c[1:].isdigit() for c in classes):
+        from torchvision.models import ResNet50_Weights  # its 1000 categories are in sorted-wnid order
+        return list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
+    from torchvision.datasets.imagenette import Imagenette
+    known = Imagenette._WNID_TO_CLASS
+    return [known[c][0] if c in known else c for c in classes]
+
+
+def stratified_subset(samples, fraction, seed):
+    """The same `fraction` of every class (at least one image each), chosen by `seed` alone."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"--subset must be in (0, 1], got {fraction}")
+    if fraction == 1:
+        return samples
+    by_class = {}
+    for i, (_, label) in enumerate(samples):
+        by_class.setdefault(label, []).append(i)
+    rng, keep = random.Random(seed), []
+    for label in sorted(by_class):
+        idx = by_class[label]
+        rng.shuffle(idx)
+        keep += idx[:max(1, round(fraction * len(idx)))]
+    return [samples[i] for i in sorted(keep)]
+
+
+# -----------------------------------------------------------------------------
+# images and transforms
+
+def load_rgb(path):
+    """Every image becomes RGB: ImageNet has grayscale, CMYK, and PNGs named .JPEG (PIL sniffs the content)."""
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        return img.convert("RGB")
+
+
+def train_transform(img_size, trivial_augment=False, random_erase=0.0):
+    t = [v2.RandomResizedCrop(img_size, antialias=True), v2.RandomHorizontalFlip()]
+    if trivial_augment:
+        t.append(v2.TrivialAugmentWide())
+    t.append(v2.PILToTensor())  # uint8 (3, H, W)
+    if random_erase > 0:
+        t.append(v2.RandomErasing(p=random_erase, value=0))
+    return v2.Compose(t)
+
+
+def eval_transform(img_size, resize_size=None):
+    resize_size = resize_size or round(img_size / EVAL_CROP_RATIO)
+    return v2.Compose([v2.Resize(resize_size, antialias=True), v2.CenterCrop(img_size), v2.PILToTensor()])
+
+
+class ImageList(Dataset):
+    """A list of (path, label). Items are asked for as (index, epoch) by ShardSampler.
+
+    For training, the transform's randomness is seeded from (seed, epoch, index): the image a step sees does not
+    depend on which worker or rank loads it, nor on whether the run was resumed.
+    """
+
+    def __init__(self, samples, transform, seed=None):
+        self.samples, self.transform, self.seed = samples, transform, seed
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, item):
+        index, epoch = item
+        path, label = self.samples[index]
+        if self.seed is not None:
+            torch.manual_seed((self.seed * 100_003 + epoch) * 100_000_007 + index)
+        return self.transform(load_rgb(path)), label
+
+
+class ShardSampler(Sampler):
+    """This rank's share of the (index, epoch) items of one epoch.
+
+    train (shuffle=True): a permutation seeded by (seed, epoch), padded so every rank gets the same count, as
+        DistributedSampler does; `start` skips the first items (for resuming inside an epoch).
+    eval (shuffle=False): indices rank, rank + world, ...; no padding, so every image is counted exactly once.
+    """
+
+    def __init__(self, n, rank=0, world=1, shuffle=True, seed=0):
+        self.n, self.rank, self.world, self.shuffle, self.seed = n, rank, world, shuffle, seed
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch, start=0):
+        self.epoch, self.start = epoch, start
+
+    def indices(self):
+        if not self.shuffle:
+            return list(range(self.rank, self.n, self.world))
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.n, generator=g).tolist()
+        total = math.ceil(self.n / self.world) * self.world
+        order += order[:total - self.n]
+        return order[self.rank::self.world]
+
+    def __len__(self):
+        return len(self.indices()) - self.start if not self.shuffle else math.ceil(self.n / self.world) - self.start
+
+    def __iter__(self):
+        return iter([(i, self.epoch) for i in self.indices()[self.start:]])
+
+
+# -----------------------------------------------------------------------------
+# datasets and loaders
+
+def build_datasets(root, img_size, subset=1.0, seed=0, trivial_augment=False, random_erase=0.0, eval_size=None,
+                   resize_size=None):
+    """Return (train_set, val_set, info) where info has 'classes' (folder names) and 'names' (readable names)."""
+    train_dir, val_dir, val_csv, mapping = find_splits(root)
+    classes, train_samples = scan_folder(train_dir)
+    if val_csv is None:
+        _, val_samples = scan_folder(val_dir, classes)
+    else:
+        val_samples = read_val_csv(val_dir, val_csv, classes)
+    train_samples = stratified_subset(train_samples, subset, seed)
+    train_set = ImageList(train_samples, train_transform(img_size, trivial_augment, random_erase), seed=seed)
+    val_set = ImageList(val_samples, eval_transform(eval_size or img_size, resize_size))
+    return train_set, val_set, dict(classes=classes, names=class_names(classes, mapping))
+
+
+def make_loader(dataset, batch_size, shuffle, rank=0, world=1, seed=0, workers=4, pin_memory=False):
+    sampler = ShardSampler(len(dataset), rank, world, shuffle=shuffle, seed=seed)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin_memory,
+                      drop_last=shuffle, persistent_workers=workers > 0)

@@ -1,0 +1,223 @@
+"""
+The ResNet family, built bottom-up: block, stage, network, then one constructor per name.
+
+    resnet18 / 34 / 50 / 101 / 152   He et al. 2015, "Deep Residual Learning", as torchvision builds them
+                                      (ResNet v1.5: the stride sits on the 3x3 of the bottleneck).
+    resnet50d                        He et al. 2019, "Bag of Tricks", ResNet-D: a deep stem of three 3x3
+                                      convolutions and an average-pool shortcut when downsampling.
+
+The state_dict keys and shapes of resnet18..152 equal torchvision's, so its weights load here and ours load there.
+This file also owns the input normalization (done on the device, on uint8 batches) and the one function that
+every other script uses to load a checkpoint.
+"""
+import torch
+import torch.nn as nn
+
+# ImageNet channel statistics, scaled to uint8 pixels: the loaders hand out uint8, the device normalizes.
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
+def normalize(x, dtype=torch.float32):
+    """(B, 3, H, W) uint8 on any device -> normalized float of `dtype`, memory format kept."""
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=dtype).view(1, 3, 1, 1)
+    return (x.to(dtype) - mean) / std
+
+
+def conv3x3(cin, cout, stride=1):
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+
+
+def conv1x1(cin, cout, stride=1):
+    return nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
+
+
+# -----------------------------------------------------------------------------
+# blocks
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions (resnet18/34)."""
+    expansion = 1
+
+    def __init__(self, cin, width, stride=1, downsample=None):
+        super().__init__()
+        self.conv1 = conv3x3(cin, width, stride)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = conv3x3(width, width)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3 (carrying the stride, as in torchvision's v1.5), 1x1 expand by 4."""
+    expansion = 4
+
+    def __init__(self, cin, width, stride=1, downsample=None):
+        super().__init__()
+        self.conv1 = conv1x1(cin, width)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = conv3x3(width, width, stride)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = conv1x1(width, width * self.expansion)
+        self.bn3 = nn.BatchNorm2d(width * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+# -----------------------------------------------------------------------------
+# stage and network
+
+def make_stage(block, cin, width, depth, stride, avg_down):
+    """`depth` blocks; the first one changes resolution and/or width and gets a projection shortcut."""
+    cout = width * block.expansion
+    downsample = None
+    if stride != 1 or cin != cout:
+        if avg_down:
+            # ResNet-D: average-pool then a stride-1 1x1, so the shortcut sees every pixel, not one in four.
+            # The Identity keeps the keys the same in every stage (and equal to timm's resnet50d).
+            pool = nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False) if stride != 1 else nn.Identity()
+            downsample = nn.Sequential(pool, conv1x1(cin, cout), nn.BatchNorm2d(cout))
+        else:
+            downsample = nn.Sequential(conv1x1(cin, cout, stride), nn.BatchNorm2d(cout))
+    blocks = [block(cin, width, stride, downsample)]
+    blocks += [block(cout, width) for _ in range(depth - 1)]
+    return nn.Sequential(*blocks)
+
+
+class ResNet(nn.Module):
+
+    def __init__(self, block, depths, num_classes=1000, deep_stem=False, avg_down=False, zero_init_residual=True):
+        super().__init__()
+        if deep_stem:
+            # ResNet-C/D stem: three 3x3 convs (32, 32, 64) cost about the same as one 7x7 and see the same field
+            self.conv1 = nn.Sequential(
+                conv3x3(3, 32, stride=2), nn.BatchNorm2d(32), nn.ReLU(inplace=True),
+                conv3x3(32, 32), nn.BatchNorm2d(32), nn.ReLU(inplace=True),
+                conv3x3(32, 64))
+        else:
+            self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        widths, cin = (64, 128, 256, 512), 64
+        for i, (width, depth) in enumerate(zip(widths, depths)):
+            stage = make_stage(block, cin, width, depth, stride=1 if i == 0 else 2, avg_down=avg_down)
+            setattr(self, f"layer{i + 1}", stage)  # torchvision's names: layer1..layer4
+            cin = width * block.expansion
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+        self.init_weights(zero_init_residual)
+
+    def init_weights(self, zero_init_residual):
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        # nn.Linear keeps PyTorch's default init, as torchvision's does.
+        if zero_init_residual:
+            # Goyal et al. 2017, "Accurate, Large Minibatch SGD": a zero gamma on the last BN of each residual
+            # branch makes every block start as the identity, which makes large-batch warm-up stable.
+            for m in self.modules():
+                if isinstance(m, Bottleneck):
+                    nn.init.zeros_(m.bn3.weight)
+                elif isinstance(m, BasicBlock):
+                    nn.init.zeros_(m.bn2.weight)
+
+    def forward(self, x):                                   # (B, 3, 224, 224)
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (B, 64, 56, 56)
+        x = self.layer1(x)                                  # (B, 256, 56, 56) for bottlenecks, 64 for basic
+        x = self.layer2(x)                                  # (B, 512, 28, 28)
+        x = self.layer3(x)                                  # (B, 1024, 14, 14)
+        x = self.layer4(x)                                  # (B, 2048, 7, 7)
+        x = torch.flatten(self.avgpool(x), 1)               # (B, 2048)
+        return self.fc(x)                                   # (B, num_classes)
+
+
+# -----------------------------------------------------------------------------
+# constructors
+
+ARCHS = {
+    "resnet18": dict(block=BasicBlock, depths=(2, 2, 2, 2)),
+    "resnet34": dict(block=BasicBlock, depths=(3, 4, 6, 3)),
+    "resnet50": dict(block=Bottleneck, depths=(3, 4, 6, 3)),
+    "resnet101": dict(block=Bottleneck, depths=(3, 4, 23, 3)),
+    "resnet152": dict(block=Bottleneck, depths=(3, 8, 36, 3)),
+    "resnet50d": dict(block=Bottleneck, depths=(3, 4, 6, 3), deep_stem=True, avg_down=True),
+}
+
+
+def build_model(arch, num_classes=1000, zero_init_residual=True):
+    if arch not in ARCHS:
+        raise ValueError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    return ResNet(num_classes=num_classes, zero_init_residual=zero_init_residual, **ARCHS[arch])
+
+
+def resnet18(**kw): return build_model("resnet18", **kw)
+def resnet34(**kw): return build_model("resnet34", **kw)
+def resnet50(**kw): return build_model("resnet50", **kw)
+def resnet101(**kw): return build_model("resnet101", **kw)
+def resnet152(**kw): return build_model("resnet152", **kw)
+def resnet50d(**kw): return build_model("resnet50d", **kw)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: the contract between train.py and every script after it
+
+def clean_state_dict(sd):
+    """Drop the prefixes that DDP ('module.') and torch.compile ('_orig_mod.') put on keys."""
+    out = {}
+    for k, v in sd.items():
+        for prefix in ("module.", "_orig_mod."):
+            k = k[len(prefix):] if k.startswith(prefix) else k
+        out[k] = v
+    return out
+
+
+def read_checkpoint(path, map_location="cpu"):
+    """torch.load with weights_only=True: only tensors and plain containers are unpickled, so a checkpoint cannot
+    run code. Failures become one-line errors that name the file."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint {path} does not exist; train one with train.py or pass another path")
+    except Exception as e:  # the unpickler refuses anything but tensors and containers; truncated files land here
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"checkpoint {path} cannot be loaded safely (weights_only=True): {first}") from None
+
+
+def load_checkpoint(path, arch=None, map_location="cpu"):
+    """Load our checkpoint dict or a bare torchvision state_dict; return (model in eval mode, checkpoint dict).
+    For a bare state_dict, pass `arch`; the class count is read off the fc weight."""
+    ckpt = read_checkpoint(path, map_location)
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a state_dict or checkpoint dict")
+    ours = isinstance(ckpt.get("model"), dict)  # train.py's dict, else a bare state_dict
+    sd = clean_state_dict(ckpt["model"] if ours else ckpt)
+    arch = (ckpt.get("args") or {}).get("arch", arch) if ours else arch
+    if arch is None:
+        raise ValueError(f"checkpoint {path} is a bare state_dict; say which network it is with --arch")
+    if "fc.weight" not in sd:
+        raise ValueError(f"checkpoint {path} has no fc.weight; it is not a ResNet classifier state_dict")
+    model = build_model(arch, num_classes=sd["fc.weight"].shape[0])
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint {path} does not fit --arch {arch}: {str(e).splitlines()[1].strip()}") from None
+    return model.eval(), {**(ckpt if ours else {}), "arch": arch}

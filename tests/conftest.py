@@ -1,0 +1,52 @@
+"""Shared fixtures: the real images in ../shared/data, small dataset trees built from them, and a runner."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared" / "data"
+IMAGENETTE = SHARED / "imagenette-224"
+SAMPLES = SHARED / "imagenet-samples"
+
+needs_imagenette = pytest.mark.skipif(not IMAGENETTE.is_dir(), reason=f"real data not found at {IMAGENETTE}")
+needs_samples = pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"real data not found at {SAMPLES}")
+
+
+def link_tree(dst, per_class_train, per_class_val):
+    """An ImageFolder tree of symlinks to the first N real JPEGs of each imagenette class."""
+    for split, n in (("train", per_class_train), ("val", per_class_val)):
+        for cls_dir in sorted((IMAGENETTE / split).iterdir()):
+            out = dst / split / cls_dir.name
+            out.mkdir(parents=True)
+            for f in sorted(cls_dir.iterdir())[:n]:
+                (out / f.name).symlink_to(f)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """10 classes, 16 train and 8 val real images each: fast enough to train on in a test."""
+    if not IMAGENETTE.is_dir():
+        pytest.skip(f"real data not found at {IMAGENETTE}")
+    return link_tree(tmp_path_factory.mktemp("tiny"), 16, 8)
+
+
+def run(args, timeout=600, env=None, cwd=ROOT, check=True):
+    """Run a real process; return CompletedProcess with text output. Fails the test with its output on error."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    p = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd)
+    if check and p.returncode != 0:
+        pytest.fail(f"{' '.join(map(str, args))} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def train_cmd(*args):
+    return [sys.executable, str(ROOT / "train.py"), *map(str, args)]
+
+
+def torchrun_cmd(nproc, *args):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            str(ROOT / "train.py"), *map(str, args)]

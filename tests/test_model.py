@@ -1,0 +1,121 @@
+"""model.py against torchvision: the same keys and shapes, the same outputs under the same weights."""
+import pickle
+
+import pytest
+import torch
+import torchvision
+
+import model as M
+
+TORCHVISION_ARCHS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
+
+
+@pytest.mark.parametrize("arch", TORCHVISION_ARCHS)
+def test_state_dict_matches_torchvision(arch):
+    ours, ref = M.build_model(arch).state_dict(), getattr(torchvision.models, arch)().state_dict()
+    assert list(ours) == list(ref)
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in ref.items()}
+
+
+def test_resnet50_parameter_count():
+    assert sum(p.numel() for p in M.resnet50().parameters()) == 25_557_032
+
+
+@pytest.mark.parametrize("arch", TORCHVISION_ARCHS)
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_outputs_equal_torchvision_under_shared_weights(arch, train_mode):
+    torch.manual_seed(0)
+    ref = getattr(torchvision.models, arch)(num_classes=7)
+    # random BN statistics and affine parameters, so that eval mode is not an identity map
+    for m in ref.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.1, 0.1)
+    ours = M.build_model(arch, num_classes=7)
+    ours.load_state_dict(ref.state_dict())
+    ours.train(train_mode), ref.train(train_mode)
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=0)  # the same ops in the same order: bitwise
+
+
+def test_resnet50d_structure():
+    net = M.resnet50d(num_classes=10)
+    assert len([m for m in net.conv1 if isinstance(m, torch.nn.Conv2d)]) == 3, "deep stem of three 3x3 convs"
+    assert all(m.kernel_size == (3, 3) for m in net.conv1 if isinstance(m, torch.nn.Conv2d))
+    block = net.layer2[0]
+    assert block.conv1.stride == (1, 1) and block.conv2.stride == (2, 2), "stride on the 3x3"
+    pool, conv = block.downsample[0], block.downsample[1]
+    assert isinstance(pool, torch.nn.AvgPool2d) and conv.stride == (1, 1), "avg-pool shortcut"
+    assert isinstance(net.layer1[0].downsample[0], torch.nn.Identity), "layer1 does not downsample"
+    assert net(torch.randn(2, 3, 64, 64)).shape == (2, 10)
+
+
+def test_resnet50d_equals_timm():
+    """timm's resnet50d is the published reference implementation of ResNet-D; its keys are ours."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    ref = timm.create_model("resnet50d", pretrained=False, num_classes=1000).eval()
+    ours = M.resnet50d().eval()
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters()) == 25_576_264
+    ours.load_state_dict(ref.state_dict())  # strict: every key and shape equal
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x))
+
+
+@pytest.mark.parametrize("arch,last_bn", [("resnet18", "bn2"), ("resnet50", "bn3"), ("resnet50d", "bn3")])
+def test_zero_init_last_bn_gamma(arch, last_bn):
+    net = M.build_model(arch)
+    blocks = [b for layer in (net.layer1, net.layer2, net.layer3, net.layer4) for b in layer]
+    assert all(getattr(b, last_bn).weight.abs().sum() == 0 for b in blocks)
+    assert all(b.bn1.weight.abs().sum() > 0 for b in blocks)
+    off = M.build_model(arch, zero_init_residual=False)
+    assert all(getattr(b, last_bn).weight.abs().sum() > 0 for layer in (off.layer1,) for b in layer)
+
+
+def test_normalize_matches_torchvision_normalize():
+    x = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    ref = torchvision.transforms.functional.normalize(x.float() / 255, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    torch.testing.assert_close(M.normalize(x), ref)
+
+
+def test_load_checkpoint_bare_torchvision_state_dict(tmp_path):
+    ref = torchvision.models.resnet18(num_classes=5).eval()
+    torch.save(ref.state_dict(), tmp_path / "tv.pth")
+    net, meta = M.load_checkpoint(tmp_path / "tv.pth", arch="resnet18")
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(net(x), ref(x))
+    assert meta["arch"] == "resnet18"
+    with pytest.raises(ValueError, match="--arch"):
+        M.load_checkpoint(tmp_path / "tv.pth")
+    with pytest.raises(ValueError, match="does not fit --arch resnet50"):
+        M.load_checkpoint(tmp_path / "tv.pth", arch="resnet50")
+
+
+def test_load_checkpoint_our_dict_with_prefixes(tmp_path):
+    net = M.resnet18(num_classes=3)
+    sd = {"module." + k: v for k, v in net.state_dict().items()}  # as a DDP-wrapped model would save it
+    torch.save(dict(model=sd, args=dict(arch="resnet18"), classes=["a", "b", "c"]), tmp_path / "ours.pt")
+    loaded, meta = M.load_checkpoint(tmp_path / "ours.pt")
+    assert meta["classes"] == ["a", "b", "c"] and not loaded.training
+    for k, v in net.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v)
+
+
+class Exploit:
+    def __reduce__(self):
+        return (print, ("this ran at load time",))
+
+
+def test_load_checkpoint_refuses_code_in_pickle(tmp_path, capsys):
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"model": Exploit()}, f)
+    with pytest.raises(ValueError, match="cannot be loaded safely"):
+        M.load_checkpoint(path, arch="resnet18")
+    assert "this ran at load time" not in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        M.load_checkpoint(tmp_path / "missing.pt")

@@ -1,0 +1,170 @@
+"""train.py as users run it: real processes on real JPEGs, checked against torch's own references."""
+import json
+import re
+
+import pytest
+import torch
+
+import train
+from conftest import IMAGENETTE, needs_imagenette, run, torchrun_cmd, train_cmd
+
+# small and fast: ResNet-18 at 32 px, batches of 16, on 160 real training images (10 steps per epoch)
+FAST = ["--arch", "resnet18", "--img-size", "32", "--batch-size", "16", "--workers", "1", "--log-every", "1"]
+
+
+def read_log(out):
+    with open(out / "log.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_onecycle_lr_follows_torch_reference_every_step(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    p = run(train_cmd("--data", tiny_data, "--out", out, "--epochs", "2", "--mix-off-epoch", "1", *FAST))
+    printed = [float(v) for v in re.findall(r" lr ([0-9.e+-]+) ", p.stdout)]
+    steps_per_epoch = 160 // 16
+    assert len(printed) == 2 * steps_per_epoch
+    # an independent OneCycleLR with the recipe's numbers: linear scaling 0.4 x 16 / 256, 25% warm-up
+    sgd = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0, momentum=0.9)
+    ref = torch.optim.lr_scheduler.OneCycleLR(sgd, max_lr=0.4 * 16 / 256, total_steps=2 * steps_per_epoch,
+                                              pct_start=0.25, base_momentum=0.85, max_momentum=0.95)
+    expected = []
+    for _ in range(2 * steps_per_epoch):
+        sgd.step()
+        ref.step()
+        expected.append(ref.get_last_lr()[0])
+    assert printed == pytest.approx(expected, rel=1e-3)  # printed with 4 significant digits
+    rows = read_log(out)
+    assert [r["lr"] for r in rows] == pytest.approx([expected[steps_per_epoch - 1], expected[-1]], rel=1e-12)
+    # log.jsonl has what the plots and other scripts read; mixing stopped at --mix-off-epoch
+    for key in ("epoch", "lr", "train_loss", "val_loss", "val_top1", "val_top5", "img_per_s", "epoch_s"):
+        assert key in rows[0]
+    assert [r["mixed"] for r in rows] == [True, False]
+    assert rows[0]["val_n"] == 80  # every validation image, once
+    assert (out / "curves.png").stat().st_size > 10_000
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["args"]["arch"] == "resnet18" and len(ckpt["classes"]) == 10
+    assert (out / "best.pt").exists()
+
+
+def test_mixup_cutmix_targets_sum_to_one():
+    args = train.parse_args(["--mixup", "0.2", "--cutmix", "1.0"])
+    mixer = train.make_mixer(args, num_classes=10)
+    x, y = torch.randn(32, 3, 16, 16), torch.randint(0, 10, (32,))
+    for _ in range(10):  # RandomChoice picks mixup or cutmix
+        xm, ym = mixer(x, y)
+        assert ym.shape == (32, 10) and xm.shape == x.shape
+        torch.testing.assert_close(ym.sum(1), torch.ones(32))
+        assert (ym.max(1).values < 1).any()
+    assert train.make_mixer(train.parse_args(["--mixup", "0", "--cutmix", "0"]), 10) is None
+
+
+def test_resume_equals_uninterrupted_run_bitwise(tiny_data, tmp_path):
+    """2 epochs in one go == 1 epoch, stop, resume to 2. Mixup, cutmix and EMA are on, and the worker count
+    changes on resume: augmentation and mixing are seeded from (seed, epoch, index), not from process state."""
+    common = ["--data", tiny_data, "--epochs", "2", "--ema", "0.9", "--mixup", "0.2", "--cutmix", "1.0", *FAST]
+    run(train_cmd(*common, "--out", tmp_path / "full", "--workers", "2"))
+    run(train_cmd(*common, "--out", tmp_path / "split", "--workers", "0", "--stop-epoch", "1"))
+    p = run(train_cmd(*common, "--out", tmp_path / "split", "--workers", "1"))
+    assert "resumed from" in p.stdout and "epoch 1/2" not in p.stdout.split("resumed from")[1]
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs"
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 20
+    ra, rb = read_log(tmp_path / "full"), read_log(tmp_path / "split")
+    assert [r["train_loss"] for r in ra] == [r["train_loss"] for r in rb]
+    assert [r["val_top1"] for r in ra] == [r["val_top1"] for r in rb]
+
+
+def test_torchrun_two_ranks_matches_one_process(tiny_data, tmp_path):
+    """2 ranks x 8 images == 1 process x 16 images: the same images per step, with the same augmentation.
+    Only BatchNorm differs: each rank normalizes with the statistics of its own 8 images, not of all 16,
+    so the losses agree closely but not bitwise."""
+    common = ["--data", tiny_data, "--epochs", "2", *FAST]
+    p = run(torchrun_cmd(2, *common, "--batch-size", "8", "--out", tmp_path / "ddp"), env={"OMP_NUM_THREADS": "1"})
+    assert "weights identical on all 2 ranks" in p.stdout
+    assert "global batch 16 = 8 x 2 ranks x 1 accum" in p.stdout
+    run(train_cmd(*common, "--batch-size", "16", "--out", tmp_path / "one"))
+    ddp, one = read_log(tmp_path / "ddp"), read_log(tmp_path / "one")
+    assert [r["val_n"] for r in ddp] == [80, 80]  # each val image counted once across the ranks
+    for r2, r1 in zip(ddp, one):
+        assert r2["lr"] == pytest.approx(r1["lr"], rel=1e-12)
+        assert r2["train_loss"] == pytest.approx(r1["train_loss"], rel=0.03)
+    # and the checkpoint of a 2-rank run holds bare keys that load anywhere
+    ckpt = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)
+    assert ckpt["world"] == 2 and all(not k.startswith("module.") for k in ckpt["model"])
+
+
+def test_gradient_accumulation_keeps_the_global_batch(tiny_data, tmp_path):
+    p = run(train_cmd("--data", tiny_data, "--out", tmp_path / "acc", "--epochs", "1", *FAST,
+                      "--batch-size", "8", "--accum-steps", "2"))
+    assert "global batch 16 = 8 x 1 ranks x 2 accum; 10 steps/epoch" in p.stdout
+    assert len(re.findall(r"step \d+/10 ", p.stdout)) == 10
+
+
+@needs_imagenette
+def test_learns_real_images(tmp_path):
+    """ResNet-18 at 64 px on real Imagenette for 2 epochs: clearly above the 10% of chance."""
+    out = tmp_path / "learn"
+    run(train_cmd("--data", IMAGENETTE, "--out", out, "--arch", "resnet18", "--img-size", "64",
+                  "--batch-size", "64", "--epochs", "2", "--workers", "2", "--log-every", "50"), timeout=900)
+    rows = read_log(out)
+    assert rows[-1]["val_n"] == 3925
+    assert rows[-1]["val_top1"] > 30, rows
+
+
+def one_line_error(p):
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr, p.stderr
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    return lines[-1]
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--data", "/does/not/exist"], "is not a folder"),
+    (["--subset", "0"], "--subset must be in (0, 1]"),
+    (["--epochs", "-3"], "--epochs must be at least 1"),
+    (["--arch", "resnet51"], "invalid choice: 'resnet51'"),
+])
+def test_bad_input_gets_one_clear_line(tmp_path, flags, expected):
+    p = run(train_cmd("--out", tmp_path / "x", *flags), check=False, timeout=120)
+    assert expected in one_line_error(p)
+
+
+def test_no_network_for_default_data_says_pass_data(tmp_path):
+    # a proxy on a closed local port stands in for "no network", wherever this runs
+    env = {k: "http://127.0.0.1:9" for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")}
+    p = run(train_cmd("--out", tmp_path / "x"), check=False, cwd=tmp_path, env=env, timeout=120)
+    line = one_line_error(p)
+    assert "could not download Imagenette" in line and "pass --data" in line
+    assert "downloading Imagenette" in p.stdout
+
+
+def test_resume_with_another_arch_is_refused(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    run(train_cmd("--data", tiny_data, "--out", out, "--epochs", "2", "--stop-epoch", "1", *FAST))
+    before = (out / "last.pt").read_bytes()
+    p = run(train_cmd("--data", tiny_data, "--out", out, "--epochs", "2", *FAST, "--arch", "resnet34"), check=False)
+    assert "--arch is resnet34 but" in one_line_error(p) and "--resume none" in p.stderr
+    p = run(train_cmd("--data", tiny_data, "--out", out, "--epochs", "3", *FAST), check=False)
+    assert "--epochs is 3 but" in one_line_error(p)
+    assert (out / "last.pt").read_bytes() == before  # nothing already written is lost
+
+
+def test_resume_from_unsafe_or_foreign_checkpoint_is_refused(tiny_data, tmp_path):
+    import pickle
+
+    from test_model import Exploit
+    evil, bare = tmp_path / "evil.pt", tmp_path / "bare.pt"
+    with open(evil, "wb") as f:
+        pickle.dump({"model": Exploit()}, f)
+    torch.save(train.build_model("resnet18", num_classes=10).state_dict(), bare)
+    for path, expected in ((evil, "cannot be loaded safely"), (bare, "is not a train.py checkpoint"),
+                           (tmp_path / "missing.pt", "does not exist")):
+        p = run(train_cmd("--data", tiny_data, "--out", tmp_path / "x", *FAST, "--resume", path), check=False)
+        assert expected in one_line_error(p)
+        assert "this ran at load time" not in p.stdout

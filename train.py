@@ -1,0 +1,439 @@
+"""
+Train a ResNet from scratch with one recipe: SGD with momentum, OneCycle, label smoothing, mixup/cutmix,
+AMP, channels_last and DDP. The defaults are the headline run: ResNet-50 on ImageNet-1k.
+
+One GPU, or the CPU (with no --data it downloads Imagenette, 10 ImageNet classes, to data/):
+    python train.py
+    python train.py --data /mnt/imagenet
+Several GPUs on one machine:
+    torchrun --nproc_per_node=4 train.py --data /mnt/imagenet
+Two machines of 8 GPUs (run the same line on each, with --node_rank=1 on the second):
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 \
+        train.py --data /mnt/imagenet
+A quick look on a laptop CPU:
+    python train.py --arch resnet18 --img-size 128 --batch-size 64 --epochs 5
+
+Writes to --out: last.pt (every epoch), best.pt (best val top-1), log.jsonl (one line per epoch), curves.png.
+Running the same command again resumes from last.pt (--resume auto).
+Exit status: 0 done, 1 crashed, 2 bad input (a flag, the data, a checkpoint) with a one-line message.
+"""
+import argparse
+import itertools
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torchvision.transforms import v2
+
+import data
+from model import ARCHS, build_model, normalize, read_checkpoint
+
+# The flags that change what a checkpoint means: resuming with another value would corrupt the run.
+RESUME_MUST_MATCH = ("arch", "epochs", "batch_size", "accum_steps", "img_size", "subset", "seed", "warmup_pct")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    # data
+    p.add_argument("--data", default=None, help="dataset root (see README 'Data layouts'); default: Imagenette in "
+                                               f"{data.DEFAULT_DATA}, downloaded when missing")
+    p.add_argument("--img-size", type=int, default=224, help="training crop side, px; eval uses size/0.875 then crop")
+    p.add_argument("--subset", type=float, default=1.0, help="train on this fraction of each class (0, 1]")
+    p.add_argument("--workers", type=int, default=None, help="loader processes per GPU; default: cores/GPUs - 1, max 8")
+    p.add_argument("--trivial-augment", action="store_true", help="add TrivialAugmentWide (Mueller & Hutter 2021)")
+    p.add_argument("--random-erase", type=float, default=0.0, help="probability of RandomErasing per image")
+    # model
+    p.add_argument("--arch", default="resnet50", choices=list(ARCHS), help="network")
+    # optimization
+    p.add_argument("--epochs", type=int, default=40, help="epochs; OneCycle spans all of them")
+    p.add_argument("--batch-size", type=int, default=256, help="images per process per step (per GPU)")
+    p.add_argument("--accum-steps", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=None, help="peak LR; default 0.4 x global batch / 256 (linear scaling)")
+    p.add_argument("--warmup-pct", type=float, default=0.25, help="fraction of steps that OneCycle spends rising")
+    p.add_argument("--weight-decay", type=float, default=5e-5, help="L2 on conv and fc weights; none on BN and bias")
+    # regularization
+    p.add_argument("--label-smoothing", type=float, default=0.1, help="Szegedy et al. 2016")
+    p.add_argument("--mixup", type=float, default=0.1, help="mixup Beta alpha; 0 = off")
+    p.add_argument("--cutmix", type=float, default=1.0, help="cutmix Beta alpha; 0 = off")
+    p.add_argument("--mix-off-epoch", type=int, default=None, help="no mixup/cutmix from this epoch (0-based) on; "
+                                                                   "default: the last 10%% of epochs are clean")
+    p.add_argument("--ema", type=float, default=0.0, help="EMA decay per step, e.g. 0.9998; 0 = off")
+    # system
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu", "mps"], help="auto: cuda > mps > cpu")
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="autocast dtype; auto: bf16 where supported, fp16 on older GPUs, else fp32")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="NHWC memory layout")
+    p.add_argument("--seed", type=int, default=0, help="seeds init, data order, augmentation and mixing")
+    # I/O
+    p.add_argument("--out", default="runs/default", help="output folder")
+    p.add_argument("--resume", default="auto", help="auto (OUT/last.pt if present), none, or a checkpoint path")
+    p.add_argument("--stop-epoch", type=int, default=None, help="stop after this many epochs, schedule unchanged; "
+                                                                "rerun the same command to go on")
+    p.add_argument("--log-every", type=int, default=50, help="optimizer steps between progress lines")
+    args = p.parse_args(argv)
+    for name in ("epochs", "batch_size", "accum_steps", "img_size", "log_every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not 0 < args.subset <= 1:
+        p.error(f"--subset must be in (0, 1], got {args.subset}")
+    if not 0 < args.warmup_pct < 1:
+        p.error(f"--warmup-pct must be in (0, 1), got {args.warmup_pct}")
+    if not 0 <= args.ema < 1:
+        p.error(f"--ema must be in [0, 1), got {args.ema}")
+    if args.workers is not None and args.workers < 0:
+        p.error(f"--workers must be 0 or more, got {args.workers}")
+    return args
+
+
+# -----------------------------------------------------------------------------
+# the pieces lr_finder.py reuses, so its test runs the exact training step
+
+def pick_device(name, local_rank=0):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda, but torch sees no CUDA GPU; use --device cpu or check nvidia-smi")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device mps, but this torch has no MPS backend; use --device cpu")
+    return torch.device(name)
+
+
+def autocast_for(amp, device):
+    """AMP as data: (amp name, autocast context, GradScaler). The scaler is only on for fp16."""
+    if amp == "auto":
+        if device.type == "cuda":
+            amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"  # fp16 on T4/V100
+        elif device.type == "cpu":
+            amp = "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"  # bf16 is slow without AVX512
+        else:
+            amp = "fp16"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[amp]
+    ctx = torch.autocast(device.type, dtype=dtype, enabled=amp != "fp32")
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    return amp, ctx, scaler
+
+
+def make_model(args, num_classes, device):
+    torch.manual_seed(args.seed)  # the same init on every rank
+    model = build_model(args.arch, num_classes=num_classes).to(device)
+    return model.to(memory_format=torch.channels_last) if args.channels_last else model
+
+
+def make_optimizer(model, args, lr):
+    """SGD with momentum; no weight decay on BatchNorm and bias (Jia et al. 2018), which regularizes nothing useful."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [dict(params=decay, weight_decay=args.weight_decay), dict(params=no_decay, weight_decay=0.0)]
+    return torch.optim.SGD(groups, lr=lr, momentum=0.9)
+
+
+def make_scheduler(optimizer, args, peak_lr, steps_per_epoch):
+    # Smith & Topin 2017: one cycle, LR up then down, momentum 0.95 -> 0.85 -> 0.95 (PyTorch's defaults);
+    # pct_start 0.25 is fastai's fit_one_cycle default. Stepped once per optimizer step.
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peak_lr, total_steps=args.epochs * steps_per_epoch,
+                                               pct_start=args.warmup_pct, base_momentum=0.85, max_momentum=0.95)
+
+
+def make_mixer(args, num_classes):
+    """Mixup or cutmix, one of them per batch, on the device; None when both are off."""
+    mixers = [v2.MixUp(alpha=args.mixup, num_classes=num_classes)] if args.mixup > 0 else []
+    mixers += [v2.CutMix(alpha=args.cutmix, num_classes=num_classes)] if args.cutmix > 0 else []
+    return v2.RandomChoice(mixers) if mixers else None
+
+
+def to_device(images, labels, device, channels_last):
+    """uint8 batch from the loader -> normalized float on the device, in the training memory layout."""
+    images = images.to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return normalize(images), labels.to(device, non_blocking=True)
+
+
+def forward_backward(model, x, y, criterion, ctx, scaler, accum_steps):
+    """One micro-batch: forward under autocast, backward of the loss scaled for fp16 and accumulation."""
+    with ctx:
+        loss = criterion(model(x), y)
+    scaler.scale(loss / accum_steps).backward()
+    return loss.detach()
+
+
+def optimizer_step(optimizer, scaler):
+    scaler.step(optimizer)  # skips the step if fp16 gradients overflowed
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+# -----------------------------------------------------------------------------
+# evaluation, checkpoints, plots
+
+@torch.no_grad()
+def evaluate(model, loader, device, ctx, channels_last):
+    """Exact top-1/top-5 over the whole val set: every rank runs its shard, the counts are all-reduced."""
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, images
+    for images, labels in loader:
+        x, y = to_device(images, labels, device, channels_last)
+        with ctx:
+            logits = model(x)
+        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]  # (B, 5)
+        totals += torch.stack([F.cross_entropy(logits.float(), y, reduction="sum").double(),
+                               hits[:, 0].sum().double(), hits.any(1).sum().double(), torch.tensor(len(y), device=device).double()])
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    loss, top1, top5, n = totals.tolist()
+    return dict(val_loss=loss / n, val_top1=100 * top1 / n, val_top5=100 * top5 / n, val_n=int(n))
+
+
+def save_atomic(obj, path):
+    """Write to a temp file, fsync, then os.replace: `path` is always a whole checkpoint, old or new."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)  # make the rename itself durable
+    finally:
+        os.close(fd)
+
+
+def check_resume(saved, args, saved_classes, classes, path):
+    """Refuse a resume that would silently change the run; say which flag differs and what to do."""
+    if saved_classes != classes:
+        raise ValueError(f"{path} was trained on other classes than --data has ({len(saved_classes)} vs "
+                         f"{len(classes)}); point --data at the same dataset, or use --resume none with a new --out")
+    for name in RESUME_MUST_MATCH:
+        if saved.get(name) != getattr(args, name):
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} is {getattr(args, name)} but {path} was trained with {saved.get(name)}; "
+                             f"rerun with {flag} {saved.get(name)}, or start afresh with --resume none and a new --out")
+
+
+def plot_curves(log_path, png_path):
+    """OUT/curves.png: loss and accuracy against epoch, from log.jsonl."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+    with open(log_path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    ep = [r["epoch"] + 1 for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ax1.plot(ep, [r["train_loss"] for r in rows], "o-", label="train (smoothed, mixed targets)")
+    ax1.plot(ep, [r["val_loss"] for r in rows], "o-", label="val")
+    ax1.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    ax2.plot(ep, [r["val_top1"] for r in rows], "o-", label="val top-1")
+    ax2.plot(ep, [r["val_top5"] for r in rows], "o-", label="val top-5")
+    if "ema_top1" in rows[-1]:
+        ax2.plot(ep, [r.get("ema_top1") for r in rows], "o--", label="EMA top-1")
+    ax2.set(xlabel="epoch", ylabel="accuracy (%)", title=f"best top-1 {max(r['val_top1'] for r in rows):.2f}%")
+    for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+
+
+def fmt_time(seconds):
+    return time.strftime("%H:%M:%S", time.gmtime(max(0, seconds))) if seconds < 86400 else f"{seconds / 86400:.1f}d"
+
+
+# -----------------------------------------------------------------------------
+
+def train(args):
+    # DDP: torchrun sets RANK; plain `python train.py` is one process
+    ddp = "RANK" in os.environ
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
+    device = pick_device(args.device, local_rank)
+    if ddp:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    master = rank == 0
+
+    def print0(*a):
+        if master:
+            print(*a, flush=True)
+
+    # data
+    root = args.data
+    if root is None:
+        if master:
+            data.default_data()
+        if ddp:
+            dist.barrier()
+        root = data.DEFAULT_DATA
+    train_set, val_set, info = data.build_datasets(root, args.img_size, args.subset, args.seed,
+                                                   args.trivial_augment, args.random_erase)
+    classes, num_classes = info["classes"], len(info["classes"])
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    workers = args.workers if args.workers is not None else max(1, min(8, (os.cpu_count() or 2) // local_world - 1))
+    pin = device.type == "cuda"
+    train_loader = data.make_loader(train_set, args.batch_size, True, rank, world, args.seed, workers, pin)
+    val_loader = data.make_loader(val_set, args.batch_size, False, rank, world, args.seed, workers, pin)
+
+    # derived values, printed once
+    global_batch = args.batch_size * world * args.accum_steps
+    steps_per_epoch = len(train_loader) // args.accum_steps
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train_set)} training images make no full step of {global_batch}: "
+                         f"lower --batch-size or --accum-steps, or raise --subset")
+    peak_lr = args.lr if args.lr is not None else 0.4 * global_batch / 256  # Goyal et al. 2017 linear scaling
+    mix_off = args.mix_off_epoch if args.mix_off_epoch is not None else math.ceil(0.9 * args.epochs)
+    amp, ctx, scaler = autocast_for(args.amp, device)
+    print0(f"data {root}: {len(train_set)} train / {len(val_set)} val images, {num_classes} classes")
+    print0(f"{args.arch} on {world} x {device.type} ({amp}, channels_last={args.channels_last}, {workers} workers); "
+           f"global batch {global_batch} = {args.batch_size} x {world} ranks x {args.accum_steps} accum; "
+           f"{steps_per_epoch} steps/epoch; peak lr {peak_lr:.4g}; mixup/cutmix off from epoch {mix_off}")
+
+    # model, optimizer, schedule, loss, EMA
+    model = make_model(args, num_classes, device)
+    raw_model = model  # the bare module: what checkpoints hold and what evaluation runs
+    optimizer = make_optimizer(model, args, peak_lr)
+    scheduler = make_scheduler(optimizer, args, peak_lr, steps_per_epoch)
+    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    mixer = make_mixer(args, num_classes)
+    ema = AveragedModel(raw_model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None
+    if ddp:
+        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
+
+    # resume
+    os.makedirs(args.out, exist_ok=True)
+    last_path, best_path = os.path.join(args.out, "last.pt"), os.path.join(args.out, "best.pt")
+    log_path = os.path.join(args.out, "log.jsonl")
+    resume = {"auto": last_path if os.path.exists(last_path) else None, "none": None}.get(args.resume, args.resume)
+    start_epoch, best_top1 = 0, 0.0
+    if resume:
+        ckpt = read_checkpoint(resume)
+        if not isinstance(ckpt, dict) or "optimizer" not in ckpt:
+            raise ValueError(f"--resume {resume} is not a train.py checkpoint (no optimizer state); "
+                             f"resume from OUT/last.pt, or use --resume none")
+        check_resume(ckpt["args"], args, ckpt["classes"], classes, resume)
+        if ckpt["world"] != world:
+            raise ValueError(f"{resume} was trained on {ckpt['world']} processes, this run has {world}; the global "
+                             f"batch and the schedule depend on it: relaunch with --nproc_per_node {ckpt['world']}")
+        raw_model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        if ema is not None and ckpt.get("ema") is not None:
+            ema.load_state_dict(ckpt["ema"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        random.setstate(ckpt["rng"]["python"])
+        start_epoch, best_top1 = ckpt["epoch"], ckpt["best_top1"]
+        print0(f"resumed from {resume}: epoch {start_epoch}, best top-1 {best_top1:.2f}%")
+        del ckpt
+
+    stop_epoch = min(args.epochs, args.stop_epoch or args.epochs)
+    eval_s = 0.0  # the last evaluation's duration, for the ETA
+    for epoch in range(start_epoch, stop_epoch):
+        train_loader.sampler.set_epoch(epoch)
+        mixing = mixer is not None and epoch < mix_off
+        model.train()
+        loss_sum, mixed_batches = torch.zeros((), device=device), 0
+        t_epoch = time.time()
+        batches = itertools.islice(train_loader, steps_per_epoch * args.accum_steps)  # drop a ragged last step
+        for i, (images, labels) in enumerate(batches):
+            step, micro = divmod(i, args.accum_steps)
+            last_micro = micro == args.accum_steps - 1
+            x, y = to_device(images, labels, device, args.channels_last)
+            if mixing:
+                # seeded per (seed, epoch, batch, rank): the same mix on resume, whatever happened before
+                torch.manual_seed(((args.seed * 100_003 + epoch) * 1_000_003 + i) * 1024 + rank)
+                x, y = mixer(x, y)
+                mixed_batches += y.ndim == 2  # soft targets: this batch really was mixed
+            # forward/backward/update; DDP all-reduces gradients only on the last micro-batch
+            with model.no_sync() if ddp and not last_micro else nullcontext():
+                loss_sum += forward_backward(model, x, y, criterion, ctx, scaler, args.accum_steps)
+            if not last_micro:
+                continue
+            optimizer_step(optimizer, scaler)
+            scheduler.step()
+            if ema is not None:
+                ema.update_parameters(raw_model)
+
+            # log; .item() syncs with the device, so only every --log-every steps
+            if (step + 1) % args.log_every == 0 or step + 1 == steps_per_epoch:
+                now = time.time()
+                step_s = (now - t_epoch) / (step + 1)
+                eta = step_s * (stop_epoch - epoch) * steps_per_epoch - (now - t_epoch) + eval_s * (stop_epoch - epoch)
+                ips = global_batch / step_s
+                mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+                print0(f"epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps_per_epoch} "
+                       f"loss {loss_sum.item() / (i + 1):.4f} lr {scheduler.get_last_lr()[0]:.4g} "
+                       f"img/s {ips:.0f} eta {fmt_time(eta)}" + (f" mem {mem:.1f}GiB" if mem else ""))
+        train_s = time.time() - t_epoch
+
+        # eval: on every rank, the bare module (a DDP forward would need all ranks in step)
+        train_loss = loss_sum / (steps_per_epoch * args.accum_steps)
+        if ddp:
+            dist.all_reduce(train_loss)
+            train_loss /= world
+        t_eval = time.time()
+        metrics = evaluate(raw_model, val_loader, device, ctx, args.channels_last)
+        if ema is not None:
+            metrics["ema_top1"] = evaluate(ema.module, val_loader, device, ctx, args.channels_last)["val_top1"]
+        eval_s = time.time() - t_eval
+        is_best = metrics["val_top1"] > best_top1
+        best_top1 = max(best_top1, metrics["val_top1"])
+        row = dict(epoch=epoch, lr=scheduler.get_last_lr()[0], train_loss=train_loss.item(), **metrics,
+                   img_per_s=global_batch * steps_per_epoch / train_s, epoch_s=time.time() - t_epoch,
+                   mixed=mixed_batches > 0, best_top1=best_top1)
+        print0(f"epoch {epoch + 1}/{args.epochs} done: train loss {row['train_loss']:.4f} val loss "
+               f"{row['val_loss']:.4f} top-1 {row['val_top1']:.2f}% top-5 {row['val_top5']:.2f}% "
+               f"({row['val_n']} images) in {fmt_time(row['epoch_s'])}, {row['img_per_s']:.0f} img/s")
+
+        # checkpoint and log, on rank 0; everything needed to resume is in one dict
+        if master:
+            ckpt = dict(model=raw_model.state_dict(), ema=ema.state_dict() if ema else None,
+                        optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                        scaler=scaler.state_dict(), epoch=epoch + 1, best_top1=best_top1, world=world,
+                        args=vars(args), classes=classes, class_names=info["names"], metrics=row,
+                        rng=dict(torch=torch.get_rng_state(), python=random.getstate()))
+            save_atomic(ckpt, last_path)
+            if is_best:
+                save_atomic(ckpt, best_path)
+            with open(log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            plot_curves(log_path, os.path.join(args.out, "curves.png"))
+        if ddp:
+            dist.barrier()  # nobody races ahead of a checkpoint
+
+    if ddp:
+        # an invariant worth one all-gather: DDP must have kept every rank's weights identical
+        flat = torch.cat([p.detach().flatten().double() for p in raw_model.parameters()])
+        sums = [torch.zeros(2, dtype=torch.float64, device=device) for _ in range(world)]
+        dist.all_gather(sums, torch.stack([flat.sum(), (flat * flat).sum()]))
+        assert all(torch.equal(s, sums[0]) for s in sums), f"ranks' weights diverged: {sums}"
+        print0(f"weights identical on all {world} ranks (checksum {sums[0][0].item():.6f})")
+        dist.barrier()  # gloo can abort at exit without it
+        dist.destroy_process_group()
+    print0(f"done: best val top-1 {best_top1:.2f}%; checkpoints and curves.png in {args.out}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        train(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"train.py: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
