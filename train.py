@@ -1,4 +1,4 @@
-"""
+r"""
 Train a ResNet from scratch with one recipe: SGD with momentum, OneCycle, label smoothing, mixup/cutmix,
 AMP, channels_last and DDP. The defaults are the headline run: ResNet-50 on ImageNet-1k.
 
@@ -42,8 +42,9 @@ from model import ARCHS, build_model, normalize, read_checkpoint
 RESUME_MUST_MATCH = ("arch", "epochs", "batch_size", "accum_steps", "img_size", "subset", "seed", "warmup_pct")
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+def make_parser(doc=__doc__):
+    """train.py's flags; lr_finder.py adds its own to the same parser, so both scripts read data and model alike."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     # data
     p.add_argument("--data", default=None, help="dataset root (see README 'Data layouts'); default: Imagenette in "
                                                f"{data.DEFAULT_DATA}, downloaded when missing")
@@ -80,7 +81,11 @@ def parse_args(argv=None):
     p.add_argument("--stop-epoch", type=int, default=None, help="stop after this many epochs, schedule unchanged; "
                                                                 "rerun the same command to go on")
     p.add_argument("--log-every", type=int, default=50, help="optimizer steps between progress lines")
-    args = p.parse_args(argv)
+    return p
+
+
+def check_args(p, args):
+    """What argparse cannot check by type alone, reported the argparse way (one line, exit status 2)."""
     for name in ("epochs", "batch_size", "accum_steps", "img_size", "log_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -93,6 +98,11 @@ def parse_args(argv=None):
     if args.workers is not None and args.workers < 0:
         p.error(f"--workers must be 0 or more, got {args.workers}")
     return args
+
+
+def parse_args(argv=None):
+    p = make_parser()
+    return check_args(p, p.parse_args(argv))
 
 
 # -----------------------------------------------------------------------------
