@@ -47,6 +47,6 @@ def train_cmd(*args):
     return [sys.executable, str(ROOT / "train.py"), *map(str, args)]
 
 
-def torchrun_cmd(nproc, *args):
+def torchrun_cmd(nproc, *args, script="train.py"):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            str(ROOT / "train.py"), *map(str, args)]
+            str(ROOT / script), *map(str, args)]

@@ -49,12 +49,16 @@ def test_onecycle_lr_follows_torch_reference_every_step(tiny_data, tmp_path):
 def test_mixup_cutmix_targets_sum_to_one():
     args = train.parse_args(["--mixup", "0.2", "--cutmix", "1.0"])
     mixer = train.make_mixer(args, num_classes=10)
+    torch.manual_seed(0)
     x, y = torch.randn(32, 3, 16, 16), torch.randint(0, 10, (32,))
-    for _ in range(10):  # RandomChoice picks mixup or cutmix
+    soft = 0
+    for _ in range(20):  # RandomChoice picks mixup or cutmix
         xm, ym = mixer(x, y)
         assert ym.shape == (32, 10) and xm.shape == x.shape
         torch.testing.assert_close(ym.sum(1), torch.ones(32))
-        assert (ym.max(1).values < 1).any()
+        # a Beta(0.2) draw can land within float rounding of 1, and a cutmix box can be empty: then no row mixes
+        soft += bool((ym.max(1).values < 1 - 1e-6).any())
+    assert soft >= 10
     assert train.make_mixer(train.parse_args(["--mixup", "0", "--cutmix", "0"]), 10) is None
 
 

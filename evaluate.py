@@ -1,0 +1,213 @@
+"""
+Exact evaluation of a checkpoint: top-1 and top-5 over every validation image, each counted once, on one
+device or under torchrun; a predictions CSV, a per-class report with the top confusions, a confusion matrix.
+
+    python evaluate.py                                            # the default run's best.pt, on its own data
+    python evaluate.py --checkpoint runs/default/best.pt --data /mnt/imagenet --img-size 256 --tta flip
+    torchrun --nproc_per_node=4 evaluate.py --data /mnt/imagenet --ema
+    python evaluate.py --checkpoint resnet50.pth --arch resnet50 --data /mnt/imagenet   # a torchvision state_dict
+
+--img-size above the training size evaluates at a higher resolution ("FixRes", Touvron et al. 2019: train low,
+test high). Writes to --out (default: eval/ beside the checkpoint): predictions.csv, per_class.csv,
+confusions.csv and confusion.png, then prints one JSON line with top1, top5, n, img/s and the settings.
+"""
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+import data
+from model import load_checkpoint
+from train import autocast_for, pick_device, to_device
+
+
+def add_common_args(p):
+    """The flags evaluate.py and gradcam.py share."""
+    p.add_argument("--checkpoint", default="runs/default/best.pt", help="train.py checkpoint or a torchvision "
+                                                                       "state_dict (then give --arch)")
+    p.add_argument("--arch", default=None, help="network of a bare state_dict; read from our checkpoints")
+    p.add_argument("--data", default=None, help="dataset root; default: the checkpoint's --data, else Imagenette")
+    p.add_argument("--img-size", type=int, default=None, help="eval crop, px; default: the training size")
+    p.add_argument("--resize-size", type=int, default=None, help="resize before the crop, px; default size/0.875")
+    p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
+    p.add_argument("--batch-size", type=int, default=100, help="images per step per process")
+    p.add_argument("--workers", type=int, default=None, help="loader processes; default: cores - 1, max 8")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu", "mps"])
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="autocast dtype")
+    p.add_argument("--out", default=None, help="output folder; default: eval/ beside the checkpoint")
+    return p
+
+
+def load_model(args, device):
+    """(model on device, checkpoint meta, class folder names, readable names, data root, img_size)."""
+    model, meta = load_checkpoint(args.checkpoint, arch=args.arch)
+    if args.ema:
+        if meta.get("ema") is None:
+            raise ValueError(f"--ema, but {args.checkpoint} holds no EMA weights; train with --ema 0.9998 or drop --ema")
+        sd = {k[len("module."):]: v for k, v in meta["ema"].items() if k.startswith("module.")}
+        model.load_state_dict(sd)
+    saved = meta.get("args", {})
+    root = args.data or saved.get("data") or data.default_data()
+    img_size = args.img_size or saved.get("img_size") or 224
+    return model.to(device).eval(), meta, root, img_size
+
+
+@torch.no_grad()
+def predict(model, loader, device, ctx, tta="none"):
+    """Softmax top-5 (indices, probabilities) and labels for the loader's images, in its order."""
+    top_i, top_p, labels = [], [], []
+    t0, done, total = time.time(), 0, len(loader.sampler)
+    for step, (images, y) in enumerate(loader):
+        x, y = to_device(images, y, device, channels_last=True)
+        with ctx:
+            probs = model(x).float().softmax(1)
+            if tta == "flip":
+                probs = (probs + model(x.flip(3)).float().softmax(1)) / 2
+        p, i = probs.topk(min(5, probs.shape[1]), dim=1)
+        top_i.append(i.cpu()), top_p.append(p.cpu()), labels.append(y.cpu())
+        done += len(y)
+        if (step + 1) % 20 == 0 and (not dist.is_initialized() or dist.get_rank() == 0):
+            ips = done / (time.time() - t0)
+            hits = sum((a[:, 0] == b).sum().item() for a, b in zip(top_i, labels))
+            print(f"{done}/{total} images on this rank, {ips:.0f} img/s, ETA {(total - done) / ips:.0f}s, "
+                  f"top-1 so far {100 * hits / done:.2f}%", flush=True)
+    return torch.cat(top_i), torch.cat(top_p), torch.cat(labels)
+
+
+def evaluate_all(model, val_set, args, device, rank=0, world=1):
+    """Every rank predicts its shard (indices rank, rank + world, ...); rank 0 gets all rows in dataset order."""
+    _, ctx, _ = autocast_for(args.amp, device)
+    workers = args.workers if args.workers is not None else max(1, min(8, (os.cpu_count() or 2) - 1))
+    loader = data.make_loader(val_set, args.batch_size, False, rank, world, workers=workers,
+                              pin_memory=device.type == "cuda")
+    t0 = time.time()
+    top_i, top_p, labels = predict(model, loader, device, ctx, getattr(args, "tta", "none"))
+    index = torch.arange(rank, len(val_set), world)
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, (index, top_i, top_p, labels))
+        index, top_i, top_p, labels = (torch.cat(t) for t in zip(*parts))
+    order = index.argsort()
+    assert torch.equal(index[order], torch.arange(len(val_set))), "every image must be counted exactly once"
+    return top_i[order], top_p[order], labels[order], time.time() - t0
+
+
+def write_reports(out, samples, names, top_i, top_p, labels):
+    """predictions.csv, per_class.csv, confusions.csv and confusion.png; returns the confusion pairs."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "predictions.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "true", "true_name", "pred", "pred_name", "confidence", "correct", "top5", "top5_prob"])
+        for (path, _), i, p, y in zip(samples, top_i.tolist(), top_p.tolist(), labels.tolist()):
+            w.writerow([path, y, names[y], i[0], names[i[0]], f"{p[0]:.6f}", int(i[0] == y),
+                        " ".join(map(str, i)), " ".join(f"{v:.6f}" for v in p)])
+    k = len(names)
+    confusion = torch.zeros(k, k, dtype=torch.long)  # rows: true class, columns: predicted
+    confusion.index_put_((labels, top_i[:, 0]), torch.ones(len(labels), dtype=torch.long), accumulate=True)
+    top5_hits = (top_i == labels[:, None]).any(1)
+    with open(os.path.join(out, "per_class.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["class", "name", "n", "top1", "top5"])
+        for c in range(k):
+            n = int(confusion[c].sum())
+            top5 = top5_hits[labels == c].float().mean().item() if n else float("nan")
+            w.writerow([c, names[c], n, f"{100 * confusion[c, c].item() / max(n, 1):.2f}", f"{100 * top5:.2f}"])
+    off = confusion.clone().fill_diagonal_(0)
+    pairs = [(t, p, off[t, p].item()) for t, p in zip(*torch.nonzero(off, as_tuple=True))]
+    pairs = sorted(pairs, key=lambda x: -x[2])
+    with open(os.path.join(out, "confusions.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["true", "true_name", "pred", "pred_name", "count"])
+        w.writerows([int(t), names[t], int(p), names[p], n] for t, p, n in pairs)
+    if k <= 100:
+        plot_confusion(confusion, names, os.path.join(out, "confusion.png"))
+    return pairs
+
+
+def plot_confusion(confusion, names, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    k = len(names)
+    rates = confusion.float() / confusion.sum(1, keepdim=True).clamp(min=1)
+    size = max(6, min(20, 0.22 * k + 4))
+    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    im = ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    if k <= 40:
+        labels = [n[:18] for n in names]
+        ax.set_xticks(range(k), labels, rotation=60, ha="right", fontsize=8)
+        ax.set_yticks(range(k), labels, fontsize=8)
+        for t in range(k):
+            for p in range(k):
+                if confusion[t, p] > 0:
+                    ax.text(p, t, int(confusion[t, p]), ha="center", va="center", fontsize=7,
+                            color="white" if rates[t, p] > 0.5 else "black")
+    ax.set(xlabel="predicted", ylabel="true", title=f"confusion matrix ({int(confusion.sum())} images)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_args(argv=None):
+    p = add_common_args(argparse.ArgumentParser(description=__doc__,
+                                                formatter_class=argparse.RawDescriptionHelpFormatter))
+    p.add_argument("--tta", default="none", choices=["none", "flip"], help="flip: average with the mirror image")
+    args = p.parse_args(argv)
+    for name in ("img_size", "resize_size", "batch_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    return args
+
+
+def run(args):
+    ddp = "RANK" in os.environ
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
+    device = pick_device(args.device, local_rank)
+    if ddp:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    model, meta, root, img_size = load_model(args, device)
+    model = model.to(memory_format=torch.channels_last)
+    _, val_set, info = data.build_datasets(root, img_size, eval_size=img_size, resize_size=args.resize_size)
+    if meta.get("classes") and meta["classes"] != info["classes"]:
+        raise ValueError(f"{args.checkpoint} was trained on other classes than {root} holds; pass the --data it "
+                         f"was trained on")
+    if model.fc.out_features != len(info["classes"]):
+        raise ValueError(f"{args.checkpoint} predicts {model.fc.out_features} classes but {root} has "
+                         f"{len(info['classes'])}; pass a matching --data")
+    names = meta.get("class_names") or info["names"]
+    top_i, top_p, labels, seconds = evaluate_all(model, val_set, args, device, rank, world)
+    if rank == 0:
+        out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
+        pairs = write_reports(out, val_set.samples, names, top_i, top_p, labels)
+        n = len(labels)
+        result = dict(top1=100 * (top_i[:, 0] == labels).sum().item() / n,
+                      top5=100 * (top_i == labels[:, None]).any(1).sum().item() / n, n=n,
+                      img_per_s=n / seconds, checkpoint=args.checkpoint, arch=meta["arch"], data=str(root),
+                      img_size=img_size, resize_size=args.resize_size or round(img_size / data.EVAL_CROP_RATIO),
+                      tta=args.tta, ema=args.ema, world=world, out=out)
+        print("top confusions: " + ", ".join(f"{names[t]} -> {names[p]} ({c})" for t, p, c in pairs[:5]))
+        print(f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  on {n} images, {result['img_per_s']:.0f} "
+              f"img/s; reports in {out}")
+        print(json.dumps(result), flush=True)
+    if ddp:
+        dist.barrier()  # gloo can abort at exit without it
+        dist.destroy_process_group()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"evaluate.py: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""evaluate.py against plain torchvision code, and gradcam.py against pytorch-grad-cam, on real images."""
+import csv
+import json
+import os
+import sys
+
+import pytest
+import torch
+import torchvision
+from torchvision import transforms as T
+
+import gradcam
+from conftest import ROOT, SAMPLES, link_tree, needs_imagenette, run, torchrun_cmd, train_cmd
+
+pytestmark = needs_imagenette
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny real checkpoint: ResNet-18 at 64 px, 2 epochs on 300 imagenette images; 89 val images, an odd
+    count, so that 2 ranks get shards of different sizes."""
+    root = tmp_path_factory.mktemp("evalrun")
+    data_root = link_tree(root / "data", 30, 9)
+    first = sorted((data_root / "val" / "n01440764").iterdir())[0]
+    first.unlink()
+    run(train_cmd("--data", data_root, "--arch", "resnet18", "--img-size", "64", "--batch-size", "30",
+                  "--epochs", "2", "--workers", "1", "--ema", "0.9", "--out", root / "run"))
+    return data_root, root / "run" / "last.pt"
+
+
+def torchvision_reference(data_root, ckpt_path, size=64, resize=73, flip=False):
+    """top-1 / top-5 hit counts computed with nothing of ours: ImageFolder, ToTensor, Normalize, torchvision's
+    resnet18 with the checkpoint's state_dict."""
+    sd = torch.load(ckpt_path, weights_only=True)["model"]
+    net = torchvision.models.resnet18(num_classes=10)
+    net.load_state_dict(sd)
+    net.eval()
+    tf = T.Compose([T.Resize(resize), T.CenterCrop(size), T.ToTensor(),
+                    T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    ds = torchvision.datasets.ImageFolder(str(data_root / "val"), tf)
+    top1 = top5 = 0
+    with torch.no_grad():
+        for x, y in torch.utils.data.DataLoader(ds, batch_size=50):
+            p = net(x).softmax(1)
+            if flip:
+                p = (p + net(x.flip(3)).softmax(1)) / 2
+            t5 = p.topk(5, 1).indices
+            top1 += (t5[:, 0] == y).sum().item()
+            top5 += (t5 == y[:, None]).any(1).sum().item()
+    return top1, top5, len(ds)
+
+
+def last_json(stdout):
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def test_evaluate_equals_plain_torchvision_one_process_and_two_ranks(trained, tmp_path):
+    data_root, ckpt = trained
+    top1, top5, n = torchvision_reference(data_root, ckpt)
+    assert n == 89
+    one = last_json(run([sys.executable, str(ROOT / "evaluate.py"), "--checkpoint", str(ckpt),
+                         "--out", str(tmp_path / "one"), "--workers", "1"]).stdout)
+    assert (one["n"], one["top1"], one["top5"]) == (89, 100 * top1 / 89, 100 * top5 / 89)
+    p = run(torchrun_cmd(2, "--checkpoint", ckpt, "--out", tmp_path / "two", "--workers", "0", script="evaluate.py"),
+            env={"OMP_NUM_THREADS": "1"})
+    two = last_json(p.stdout)
+    assert two["world"] == 2 and (two["n"], two["top1"], two["top5"]) == (one["n"], one["top1"], one["top5"])
+    # the predictions files are the same, row for row
+    assert (tmp_path / "one" / "predictions.csv").read_text() == (tmp_path / "two" / "predictions.csv").read_text()
+
+
+def test_evaluate_reports_tta_and_ema(trained, tmp_path):
+    data_root, ckpt = trained
+    top1, top5, _ = torchvision_reference(data_root, ckpt, flip=True)
+    res = last_json(run([sys.executable, str(ROOT / "evaluate.py"), "--checkpoint", str(ckpt), "--tta", "flip",
+                         "--out", str(tmp_path)]).stdout)
+    assert (res["top1"], res["top5"]) == (100 * top1 / 89, 100 * top5 / 89) and res["tta"] == "flip"
+    rows = list(csv.DictReader(open(tmp_path / "predictions.csv")))
+    assert len(rows) == 89 and set(rows[0]) >= {"path", "true", "pred", "confidence", "top5"}
+    assert sum(int(r["correct"]) for r in rows) == top1
+    per_class = list(csv.DictReader(open(tmp_path / "per_class.csv")))
+    assert sum(int(r["n"]) for r in per_class) == 89 and per_class[0]["n"] == "8"
+    confusions = list(csv.DictReader(open(tmp_path / "confusions.csv")))
+    assert sum(int(r["count"]) for r in confusions) == 89 - top1
+    assert (tmp_path / "confusion.png").stat().st_size > 10_000
+    ema = last_json(run([sys.executable, str(ROOT / "evaluate.py"), "--checkpoint", str(ckpt), "--ema",
+                         "--out", str(tmp_path / "ema")]).stdout)
+    assert ema["ema"] is True and ema["n"] == 89
+
+
+def test_evaluate_bare_torchvision_state_dict_and_bad_input(trained, tmp_path):
+    data_root, ckpt = trained
+    sd = torch.load(ckpt, weights_only=True)["model"]
+    torch.save(sd, tmp_path / "tv.pth")
+    res = last_json(run([sys.executable, str(ROOT / "evaluate.py"), "--checkpoint", str(tmp_path / "tv.pth"),
+                         "--arch", "resnet18", "--data", str(data_root), "--img-size", "64",
+                         "--out", str(tmp_path / "tv")]).stdout)
+    top1, _, _ = torchvision_reference(data_root, ckpt)
+    assert res["top1"] == 100 * top1 / 89
+    for argv, expected in ((["--checkpoint", str(tmp_path / "tv.pth"), "--data", str(data_root)], "--arch"),
+                           (["--checkpoint", str(tmp_path / "nope.pt")], "does not exist"),
+                           (["--checkpoint", str(ckpt), "--data", str(SAMPLES)], "neither train/ and val/")):
+        p = run([sys.executable, str(ROOT / "evaluate.py"), *argv], check=False)
+        assert p.returncode == 2 and "Traceback" not in p.stderr and expected in p.stderr.splitlines()[-1]
+
+
+def test_gradcam_matches_pytorch_grad_cam(trained):
+    """The same model, input, target layer (layer4) and class. pytorch-grad-cam computes in numpy float32 from
+    the same activations and gradients, and normalizes with (x - min) / (max + 1e-7) where we use
+    (x - min) / (max - min + 1e-7) after taking the min off: identical after its min subtraction. Both run the
+    same float32 forward and backward, so the maps agree to float32 rounding: atol 1e-5 on a [0, 1] map."""
+    pgc = pytest.importorskip("pytorch_grad_cam")
+    from pytorch_grad_cam.utils.image import scale_cam_image
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    import model as M
+    net, _ = M.load_checkpoint(trained[1])
+    x = M.normalize(torch.stack([gradcam.data.eval_transform(64)(gradcam.data.load_rgb(p))
+                                 for p in sorted(SAMPLES.iterdir())[:4]]))
+    classes = torch.tensor([0, 3, 7, 9])
+    ours, _ = gradcam.gradcam(net, x, classes)
+    assert ours.shape == (4, 2, 2)  # 64 px in, 2x2 at layer4
+    ref_cam = pgc.GradCAM(model=net, target_layers=[net.layer4])
+    ref_cam(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in classes])
+    acts = ref_cam.activations_and_grads.activations[0].numpy()
+    grads = ref_cam.activations_and_grads.gradients[0].numpy()
+    raw = ref_cam.get_cam_image(x, net.layer4, None, acts, grads)          # before resizing
+    ref = scale_cam_image(raw.clip(min=0))                                 # relu, then its min/max scaling
+    torch.testing.assert_close(ours, torch.from_numpy(ref), atol=1e-5, rtol=0)
+    # and at a real resolution: 224 px, a 7x7 map
+    x224 = M.normalize(gradcam.data.eval_transform(224)(gradcam.data.load_rgb(sorted(SAMPLES.iterdir())[0]))[None])
+    ours224, _ = gradcam.gradcam(net, x224, torch.tensor([2]))
+    ref_cam(input_tensor=x224, targets=[ClassifierOutputTarget(2)])
+    acts = ref_cam.activations_and_grads.activations[0].numpy()
+    grads = ref_cam.activations_and_grads.gradients[0].numpy()
+    ref224 = scale_cam_image(ref_cam.get_cam_image(x224, net.layer4, None, acts, grads).clip(min=0))
+    assert ours224.shape == (1, 7, 7)
+    torch.testing.assert_close(ours224, torch.from_numpy(ref224), atol=1e-5, rtol=0)
+
+
+def test_gradcam_worst_rows_images_and_csv_equals_recompute(trained, tmp_path):
+    data_root, ckpt = trained
+    gc = [sys.executable, str(ROOT / "gradcam.py"), "--checkpoint", str(ckpt)]
+    # fresh: no predictions.csv yet, so it evaluates first
+    p = run([*gc, "--worst", "6", "--out", str(tmp_path / "fresh"), "--workers", "0"])
+    assert "evaluating" in p.stdout
+    # from evaluate.py's CSV
+    run([sys.executable, str(ROOT / "evaluate.py"), "--checkpoint", str(ckpt), "--out", str(tmp_path / "csv")])
+    p = run([*gc, "--worst", "6", "--out", str(tmp_path / "csv")])
+    assert "reading" in p.stdout
+    fresh = (tmp_path / "fresh" / "worst.csv").read_text()
+    assert fresh == (tmp_path / "csv" / "worst.csv").read_text()
+    rows = list(csv.DictReader(open(tmp_path / "csv" / "worst.csv")))
+    preds = list(csv.DictReader(open(tmp_path / "csv" / "predictions.csv")))
+    wrong = sorted((float(r["confidence"]) for r in preds if r["true"] != r["pred"]), reverse=True)
+    assert len(rows) == 6 and [float(r["confidence"]) for r in rows] == wrong[:6]
+    assert all(r["true"] != r["pred"] for r in rows)
+    for name in ("worst_gradcam.png", "worst_plain.png"):
+        assert (tmp_path / "csv" / name).stat().st_size > 50_000
+    assert len(os.listdir(tmp_path / "csv" / "worst_cases")) == 6
+    page = (tmp_path / "csv" / "worst.html").read_text()
+    assert page.count("<figure>") == 6 and "worst_cases/005.png" in page
+    # --best: correct ones; --image: one file with its top-5
+    run([*gc, "--best", "3", "--out", str(tmp_path / "csv")])
+    assert all(r["true"] == r["pred"] for r in csv.DictReader(open(tmp_path / "csv" / "best.csv")))
+    p = run([*gc, "--image", str(sorted(SAMPLES.iterdir())[0]), "--class", "4", "--out", str(tmp_path / "one")])
+    assert len([line for line in p.stdout.splitlines() if "%" in line]) == 5
+    assert (tmp_path / "one" / "image_gradcam.png").exists()
+    not_image = tmp_path / "notes.JPEG"
+    not_image.write_text("not a JPEG")
+    p = run([*gc, "--image", str(not_image), "--out", str(tmp_path / "one")], check=False)
+    assert p.returncode == 2 and "cannot be read as an image" in p.stderr and "Traceback" not in p.stderr
