@@ -80,14 +80,18 @@ def range_test(step, lrs, smooth=0.05, diverge=5.0):
 
 
 def suggest(hist, skip_start=10, skip_end=5):
-    """Two markers on the smoothed curve, both with its ends trimmed as torch-lr-finder does: the LR of steepest
-    descent (d loss / d log LR most negative), and the LR of minimum loss divided by 10 (fastai's rule of thumb)."""
-    lrs, losses = hist["lr"], hist["loss"]
-    if len(losses) < skip_start + skip_end + 2:
+    """Two markers on the smoothed curve, its ends trimmed as torch-lr-finder does: the LR of minimum loss divided
+    by 10 (fastai's rule of thumb), and the LR of steepest descent (d loss / d log LR most negative), searched only
+    on the way down to that minimum. torch-lr-finder searches the whole curve, and so can pick the fall that comes
+    after the loss has blown up, when a dead network settles back to the uniform guess."""
+    lrs, losses = hist["lr"], np.array(hist["loss"])
+    if len(losses) < skip_start + skip_end + 3:
         skip_start, skip_end = 0, 0
-    window = losses[skip_start:len(losses) - skip_end]
-    steepest = skip_start + int(np.gradient(np.array(window)).argmin())  # the LRs are evenly spaced in log
-    lowest = skip_start + int(np.argmin(window))  # not in the flat, untrained start
+    lo, hi = skip_start, len(losses) - skip_end
+    lowest = lo + int(np.argmin(losses[lo:hi]))
+    descent = losses[lo:lowest + 1]
+    # the LRs are evenly spaced in log; the minimum itself, with its one-sided difference, is no candidate
+    steepest = lo + int(np.gradient(descent)[:-1].argmin()) if len(descent) >= 3 else lowest
     return dict(suggested_lr=lrs[steepest], steepest_idx=steepest, min_loss_lr=lrs[lowest],
                 min_loss_lr_div10=lrs[lowest] / 10)
 

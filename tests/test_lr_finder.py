@@ -61,10 +61,24 @@ def test_matches_torch_lr_finder_on_real_images(tiny_data):
     assert ours["lr"] == pytest.approx(ref["lr"], rel=1e-12)
     assert ours["loss"] == pytest.approx(ref["loss"], rel=1e-5)
     assert ours["diverged"] == (len(ref["lr"]) < 30)
-    # the same steepest-descent suggestion as torch-lr-finder's plot(suggest_lr=True), which trims 10 and 5
-    ref_lrs, ref_losses = ref["lr"][10:-5], ref["loss"][10:-5]
-    ref_idx = int(torch.tensor(ref_losses).diff().numpy().argmin())  # a neighbour of np.gradient's choice
-    assert abs(lr_finder.suggest(ours)["steepest_idx"] - 10 - ref_idx) <= 1
+    # the suggestion: torch-lr-finder's steepest point (np.gradient over the curve trimmed by 10 and 5) where it
+    # lies before the minimum; we do not look past the minimum (see lr_finder.suggest)
+    window = ref["loss"][10:len(ref["loss"]) - 5]
+    lowest = int(torch.tensor(window).argmin())
+    grads = torch.tensor(window[:lowest + 1])
+    if len(grads) >= 3:
+        ref_idx = 10 + int(torch.gradient(grads)[0][:-1].argmin())
+        assert lr_finder.suggest(ours)["steepest_idx"] == ref_idx
+
+
+def test_suggestion_ignores_the_fall_after_divergence():
+    # down from 2.3 to 1.0, up to 3.0 (diverged, but under 5x), then down again as a dead network settles
+    curve = [2.3] * 10 + [2.3 - 0.13 * i for i in range(11)] + [1.0 + 0.4 * i for i in range(6)] + \
+            [3.0 - 0.3 * i for i in range(5)] + [1.8] * 5
+    hist = dict(lr=lr_finder.lr_schedule(1e-5, 10, len(curve)), loss=curve)
+    marks = lr_finder.suggest(hist)
+    assert 10 <= marks["steepest_idx"] <= 20
+    assert marks["min_loss_lr"] == hist["lr"][20]
 
 
 def test_stops_on_divergence_and_on_nan_at_start():
