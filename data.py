@@ -15,6 +15,7 @@ import csv
 import math
 import os
 import random
+import signal
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ from torchvision.transforms import v2
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 DEFAULT_DATA = "data/imagenette2-160"
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what PIL raises on a bad file
 EVAL_CROP_RATIO = 0.875  # resize to img_size / 0.875, then center crop: 256 -> 224, the standard ImageNet eval
 
 
@@ -84,6 +86,10 @@ def scan_folder(folder, classes=None):
         samples += [(f, label) for f in files]
     if not samples:
         raise ValueError(f"{folder} has class folders but no images ({', '.join(IMG_EXTENSIONS)})")
+    empty = sorted(set(found) - {found[label] for _, label in samples})
+    if empty:
+        raise ValueError(f"{folder}/{empty[0]} holds no images ({len(empty)} empty class folders); "
+                         f"fill or remove them, since the class index is the sorted folder list")
     return found, samples
 
 
@@ -160,14 +166,20 @@ def eval_transform(img_size, resize_size=None):
 
 
 class ImageList(Dataset):
-    """A list of (path, label). Items are asked for as (index, epoch) by ShardSampler.
+    """A list of (path, label). Items are asked for as (index, epoch) by ShardSampler and come back as
+    (uint8 image, label, bad) where bad is -1, or the index of an unreadable file that was replaced.
 
     For training, the transform's randomness is seeded from (seed, epoch, index): the image a step sees does not
     depend on which worker or rank loads it, nor on whether the run was resumed.
+    An unreadable, truncated or empty file is replaced by the next readable image of the same class, so one bad
+    JPEG among a million does not stop a run; the loop names it once and counts it.
     """
 
     def __init__(self, samples, transform, seed=None):
         self.samples, self.transform, self.seed = samples, transform, seed
+        self.by_class = {}
+        for i, (_, label) in enumerate(samples):
+            self.by_class.setdefault(label, []).append(i)
 
     def __len__(self):
         return len(self.samples)
@@ -177,7 +189,18 @@ class ImageList(Dataset):
         path, label = self.samples[index]
         if self.seed is not None:
             torch.manual_seed((self.seed * 100_003 + epoch) * 100_000_007 + index)
-        return self.transform(load_rgb(path)), label
+        try:
+            return self.transform(load_rgb(path)), label, -1
+        except UNREADABLE:
+            pass
+        mates = self.by_class[label]
+        start = mates.index(index)
+        for k in range(1, min(len(mates), 20)):  # the next class-mates in turn
+            try:
+                return self.transform(load_rgb(self.samples[mates[(start + k) % len(mates)]][0])), label, index
+            except UNREADABLE:
+                continue
+        raise RuntimeError(f"{path} and the images after it in its class are unreadable; run train.py --check-data")
 
 
 class ShardSampler(Sampler):
@@ -229,7 +252,56 @@ def build_datasets(root, img_size, subset=1.0, seed=0, trivial_augment=False, ra
     return train_set, val_set, dict(classes=classes, names=class_names(classes, mapping))
 
 
+def ignore_sigterm(worker_id):
+    """Loader workers leave SIGTERM to the main process, which finishes its step and checkpoints first."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def inspect_image(path):
+    """(format, mode, error) of one file, decoding it fully as training would."""
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            img.load()
+            return img.format, img.mode, None
+    except UNREADABLE as e:
+        return None, None, f"{type(e).__name__}: {e}"
+
+
+def check_data(root, workers=4):
+    """--check-data: the layout found, image counts per split and class, and every file decoded once."""
+    import multiprocessing
+    import time
+    train_dir, val_dir, val_csv, mapping = find_splits(root)
+    classes, train = scan_folder(train_dir)
+    val = scan_folder(val_dir, classes)[1] if val_csv is None else read_val_csv(val_dir, val_csv, classes)
+    layout = "ImageFolder (train/<class>, val/<class>)" if val_csv is None else f"Kaggle ILSVRC (labels: {val_csv})"
+    counts = [0] * len(classes)
+    for _, label in train:
+        counts[label] += 1
+    print(f"{root}: {layout}; {len(classes)} classes; {len(train)} train images ({min(counts)} to {max(counts)} a "
+          f"class), {len(val)} val images; decoding every file with {workers} processes ...", flush=True)
+    paths = [p for p, _ in train + val]
+    found, bad, t0 = {}, [], time.time()
+    with multiprocessing.Pool(workers) as pool:
+        for k, (path, (fmt, mode, err)) in enumerate(zip(paths, pool.imap(inspect_image, paths, chunksize=64))):
+            if err:
+                bad.append(path)
+                print(f"unreadable: {path} ({err})", flush=True)
+            else:
+                kind = "PNG named .JPEG" if fmt != "JPEG" and path.lower().endswith((".jpg", ".jpeg")) else mode
+                found[kind] = found.get(kind, 0) + 1
+            if (k + 1) % 20000 == 0:
+                ips = (k + 1) / (time.time() - t0)
+                print(f"{k + 1}/{len(paths)} files, {ips:.0f} files/s, ETA {(len(paths) - k - 1) / ips:.0f}s", flush=True)
+    print("kinds: " + ", ".join(f"{n} {kind}" for kind, n in sorted(found.items(), key=lambda x: -x[1])))
+    print("grayscale, CMYK and PNG files are converted to RGB when loaded; " + (
+        f"{len(bad)} unreadable files would each be replaced by a class-mate during training" if bad else
+        "no unreadable files"), flush=True)
+    return dict(classes=len(classes), train=len(train), val=len(val), kinds=found, unreadable=len(bad))
+
+
 def make_loader(dataset, batch_size, shuffle, rank=0, world=1, seed=0, workers=4, pin_memory=False):
     sampler = ShardSampler(len(dataset), rank, world, shuffle=shuffle, seed=seed)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin_memory,
-                      drop_last=shuffle, persistent_workers=workers > 0)
+                      drop_last=shuffle, persistent_workers=workers > 0, worker_init_fn=ignore_sigterm)

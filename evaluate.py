@@ -62,7 +62,7 @@ def predict(model, loader, device, ctx, tta="none"):
     """Softmax top-5 (indices, probabilities) and labels for the loader's images, in its order."""
     top_i, top_p, labels = [], [], []
     t0, done, total = time.time(), 0, len(loader.sampler)
-    for step, (images, y) in enumerate(loader):
+    for step, (images, y, _) in enumerate(loader):
         x, y = to_device(images, y, device, channels_last=True)
         with ctx:
             probs = model(x).float().softmax(1)

@@ -162,7 +162,7 @@ def find_lr(args):
             group["lr"] = lr
         loss = 0.0
         for micro in range(args.accum_steps):
-            images, labels = next(batches)
+            images, labels, _ = next(batches)
             x, y = train.to_device(images, labels, device, args.channels_last)
             if mixer is not None:
                 x, y = mixer(x, y)

@@ -14,8 +14,10 @@ A quick look on a laptop CPU:
     python train.py --arch resnet18 --img-size 128 --batch-size 64 --epochs 5
 
 Writes to --out: last.pt (every epoch), best.pt (best val top-1), log.jsonl (one line per epoch), curves.png.
-Running the same command again resumes from last.pt (--resume auto).
-Exit status: 0 done, 1 crashed, 2 bad input (a flag, the data, a checkpoint) with a one-line message.
+Running the same command again resumes from last.pt (--resume auto), also from inside an epoch: on SIGTERM (a
+spot reclaim) every rank finishes its step, rank 0 checkpoints, and all exit with 75; last.pt is also written
+every --save-every-min minutes. Exit status (and the same word in OUT/status): 0 done, 75 preempted,
+1 crashed, 2 bad input (a flag, the data, a checkpoint), 3 diverged (NaN loss), each with a one-line message.
 """
 import argparse
 import itertools
@@ -23,6 +25,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -39,7 +42,9 @@ import data
 from model import ARCHS, build_model, normalize, read_checkpoint
 
 # The flags that change what a checkpoint means: resuming with another value would corrupt the run.
-RESUME_MUST_MATCH = ("arch", "epochs", "batch_size", "accum_steps", "img_size", "subset", "seed", "warmup_pct")
+# (--lr and --weight-decay live in the restored optimizer and schedule: a new value would be silently ignored.)
+RESUME_MUST_MATCH = ("arch", "epochs", "batch_size", "accum_steps", "img_size", "subset", "seed", "warmup_pct", "lr",
+                     "weight_decay")
 
 
 def make_parser(doc=__doc__):
@@ -81,11 +86,17 @@ def make_parser(doc=__doc__):
     p.add_argument("--stop-epoch", type=int, default=None, help="stop after this many epochs, schedule unchanged; "
                                                                 "rerun the same command to go on")
     p.add_argument("--log-every", type=int, default=50, help="optimizer steps between progress lines")
+    p.add_argument("--save-every-min", type=float, default=10, help="also checkpoint inside an epoch this often, "
+                                                                    "minutes, so a kill -9 loses at most that")
+    p.add_argument("--check-data", action="store_true", help="scan --data (layout, counts, unreadable files), "
+                                                            "report, and exit")
     return p
 
 
 def check_args(p, args):
     """What argparse cannot check by type alone, reported the argparse way (one line, exit status 2)."""
+    if args.save_every_min <= 0:
+        p.error(f"--save-every-min must be above 0, got {args.save_every_min}")
     for name in ("epochs", "batch_size", "accum_steps", "img_size", "log_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -194,7 +205,7 @@ def evaluate(model, loader, device, ctx, channels_last):
     """Exact top-1/top-5 over the whole val set: every rank runs its shard, the counts are all-reduced."""
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, images
-    for images, labels in loader:
+    for images, labels, _ in loader:
         x, y = to_device(images, labels, device, channels_last)
         with ctx:
             logits = model(x)
@@ -210,11 +221,18 @@ def evaluate(model, loader, device, ctx, channels_last):
 def save_atomic(obj, path):
     """Write to a temp file, fsync, then os.replace: `path` is always a whole checkpoint, old or new."""
     tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # a full disk surfaces as either, depending on where torch.save was
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        kept = "the previous one is intact" if os.path.exists(path) else "there was none before"
+        raise OSError(f"could not write {path} ({str(e).splitlines()[0]}); {kept}. Free disk space and run the same "
+                      f"command again to resume") from None
     fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:
         os.fsync(fd)  # make the rename itself durable
@@ -288,6 +306,9 @@ def train(args):
         if ddp:
             dist.barrier()
         root = data.DEFAULT_DATA
+    if args.check_data:
+        data.check_data(root, args.workers or os.cpu_count() or 1)
+        return 0
     train_set, val_set, info = data.build_datasets(root, args.img_size, args.subset, args.seed,
                                                    args.trivial_augment, args.random_erase)
     classes, num_classes = info["classes"], len(info["classes"])
@@ -322,12 +343,12 @@ def train(args):
     if ddp:
         model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
 
-    # resume
+    # resume: from an epoch boundary or from inside an epoch (a preemption or a timed save)
     os.makedirs(args.out, exist_ok=True)
     last_path, best_path = os.path.join(args.out, "last.pt"), os.path.join(args.out, "best.pt")
     log_path = os.path.join(args.out, "log.jsonl")
     resume = {"auto": last_path if os.path.exists(last_path) else None, "none": None}.get(args.resume, args.resume)
-    start_epoch, best_top1 = 0, 0.0
+    start_epoch, start_step, best_top1, loss_sum, mixed_batches = 0, 0, 0.0, 0.0, 0
     if resume:
         ckpt = read_checkpoint(resume)
         if not isinstance(ckpt, dict) or "optimizer" not in ckpt:
@@ -337,6 +358,7 @@ def train(args):
         if ckpt["world"] != world:
             raise ValueError(f"{resume} was trained on {ckpt['world']} processes, this run has {world}; the global "
                              f"batch and the schedule depend on it: relaunch with --nproc_per_node {ckpt['world']}")
+        changed = {k: (v, getattr(args, k)) for k, v in ckpt["args"].items() if getattr(args, k, v) != v}
         raw_model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -345,22 +367,52 @@ def train(args):
             ema.load_state_dict(ckpt["ema"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         random.setstate(ckpt["rng"]["python"])
-        start_epoch, best_top1 = ckpt["epoch"], ckpt["best_top1"]
-        print0(f"resumed from {resume}: epoch {start_epoch}, best top-1 {best_top1:.2f}%")
+        start_epoch, start_step, best_top1 = ckpt["epoch"], ckpt["step"], ckpt["best_top1"]
+        loss_sum, mixed_batches = ckpt["loss_sum"], ckpt["mixed_batches"]
+        print0(f"resumed from {resume}: epoch {start_epoch + 1}, step {start_step}/{steps_per_epoch}, best top-1 "
+               f"{best_top1:.2f}%" + "".join(f"; --{k.replace('_', '-')} {a} -> {b}" for k, (a, b) in changed.items()))
         del ckpt
 
+    def checkpoint(epoch, step, row=None):
+        """Everything needed to resume, in one dict. step = optimizer steps done in `epoch` (0: it has not begun)."""
+        return dict(model=raw_model.state_dict(), ema=ema.state_dict() if ema else None,
+                    optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
+                    epoch=epoch, step=step, loss_sum=float(loss_sum), mixed_batches=int(mixed_batches),
+                    best_top1=best_top1, world=world, args=vars(args), classes=classes, class_names=info["names"],
+                    metrics=row, rng=dict(torch=torch.get_rng_state(), python=random.getstate()))
+
+    # SIGTERM (a spot reclaim; torchrun forwards it): finish the step, checkpoint, exit with PREEMPTED
+    stop = [False]
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.__setitem__(0, True))
+
+    def should_stop():
+        if ddp:  # every rank must stop after the same step, whichever got the signal first
+            flag = torch.tensor([float(stop[0])], device=device if device.type == "cuda" else "cpu")
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            return flag.item() > 0
+        return stop[0]
+
     stop_epoch = min(args.epochs, args.stop_epoch or args.epochs)
-    eval_s = 0.0  # the last evaluation's duration, for the ETA
+    eval_s, t_saved, bad_seen = 0.0, time.time(), set()  # last eval's duration for the ETA; last save; named files
     for epoch in range(start_epoch, stop_epoch):
-        train_loader.sampler.set_epoch(epoch)
+        first = start_step if epoch == start_epoch else 0  # optimizer steps of this epoch already done
+        if first == 0:
+            loss_sum, mixed_batches = 0.0, 0
+        train_loader.sampler.set_epoch(epoch, start=first * args.batch_size * args.accum_steps)
         mixing = mixer is not None and epoch < mix_off
         model.train()
-        loss_sum, mixed_batches = torch.zeros((), device=device), 0
+        loss_sum, bad_count = torch.tensor(loss_sum, device=device), 0
         t_epoch = time.time()
-        batches = itertools.islice(train_loader, steps_per_epoch * args.accum_steps)  # drop a ragged last step
-        for i, (images, labels) in enumerate(batches):
+        batches = itertools.islice(train_loader, (steps_per_epoch - first) * args.accum_steps)  # drop a ragged end
+        for i, (images, labels, bad) in enumerate(batches, start=first * args.accum_steps):
             step, micro = divmod(i, args.accum_steps)
             last_micro = micro == args.accum_steps - 1
+            for b in bad[bad >= 0].tolist():  # unreadable files, replaced by a class-mate in the loader
+                bad_count += 1
+                if b not in bad_seen:
+                    bad_seen.add(b)
+                    print(f"warning: unreadable image {train_set.samples[b][0]}, replaced by another of its class",
+                          file=sys.stderr, flush=True)
             x, y = to_device(images, labels, device, args.channels_last)
             if mixing:
                 # seeded per (seed, epoch, batch, rank): the same mix on resume, whatever happened before
@@ -379,14 +431,29 @@ def train(args):
 
             # log; .item() syncs with the device, so only every --log-every steps
             if (step + 1) % args.log_every == 0 or step + 1 == steps_per_epoch:
-                now = time.time()
-                step_s = (now - t_epoch) / (step + 1)
-                eta = step_s * (stop_epoch - epoch) * steps_per_epoch - (now - t_epoch) + eval_s * (stop_epoch - epoch)
-                ips = global_batch / step_s
+                now, avg = time.time(), loss_sum.item() / (i + 1)
+                if not math.isfinite(avg):
+                    raise FloatingPointError(f"the training loss is {avg} at epoch {epoch + 1} step {step + 1}")
+                step_s = (now - t_epoch) / (step + 1 - first)
+                eta = step_s * ((stop_epoch - epoch) * steps_per_epoch - step - 1) + eval_s * (stop_epoch - epoch)
                 mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-                print0(f"epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps_per_epoch} "
-                       f"loss {loss_sum.item() / (i + 1):.4f} lr {scheduler.get_last_lr()[0]:.4g} "
-                       f"img/s {ips:.0f} eta {fmt_time(eta)}" + (f" mem {mem:.1f}GiB" if mem else ""))
+                print0(f"epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps_per_epoch} loss {avg:.4f} "
+                       f"lr {scheduler.get_last_lr()[0]:.4g} img/s {global_batch / step_s:.0f} eta {fmt_time(eta)}"
+                       + (f" mem {mem:.1f}GiB" if mem else ""))
+
+            # a preemption, or --save-every-min: a mid-epoch checkpoint (not after the last step: the epoch's own)
+            preempted = should_stop()
+            timed = master and time.time() - t_saved > 60 * args.save_every_min
+            if (preempted or timed) and step + 1 < steps_per_epoch:
+                if master:
+                    if not math.isfinite(loss_sum.item()):
+                        raise FloatingPointError(f"the training loss is not finite at epoch {epoch + 1}")
+                    save_atomic(checkpoint(epoch, step + 1), last_path)
+                    print0(f"saved {last_path} at epoch {epoch + 1} step {step + 1}"
+                           + (" (preempted)" if preempted else ""))
+                t_saved = time.time()
+            if preempted and step + 1 < steps_per_epoch:  # after the last step, the epoch's checkpoint comes first
+                return finish(ddp, args.out, "preempted", print0)
         train_s = time.time() - t_epoch
 
         # eval: on every rank, the bare module (a DDP forward would need all ranks in step)
@@ -394,6 +461,8 @@ def train(args):
         if ddp:
             dist.all_reduce(train_loss)
             train_loss /= world
+        if not math.isfinite(train_loss.item()):
+            raise FloatingPointError(f"the training loss is {train_loss.item()} at the end of epoch {epoch + 1}")
         t_eval = time.time()
         metrics = evaluate(raw_model, val_loader, device, ctx, args.channels_last)
         if ema is not None:
@@ -402,25 +471,25 @@ def train(args):
         is_best = metrics["val_top1"] > best_top1
         best_top1 = max(best_top1, metrics["val_top1"])
         row = dict(epoch=epoch, lr=scheduler.get_last_lr()[0], train_loss=train_loss.item(), **metrics,
-                   img_per_s=global_batch * steps_per_epoch / train_s, epoch_s=time.time() - t_epoch,
-                   mixed=mixed_batches > 0, best_top1=best_top1)
+                   img_per_s=global_batch * (steps_per_epoch - first) / train_s, epoch_s=time.time() - t_epoch,
+                   mixed=mixed_batches > 0, bad_images=bad_count, best_top1=best_top1)
         print0(f"epoch {epoch + 1}/{args.epochs} done: train loss {row['train_loss']:.4f} val loss "
                f"{row['val_loss']:.4f} top-1 {row['val_top1']:.2f}% top-5 {row['val_top5']:.2f}% "
-               f"({row['val_n']} images) in {fmt_time(row['epoch_s'])}, {row['img_per_s']:.0f} img/s")
+               f"({row['val_n']} images) in {fmt_time(row['epoch_s'])}, {row['img_per_s']:.0f} img/s"
+               + (f"; {bad_count} unreadable images replaced" if bad_count else ""))
 
-        # checkpoint and log, on rank 0; everything needed to resume is in one dict
+        # checkpoint and log, on rank 0
         if master:
-            ckpt = dict(model=raw_model.state_dict(), ema=ema.state_dict() if ema else None,
-                        optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                        scaler=scaler.state_dict(), epoch=epoch + 1, best_top1=best_top1, world=world,
-                        args=vars(args), classes=classes, class_names=info["names"], metrics=row,
-                        rng=dict(torch=torch.get_rng_state(), python=random.getstate()))
+            ckpt = checkpoint(epoch + 1, 0, row)
             save_atomic(ckpt, last_path)
             if is_best:
                 save_atomic(ckpt, best_path)
             with open(log_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
             plot_curves(log_path, os.path.join(args.out, "curves.png"))
+            t_saved = time.time()
+        if should_stop():  # a SIGTERM during evaluation: the epoch's checkpoint is already written
+            return finish(ddp, args.out, "preempted", print0)
         if ddp:
             dist.barrier()  # nobody races ahead of a checkpoint
 
@@ -431,18 +500,47 @@ def train(args):
         dist.all_gather(sums, torch.stack([flat.sum(), (flat * flat).sum()]))
         assert all(torch.equal(s, sums[0]) for s in sums), f"ranks' weights diverged: {sums}"
         print0(f"weights identical on all {world} ranks (checksum {sums[0][0].item():.6f})")
+    print0(f"best val top-1 {best_top1:.2f}%; checkpoints and curves.png in {args.out}")
+    return finish(ddp, args.out, "done" if stop_epoch == args.epochs else "stopped", print0)
+
+
+# Exit status, for restart loops (run_ec2.sh): resume after PREEMPTED (and after a crash), stop otherwise.
+# Under torchrun the agent's own exit status does not carry these, so OUT/status holds the same word too.
+EXIT = dict(done=0, stopped=0, crashed=1, bad_input=2, diverged=3, preempted=75)  # 75: EX_TEMPFAIL, "try again"
+
+
+def finish(ddp, out, status, print0):
+    """Write OUT/status (rank 0), leave the process group cleanly, return the exit status."""
+    if print0 is not None:
+        if status == "preempted":
+            print0("preempted: checkpoint saved; run the same command again to continue")
+        if not ddp or dist.get_rank() == 0:
+            with open(os.path.join(out, "status"), "w") as f:
+                f.write(status + "\n")
+    if ddp and dist.is_initialized():
         dist.barrier()  # gloo can abort at exit without it
         dist.destroy_process_group()
-    print0(f"done: best val top-1 {best_top1:.2f}%; checkpoints and curves.png in {args.out}")
+    return EXIT[status]
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
-        train(args)
+        sys.exit(train(args))
     except (ValueError, FileNotFoundError) as e:
         print(f"train.py: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        code = EXIT["bad_input"]
+    except FloatingPointError as e:
+        print(f"train.py: error: {e}; last.pt holds the last good state: lower --lr (or use --amp bf16/fp32) and "
+              f"rerun", file=sys.stderr, flush=True)
+        code = EXIT["diverged"]
+    except OSError as e:  # a full disk or a lost mount while saving: the previous checkpoint is intact
+        print(f"train.py: error: {e}", file=sys.stderr, flush=True)
+        code = EXIT["crashed"]
+    if os.path.isdir(args.out):
+        with open(os.path.join(args.out, "status"), "w") as f:
+            f.write({2: "bad_input", 3: "diverged"}.get(code, "crashed") + "\n")
+    sys.exit(code)
 
 
 if __name__ == "__main__":

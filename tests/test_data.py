@@ -43,8 +43,8 @@ def test_imagefolder_layout_real_imagenette():
     assert info["names"][:2] == ["tench", "English springer"]  # torchvision's names for the wnids
     counts = collections.Counter(label for _, label in val_set.samples)
     assert min(counts.values()) == 357 and max(counts.values()) == 419  # as ../shared/data/README.md says
-    x, y = val_set[(0, 0)]
-    assert x.dtype == torch.uint8 and x.shape == (3, 64, 64) and y == 0
+    x, y, bad = val_set[(0, 0)]
+    assert x.dtype == torch.uint8 and x.shape == (3, 64, 64) and y == 0 and bad == -1
 
 
 @pytest.mark.parametrize("point_at", ["root", "cls-loc"])
@@ -136,6 +136,10 @@ def test_clear_errors_on_odd_layouts(tmp_path):
     root = link_tree(tmp_path / "m", 2, 2)
     (root / "val" / "n01440764").rename(root / "val" / "n00000000")
     with pytest.raises(ValueError, match="other class folders"):
+        data.build_datasets(root, 64)
+    (root / "train" / "n99999999").mkdir()
+    (root / "val" / "n00000000").rename(root / "val" / "n01440764")
+    with pytest.raises(ValueError, match="n99999999 holds no images"):
         data.build_datasets(root, 64)
     empty = tmp_path / "e"
     (empty / "train" / "a").mkdir(parents=True)

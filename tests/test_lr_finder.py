@@ -30,7 +30,7 @@ def test_matches_torch_lr_finder_on_real_images(tiny_data):
                                  "--start-lr", "1e-4", "--end-lr", "10", "--iters", "30"])
     train_set, _, info = train.data.build_datasets(tiny_data, 32, seed=0)
     loader = train.data.make_loader(train_set, 16, True, workers=0)
-    batches = [train.to_device(x, y, torch.device("cpu"), True) for x, y in loader]  # 10 batches, cycled
+    batches = [train.to_device(x, y, torch.device("cpu"), True) for x, y, _ in loader]  # 10 batches, cycled
     device, criterion = torch.device("cpu"), nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     model = train.make_model(args, 10, device)
     ref_model = copy.deepcopy(model)

@@ -1,0 +1,191 @@
+"""Long runs that survive: SIGTERM at random points, kill -9 during a save, a full disk, bad JPEGs, NaN losses.
+Real processes, real signals, real JPEGs."""
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train
+from conftest import IMAGENETTE, ROOT, link_tree, needs_imagenette, run, torchrun_cmd, train_cmd
+
+pytestmark = needs_imagenette
+FAST = ["--arch", "resnet18", "--img-size", "32", "--batch-size", "16", "--workers", "1", "--log-every", "1",
+        "--epochs", "2", "--ema", "0.9", "--mixup", "0.2", "--cutmix", "1.0"]
+
+
+def run_until(cmd, global_step, steps_per_epoch=10, env=None):
+    """Start cmd, send SIGTERM once it has printed optimizer step `global_step` (1-based over the run), and
+    return (exit status, stdout)."""
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    out, sent = [], None
+    for line in p.stdout:
+        out.append(line)
+        m = re.match(r"epoch (\d+)/\d+ step (\d+)/", line)
+        if m and sent is None and (int(m[1]) - 1) * steps_per_epoch + int(m[2]) >= global_step:
+            p.send_signal(signal.SIGTERM)
+            sent = time.time()
+    code = p.wait(timeout=120)
+    # a step, an evaluation or a save at most: well inside torchrun's 30 s and AWS's 2 minutes, even on a CPU
+    assert sent is not None and time.time() - sent < 20, f"took {time.time() - sent:.0f} s to stop"
+    return code, "".join(out)
+
+
+def final_state(out):
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    return ckpt, [line for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def assert_same_weights(a, b):
+    for part in ("model", "ema"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs"
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"]
+
+
+def test_sigterm_at_three_random_points_then_resume_is_bitwise_identical(tiny_data, tmp_path):
+    """Identical weights, not close ones: the data order, every augmentation and every mixup draw are seeded
+    from (seed, epoch, index), and the checkpoint holds the exact optimizer, schedule, EMA and loss sums."""
+    common = ["--data", tiny_data, *FAST]
+    run(train_cmd(*common, "--out", tmp_path / "full"))
+    points = sorted(random.Random(7).sample(range(2, 19), 3))  # of 20 steps; mid-epoch ones among them
+    out = tmp_path / "split"
+    for point in points:
+        code, log = run_until(train_cmd(*common, "--out", out), point)
+        assert code == train.EXIT["preempted"] == 75, log
+        assert (out / "status").read_text() == "preempted\n"
+        assert "preempted: checkpoint saved" in log
+    resumed = run(train_cmd(*common, "--out", out))
+    assert (out / "status").read_text() == "done\n"
+    assert "resumed from" in resumed.stdout
+    (a, log_a), (b, log_b) = final_state(tmp_path / "full"), final_state(out)
+    assert_same_weights(a, b)
+    strip = lambda rows: [re.sub(r'"(img_per_s|epoch_s)": [0-9.e+-]+', "", r) for r in rows]  # times differ
+    assert strip(log_a) == strip(log_b)
+
+
+def test_torchrun_two_ranks_interrupted_once(tiny_data, tmp_path):
+    common = ["--data", tiny_data, *FAST, "--batch-size", "8"]
+    env = {"OMP_NUM_THREADS": "1"}
+    run(torchrun_cmd(2, *common, "--out", tmp_path / "full"), env=env)
+    out = tmp_path / "split"
+    code, log = run_until(torchrun_cmd(2, *common, "--out", out), 6, env=env)
+    assert code != 0 and (out / "status").read_text() == "preempted\n", log  # torchrun's own status is not 75
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 0 and 6 <= ckpt["step"] < 10, "a mid-epoch checkpoint"
+    run(torchrun_cmd(2, *common, "--out", out), env=env)
+    assert_same_weights(final_state(tmp_path / "full")[0], final_state(out)[0])
+
+
+SAVER = """
+import sys, torch, train
+path, i = sys.argv[1], 0
+while True:
+    i += 1
+    train.save_atomic({"version": i, "w": torch.full((4_000_000,), float(i))}, path)  # 16 MB a save
+    print(i, flush=True)
+"""
+
+
+def test_kill_9_during_saves_never_tears_the_checkpoint(tmp_path):
+    path = tmp_path / "last.pt"
+    rng = random.Random(0)
+    for trial in range(5):
+        p = subprocess.Popen([sys.executable, "-c", SAVER, str(path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        p.stdout.readline()  # at least one complete save
+        time.sleep(rng.uniform(0.0, 0.5))
+        p.kill()
+        p.wait()
+        ckpt = torch.load(path, weights_only=True)  # always a whole checkpoint, the last or the one before
+        assert torch.equal(ckpt["w"], torch.full((4_000_000,), float(ckpt["version"])))
+
+
+FULL_DISK = """
+import resource, signal, sys, torch, train
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # writes past the limit fail with EFBIG, as on a full disk
+train.save_atomic({"w": torch.zeros(10)}, sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+try:
+    train.save_atomic({"w": torch.ones(1_000_000)}, sys.argv[1])
+except OSError as e:
+    print(e)
+"""
+
+
+def test_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path):
+    path = tmp_path / "last.pt"
+    p = run([sys.executable, "-c", FULL_DISK, str(path)])
+    assert "could not write" in p.stdout and "the previous one is intact" in p.stdout
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.zeros(10))
+    assert not (tmp_path / "last.pt.tmp").exists()
+
+
+def plant_bad_files(root):
+    """Three broken files among the real JPEGs of train/: empty, truncated, and not an image at all."""
+    classes = sorted((root / "train").iterdir())
+    real = sorted((IMAGENETTE / "train" / classes[0].name).iterdir())[0].read_bytes()
+    bad = [classes[0] / "zero.JPEG", classes[1] / "truncated.JPEG", classes[2] / "text.JPEG"]
+    bad[0].write_bytes(b"")
+    bad[1].write_bytes(real[: len(real) // 3])
+    bad[2].write_text("this is not an image")
+    return bad
+
+
+def test_bad_images_are_replaced_named_once_and_counted(tmp_path):
+    data_root = link_tree(tmp_path / "data", 16, 4)
+    for cls in sorted((data_root / "train").iterdir())[:3]:
+        sorted(cls.iterdir())[0].unlink()  # 157 real + 3 bad = 160 = 10 full batches: no file is dropped
+    bad = plant_bad_files(data_root)
+    p = run(train_cmd("--data", data_root, "--out", tmp_path / "run", *FAST))
+    for f in bad:
+        assert p.stderr.count(str(f)) == 1, p.stderr  # named once over both epochs
+    rows = [__import__("json").loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["bad_images"] for r in rows] == [3, 3]  # every epoch reads every file once (no batch is dropped)
+    report = run(train_cmd("--data", data_root, "--check-data", "--workers", "2")).stdout
+    assert "160 train images" in report and "3 unreadable files" in report
+    assert all(f"unreadable: {f}" in report for f in bad)
+
+
+def test_nan_loss_stops_with_a_clear_message(tiny_data, tmp_path):
+    p = run(train_cmd("--data", tiny_data, "--out", tmp_path / "nan", *FAST, "--lr", "1e30"), check=False)
+    assert p.returncode == train.EXIT["diverged"] == 3, p.stderr
+    assert "Traceback" not in p.stderr and "lower --lr" in p.stderr.splitlines()[-1]
+    assert (tmp_path / "nan" / "status").read_text() == "diverged\n"
+    assert not (tmp_path / "nan" / "last.pt").exists()  # nothing non-finite was saved
+
+
+def test_resume_with_safe_flag_changes_is_allowed_and_logged(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    run(train_cmd("--data", tiny_data, "--out", out, *FAST, "--stop-epoch", "1"))
+    p = run(train_cmd("--data", tiny_data, "--out", out, *FAST, "--mixup", "0", "--cutmix", "0", "--workers", "0"))
+    assert "--mixup 0.2 -> 0.0" in p.stdout and "--cutmix 1.0 -> 0.0" in p.stdout and "--workers 1 -> 0" in p.stdout
+    before = (out / "last.pt").read_bytes()
+    for flag, value in (("--batch-size", "8"), ("--lr", "0.5"), ("--arch", "resnet34")):
+        p = run(train_cmd("--data", tiny_data, "--out", out, *FAST, flag, value), check=False)
+        line = p.stderr.strip().splitlines()[-1]
+        assert p.returncode == 2 and f"{flag} is {value} but" in line and "Traceback" not in p.stderr
+    assert (out / "last.pt").read_bytes() == before
+
+
+@pytest.mark.chaos
+def test_chaos_two_ranks_interrupted_four_times(tiny_data, tmp_path):
+    """Slow, so not in the default run: `pytest -m chaos`. A 2-rank run over 3 epochs, interrupted with SIGTERM
+    at 4 random points, ends with the same weights as an uninterrupted one."""
+    common = ["--data", tiny_data, *FAST, "--batch-size", "8", "--epochs", "3"]
+    env = {"OMP_NUM_THREADS": "1"}
+    run(torchrun_cmd(2, *common, "--out", tmp_path / "full"), env=env)
+    out = tmp_path / "chaos"
+    for point in sorted(random.Random(11).sample(range(2, 29), 4)):
+        code, log = run_until(torchrun_cmd(2, *common, "--out", out), point, env=env)
+        assert (out / "status").read_text() == "preempted\n", log
+    run(torchrun_cmd(2, *common, "--out", out), env=env)
+    assert (out / "status").read_text() == "done\n"
+    assert_same_weights(final_state(tmp_path / "full")[0], final_state(out)[0])
