@@ -293,7 +293,8 @@ def check_data(root, workers=4):
                 found[kind] = found.get(kind, 0) + 1
             if (k + 1) % 20000 == 0:
                 ips = (k + 1) / (time.time() - t0)
-                print(f"{k + 1}/{len(paths)} files, {ips:.0f} files/s, ETA {(len(paths) - k - 1) / ips:.0f}s", flush=True)
+                eta = (len(paths) - k - 1) / ips
+                print(f"{k + 1}/{len(paths)} files, {ips:.0f} files/s, ETA {eta:.0f}s", flush=True)
     print("kinds: " + ", ".join(f"{n} {kind}" for kind, n in sorted(found.items(), key=lambda x: -x[1])))
     print("grayscale, CMYK and PNG files are converted to RGB when loaded; " + (
         f"{len(bad)} unreadable files would each be replaced by a class-mate during training" if bad else

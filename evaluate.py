@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 import data
 from model import load_checkpoint
-from train import autocast_for, pick_device, to_device
+from train import autocast_for, init_distributed, to_device
 
 
 def add_common_args(p):
@@ -48,7 +48,8 @@ def load_model(args, device):
     model, meta = load_checkpoint(args.checkpoint, arch=args.arch)
     if args.ema:
         if meta.get("ema") is None:
-            raise ValueError(f"--ema, but {args.checkpoint} holds no EMA weights; train with --ema 0.9998 or drop --ema")
+            raise ValueError(f"--ema, but {args.checkpoint} holds no EMA weights; train with --ema 0.9998 or "
+                             f"drop --ema")
         sd = {k[len("module."):]: v for k, v in meta["ema"].items() if k.startswith("module.")}
         model.load_state_dict(sd)
     saved = meta.get("args", {})
@@ -166,11 +167,7 @@ def parse_args(argv=None):
 
 
 def run(args):
-    ddp = "RANK" in os.environ
-    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
-    device = pick_device(args.device, local_rank)
-    if ddp:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    ddp, rank, world, device = init_distributed(args.device)
     model, meta, root, img_size = load_model(args, device)
     model = model.to(memory_format=torch.channels_last)
     _, val_set, info = data.build_datasets(root, img_size, eval_size=img_size, resize_size=args.resize_size)

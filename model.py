@@ -90,7 +90,8 @@ def make_stage(block, cin, width, depth, stride, avg_down):
         if avg_down:
             # ResNet-D: average-pool then a stride-1 1x1, so the shortcut sees every pixel, not one in four.
             # The Identity keeps the keys the same in every stage (and equal to timm's resnet50d).
-            pool = nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False) if stride != 1 else nn.Identity()
+            pool = nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False)
+            pool = pool if stride != 1 else nn.Identity()
             downsample = nn.Sequential(pool, conv1x1(cin, cout), nn.BatchNorm2d(cout))
         else:
             downsample = nn.Sequential(conv1x1(cin, cout, stride), nn.BatchNorm2d(cout))

@@ -210,8 +210,8 @@ def evaluate(model, loader, device, ctx, channels_last):
         with ctx:
             logits = model(x)
         hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]  # (B, 5)
-        totals += torch.stack([F.cross_entropy(logits.float(), y, reduction="sum").double(),
-                               hits[:, 0].sum().double(), hits.any(1).sum().double(), torch.tensor(len(y), device=device).double()])
+        loss = F.cross_entropy(logits.float(), y, reduction="sum")
+        totals += torch.stack([loss, hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(y), device=device)]).double()
     if dist.is_initialized():
         dist.all_reduce(totals)
     loss, top1, top5, n = totals.tolist()
@@ -285,13 +285,19 @@ def fmt_time(seconds):
 
 # -----------------------------------------------------------------------------
 
-def train(args):
-    # DDP: torchrun sets RANK; plain `python train.py` is one process
+def init_distributed(device_name):
+    """DDP when torchrun set RANK, else one plain process: (ddp, rank, world, device)."""
     ddp = "RANK" in os.environ
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
-    device = pick_device(args.device, local_rank)
+    device = pick_device(device_name, local_rank)
     if ddp:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return ddp, rank, world, device
+
+
+def train(args):
+    ddp, rank, world, device = init_distributed(args.device)
+    local_rank = device.index or 0
     master = rank == 0
 
     def print0(*a):
