@@ -15,7 +15,6 @@ import csv
 import math
 import os
 import random
-import signal
 from pathlib import Path
 
 import torch
@@ -252,11 +251,6 @@ def build_datasets(root, img_size, subset=1.0, seed=0, trivial_augment=False, ra
     return train_set, val_set, dict(classes=classes, names=class_names(classes, mapping))
 
 
-def ignore_sigterm(worker_id):
-    """Loader workers leave SIGTERM to the main process, which finishes its step and checkpoints first."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
 def inspect_image(path):
     """(format, mode, error) of one file, decoding it fully as training would."""
     try:
@@ -305,4 +299,4 @@ def check_data(root, workers=4):
 def make_loader(dataset, batch_size, shuffle, rank=0, world=1, seed=0, workers=4, pin_memory=False):
     sampler = ShardSampler(len(dataset), rank, world, shuffle=shuffle, seed=seed)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin_memory,
-                      drop_last=shuffle, persistent_workers=workers > 0, worker_init_fn=ignore_sigterm)
+                      drop_last=shuffle, persistent_workers=workers > 0)
