@@ -144,6 +144,12 @@ def test_bad_images_are_replaced_named_once_and_counted(tmp_path):
     for cls in sorted((data_root / "train").iterdir())[:3]:
         sorted(cls.iterdir())[0].unlink()  # 157 real + 3 bad = 160 = 10 full batches: no file is dropped
     bad = plant_bad_files(data_root)
+    real = sorted((data_root / "train").iterdir())[3]
+    src = __import__("PIL.Image").Image.open(sorted(real.iterdir())[0]).convert("RGB")
+    src.convert("CMYK").save(real / "cmyk.JPEG", format="JPEG")  # both occur in ImageNet; both train fine
+    src.save(real / "png.JPEG", format="PNG")
+    sorted(real.iterdir())[0].unlink()
+    sorted(real.iterdir())[0].unlink()
     p = run(train_cmd("--data", data_root, "--out", tmp_path / "run", *FAST))
     for f in bad:
         assert p.stderr.count(str(f)) == 1, p.stderr  # named once over both epochs
@@ -152,6 +158,7 @@ def test_bad_images_are_replaced_named_once_and_counted(tmp_path):
     report = run(train_cmd("--data", data_root, "--check-data", "--workers", "2")).stdout
     assert "160 train images" in report and "3 unreadable files" in report
     assert all(f"unreadable: {f}" in report for f in bad)
+    assert "1 CMYK" in report and "1 PNG named .JPEG" in report
 
 
 def test_nan_loss_stops_with_a_clear_message(tiny_data, tmp_path):
@@ -189,3 +196,20 @@ def test_chaos_two_ranks_interrupted_four_times(tiny_data, tmp_path):
     run(torchrun_cmd(2, *common, "--out", out), env=env)
     assert (out / "status").read_text() == "done\n"
     assert_same_weights(final_state(tmp_path / "full")[0], final_state(out)[0])
+
+
+def test_timed_saves_bound_what_kill_9_loses(tiny_data, tmp_path):
+    """--save-every-min writes mid-epoch checkpoints; after a kill -9 the same command resumes from one."""
+    out = tmp_path / "run"
+    cmd = train_cmd("--data", tiny_data, "--out", out, *FAST, "--save-every-min", "0.0001")
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in p.stdout:
+        if re.match(r"saved .* at epoch 1 step [4-9]", line):
+            p.kill()  # SIGKILL: no handler runs
+            break
+    p.wait()
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 0 and 4 <= ckpt["step"] < 10
+    resumed = run(cmd)
+    assert f"resumed from {out / 'last.pt'}: epoch 1, step {ckpt['step']}/10" in resumed.stdout
+    assert (out / "status").read_text() == "done\n"
