@@ -296,7 +296,13 @@ def check_data(root, workers=4):
     return dict(classes=len(classes), train=len(train), val=len(val), kinds=found, unreadable=len(bad))
 
 
+def own_session(worker_id):
+    """torchrun stops a rank with os.killpg: in a session of their own, loader workers keep serving while the rank
+    finishes its step and checkpoints. A direct signal still ends them, and they exit when the rank is gone."""
+    os.setsid()
+
+
 def make_loader(dataset, batch_size, shuffle, rank=0, world=1, seed=0, workers=4, pin_memory=False):
     sampler = ShardSampler(len(dataset), rank, world, shuffle=shuffle, seed=seed)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin_memory,
-                      drop_last=shuffle, persistent_workers=workers > 0)
+                      drop_last=shuffle, persistent_workers=workers > 0, worker_init_fn=own_session)
