@@ -296,6 +296,13 @@ def check_data(root, workers=4):
     return dict(classes=len(classes), train=len(train), val=len(val), kinds=found, unreadable=len(bad))
 
 
+def default_workers(requested=None, procs_per_machine=1):
+    """--workers, or the cores left to each process after its own, at most 8 (more rarely helps a GPU)."""
+    if requested is not None:
+        return requested
+    return max(1, min(8, (os.cpu_count() or 2) // procs_per_machine - 1))
+
+
 def own_session(worker_id):
     """torchrun stops a rank with os.killpg: in a session of their own, loader workers keep serving while the rank
     finishes its step and checkpoints. A direct signal still ends them, and they exit when the rank is gone."""

@@ -83,7 +83,7 @@ def predict(model, loader, device, ctx, tta="none"):
 def evaluate_all(model, val_set, args, device, rank=0, world=1):
     """Every rank predicts its shard (indices rank, rank + world, ...); rank 0 gets all rows in dataset order."""
     _, ctx, _ = autocast_for(args.amp, device)
-    workers = args.workers if args.workers is not None else max(1, min(8, (os.cpu_count() or 2) - 1))
+    workers = data.default_workers(args.workers)
     loader = data.make_loader(val_set, args.batch_size, False, rank, world, workers=workers,
                               pin_memory=device.type == "cuda")
     t0 = time.time()

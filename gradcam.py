@@ -97,7 +97,6 @@ def predictions(args, model, meta, root, img_size, device, out):
     print(f"no up-to-date {path}: evaluating {args.checkpoint} first", flush=True)
     _, val_set, info = data.build_datasets(root, img_size, eval_size=img_size, resize_size=args.resize_size)
     names = meta.get("class_names") or info["names"]
-    args.tta = "none"
     top_i, top_p, labels, _ = evaluate.evaluate_all(model, val_set, args, device)
     evaluate.write_reports(out, val_set.samples, names, top_i, top_p, labels)
     return read_predictions(path)

@@ -140,7 +140,7 @@ def find_lr(args):
     root = args.data if args.data is not None else data.default_data()
     train_set, _, info = data.build_datasets(root, args.img_size, args.subset, args.seed,
                                              args.trivial_augment, args.random_erase)
-    workers = args.workers if args.workers is not None else max(1, min(8, (os.cpu_count() or 2) - 1))
+    workers = data.default_workers(args.workers)
     loader = data.make_loader(train_set, args.batch_size, True, seed=args.seed, workers=workers,
                               pin_memory=device.type == "cuda")
     if len(loader) == 0:

@@ -318,8 +318,7 @@ def train(args):
     train_set, val_set, info = data.build_datasets(root, args.img_size, args.subset, args.seed,
                                                    args.trivial_augment, args.random_erase)
     classes, num_classes = info["classes"], len(info["classes"])
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    workers = args.workers if args.workers is not None else max(1, min(8, (os.cpu_count() or 2) // local_world - 1))
+    workers = data.default_workers(args.workers, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     pin = device.type == "cuda"
     train_loader = data.make_loader(train_set, args.batch_size, True, rank, world, args.seed, workers, pin)
     val_loader = data.make_loader(val_set, args.batch_size, False, rank, world, args.seed, workers, pin)
