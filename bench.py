@@ -1,19 +1,26 @@
 """
-What train.py's own machinery costs: its measured training img/s against a bare forward/backward/SGD loop on
-the same model, batch, dtype and memory layout, side by side in one run. Prints a table and a final JSON line.
+What a ResNet-50 run costs, measured in one run: the loader against torchvision's standard pipeline, the
+training step in every precision and layout, train.py against a bare loop, and a projection to dollars.
+Prints tables, then one JSON line (loader_speedup_176 is ours / standard images/s per core at 176 px).
 
-    python bench.py                                  # CPU: ResNet-18/50 at 64/128/224 px, fp32/bf16, NCHW/NHWC
-    python bench.py --archs resnet50 --sizes 224 --device cuda --batch-size 256
+    python bench.py                                                # this CPU, a few minutes
+    python bench.py --device cuda --sizes 160 176 192 224 --workers 16 --hourly-usd 4.1
 
-train.py runs as a real subprocess on real JPEGs (symlinks to enough of --data for --steps steps an epoch, and
-2 val images a class) for two epochs; its second epoch's img/s is compared, so process start, warm-up and
-evaluation are not counted.
-The bare loop feeds one synthetic batch that never leaves the device: no loader, no normalization, no mixing,
-no logging. The ratio train.py / bare is what the data pipeline and the script's bookkeeping cost.
+1. Loader, per worker core (one process, one thread), on the real full-size JPEGs of --images: torchvision's
+   standard training pipeline (RandomResizedCrop, flip, ToTensor, Normalize on PIL images) against ours
+   (data.random_resized_crop: draft JPEG decoding, one resize of the crop box, uint8), and ours again on a copy
+   shrunk to a shorter side of --shrink-side px (train.py --shrink). Then both in a DataLoader of --workers.
+2. Training step, synthetic input on the device: ResNet-50 forward + loss + backward + SGD, fp32 against bf16
+   (fp16 where the GPU has no bf16), channels_last on and off, torch.compile on and off; and the whole of
+   train.py (a subprocess on the JPEGs) against the bare loop.
+3. Projection: hours and dollars for the fast preset on ImageNet-1k (1,281,167 training images, 50,000 val).
+   Each epoch runs at the slower of the GPU step rate and the loader rate (per-core rate x the cores left after
+   one per GPU process), at that epoch's image size; the slower one is named as the bottleneck.
 """
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,109 +28,314 @@ import time
 
 import torch
 import torch.nn as nn
+from PIL import Image
+from torchvision import transforms as T
 
-from data import find_splits, scan_folder
+import data
 from model import build_model
-from train import autocast_for, pick_device
+from train import PRESETS, autocast_for, epoch_sizes, pick_device
+from train import parse_args as train_args
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+SAMPLES = os.path.join(HERE, "..", "shared", "data", "imagenet-samples")
+IMAGENET_TRAIN, IMAGENET_VAL = 1_281_167, 50_000
 
 
-def bare_loop(arch, size, batch, amp, channels_last, device, steps):
-    """img/s of forward + loss + backward + SGD step on a fixed synthetic batch, after one warm-up step."""
+# -----------------------------------------------------------------------------
+# 1. the loader
+
+def standard_pipeline(path, size):
+    """torchvision's ImageNet reference training transform, on a PIL image, as most notebooks write it."""
+    tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(),
+                    T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    with open(path, "rb") as f:
+        return tf(Image.open(f).convert("RGB"))
+
+
+def our_pipeline(path, size):
+    return data.random_resized_crop(Image.open(path), size)
+
+
+def per_core_rate(fn, files, size, passes):
+    """images/s of one pipeline in this process, on one thread, after one warm pass over 10 files."""
+    for path in files[:10]:
+        fn(path, size)
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    for _ in range(passes):
+        for path in files:
+            fn(path, size)
+    return passes * len(files) / (time.perf_counter() - t0)
+
+
+class Files(torch.utils.data.Dataset):
+    """The JPEGs, repeated, for a DataLoader: item i -> pipeline(files[i % n], size)."""
+
+    def __init__(self, files, fn, size, n):
+        self.files, self.fn, self.size, self.n = files, fn, size, n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return self.fn(self.files[i % len(self.files)], self.size)
+
+
+def loader_rate(fn, files, size, workers, batch, n):
+    """images/s out of a DataLoader of `workers` processes (pinned memory where a GPU is), after its first batch."""
+    loader = torch.utils.data.DataLoader(Files(files, fn, size, n), batch_size=batch, num_workers=workers,
+                                         pin_memory=torch.cuda.is_available(),
+                                         prefetch_factor=2 if workers else None)
+    it = iter(loader)
+    next(it)
+    t0, count = time.perf_counter(), 0
+    for x in it:
+        count += len(x)
+    return count / (time.perf_counter() - t0)
+
+
+# -----------------------------------------------------------------------------
+# 2. the training step
+
+def bare_loop(arch, size, batch, amp, channels_last, compiled, device, steps, warmup=3):
+    """img/s of forward + loss + backward + SGD on one synthetic batch that never leaves the device."""
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = build_model(arch, num_classes=10).to(device, memory_format=fmt).train()
+    model = build_model(arch, num_classes=1000).to(device, memory_format=fmt).train()
+    step_model = torch.compile(model) if compiled else model
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     _, ctx, scaler = autocast_for(amp, device)
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
-    y = torch.randint(0, 10, (batch,), device=device)
-    loss_fn = nn.CrossEntropyLoss()
+    y = torch.randint(0, 1000, (batch,), device=device)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
 
     def step():
         with ctx:
-            loss = loss_fn(model(x), y)
+            loss = loss_fn(step_model(x), y)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
 
-    step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    for _ in range(warmup):  # compilation and cuDNN's autotuning happen here
+        step()
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     return batch * steps / (time.perf_counter() - t0)
 
 
-def link_subset(src, dst, per_class):
-    """A small ImageFolder of symlinks to real JPEGs: `per_class` train and 2 val images per class, so that
-    train.py's epochs are a few steps and its evaluation is short."""
-    from data import find_splits, scan_folder
-    train_dir, _, _, _ = find_splits(src)
-    classes, samples = scan_folder(train_dir)
-    for label, name in enumerate(classes):
-        files = [path for path, lab in samples if lab == label]
-        for split, chosen in (("train", files[:per_class]), ("val", files[-2:])):
-            os.makedirs(os.path.join(dst, split, name), exist_ok=True)
-            for f in chosen:
-                os.symlink(os.path.abspath(f), os.path.join(dst, split, name, os.path.basename(f)))
-    return len(classes)
+@torch.no_grad()
+def forward_rate(arch, size, batch, amp, device, steps):
+    """img/s of evaluation forwards (channels_last, no grad): what the per-epoch validation costs."""
+    model = build_model(arch).to(device, memory_format=torch.channels_last).eval()
+    _, ctx, _ = autocast_for(amp, device)
+    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    with ctx:
+        model(x)
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            model(x)
+        sync(device)
+    return batch * steps / (time.perf_counter() - t0)
 
 
-def train_script(arch, size, batch, amp, channels_last, device, data_root):
-    """img/s of train.py's second epoch on `data_root`."""
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def image_folder(files, root, per_class):
+    """An ImageFolder of symlinks: one class per file, `per_class` links to it in train/, one in val/."""
+    for k, path in enumerate(files):
+        for split, n in (("train", per_class), ("val", 1)):
+            d = os.path.join(root, split, f"c{k:03d}")
+            os.makedirs(d, exist_ok=True)
+            for j in range(n):
+                os.symlink(os.path.abspath(path), os.path.join(d, f"{j}.JPEG"))
+    return root
+
+
+def train_script(args, size, amp, root):
+    """img/s of train.py's second epoch (process start, compile warm-up and evaluation not counted)."""
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, os.path.join(HERE, "train.py"), "--data", data_root, "--arch", arch,
-               "--img-size", str(size), "--batch-size", str(batch), "--amp", amp, "--epochs", "2",
-               "--device", device.type, "--out", out, "--log-every", "1000",
-               "--channels-last" if channels_last else "--no-channels-last"]
-        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        cmd = [sys.executable, os.path.join(HERE, "train.py"), "--data", root, "--arch", args.arch,
+               "--img-size", str(size), "--batch-size", str(args.batch_size), "--amp", amp, "--epochs", "2",
+               "--device", args.device, "--out", out, "--log-every", "1000", "--workers", str(args.workers)]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode != 0:
+            raise RuntimeError(f"train.py failed:\n{p.stderr[-2000:]}")
         with open(os.path.join(out, "log.jsonl")) as f:
             return [json.loads(line) for line in f][-1]["img_per_s"]
 
 
+# -----------------------------------------------------------------------------
+# 3. the projection
+
+def project(step_rate, per_core, eval_rate, args, gpus, cores, hourly_usd):
+    """Hours and dollars of a run of `args` (train.py's flags). step_rate / per_core: {size: img/s} of one GPU /
+    one core; eval_rate: forward img/s at the eval size."""
+    epochs, seconds, bound = [], 0.0, {}
+    for size in epoch_sizes(args):
+        gpu, loader = gpus * step_rate[size], (cores - gpus) * per_core[size]  # a core per GPU runs its process
+        rate = min(gpu, loader)
+        bound[size] = "training step" if gpu <= loader else "loader (CPU cores)"
+        epoch_s = IMAGENET_TRAIN / rate + IMAGENET_VAL * (2 if args.tta else 1) / (gpus * eval_rate)
+        epochs.append(epoch_s)
+        seconds += epoch_s
+    hours = seconds / 3600
+    return dict(preset=args.preset, epochs=len(epochs), gpus=gpus, cores=cores, first_epoch_min=epochs[0] / 60,
+                last_epoch_min=epochs[-1] / 60, hours=hours, hourly_usd=hourly_usd,
+                usd=None if hourly_usd is None else hours * hourly_usd, bottleneck=bound)
+
+
+# -----------------------------------------------------------------------------
+
+def table(title, header, rows):
+    print(f"\n{title}\n" + " | ".join(header))
+    for r in rows:
+        print(" | ".join(f"{v:.1f}" if isinstance(v, float) else str(v) for v in r), flush=True)
+
+
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default=os.path.join(HERE, "..", "shared", "data", "imagenette-224"),
-                   help="dataset root for train.py's runs")
-    p.add_argument("--archs", nargs="+", default=["resnet18", "resnet50"])
-    p.add_argument("--sizes", nargs="+", type=int, default=[64, 128, 224], help="px")
-    p.add_argument("--amps", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--steps", type=int, default=4, help="timed steps per measurement")
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu", "mps"])
-    p.add_argument("--max-bf16-gflop", type=float, default=60,
-                   help="skip low-precision rows above this many GFLOP per step on the CPU (no bf16 hardware: slow)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--images", default=SAMPLES, help="a folder of real full-size JPEGs")
+    p.add_argument("--loader-sizes", nargs="+", type=int, default=[224, 176, 128], help="px")
+    p.add_argument("--shrink-side", nargs="*", type=int, default=[256, 320],
+                   help="shorter sides of shrunk copies to measure too, px")
+    p.add_argument("--passes", type=int, default=3, help="times over the JPEGs per per-core measurement")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader processes; default: cores - 1")
+    p.add_argument("--arch", default="resnet50")
+    p.add_argument("--sizes", nargs="+", type=int, default=None, help="training-step px; default: 128 on the "
+                                                                      "CPU, 160 176 192 224 on a GPU")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 32 on the CPU, 256 on a GPU")
+    p.add_argument("--steps", type=int, default=None, help="timed steps; default: 3 on the CPU, 30 on a GPU")
+    p.add_argument("--compile", default=None, choices=["off", "on", "all"],
+                   help="on: also the low-precision NHWC step compiled; all: every step compiled too; "
+                        "default: off on the CPU, on on a GPU")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--preset", default="fast", choices=list(PRESETS), help="recipe to project")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs to project for (step rate x GPUs)")
+    p.add_argument("--cores", type=int, default=None, help="CPU cores to project for; default: this machine's")
+    p.add_argument("--hourly-usd", type=float, default=None, help="price of the machine per hour, for dollars")
     args = p.parse_args()
     device = pick_device(args.device)
-    tmp = tempfile.TemporaryDirectory()
-    n_classes = len(scan_folder(find_splits(args.data)[0])[0])
-    per_class = -(-args.steps * args.batch_size // n_classes)  # enough for --steps full steps an epoch
-    link_subset(args.data, tmp.name, per_class)
-    gflop = {"resnet18": 1.82, "resnet34": 3.67, "resnet50": 4.11, "resnet101": 7.83, "resnet152": 11.56}
+    args.device = device.type
+    gpu = device.type == "cuda"
+    torch.backends.cudnn.benchmark = True  # as train.py: fixed shapes, the fastest kernels
+    sizes = args.sizes or ([160, 176, 192, 224] if gpu else [128])
+    args.batch_size = args.batch_size or (256 if gpu else 32)
+    steps = args.steps or (30 if gpu else 3)
+    compile_mode = args.compile or ("on" if gpu else "off")
+    args.workers = data.default_workers(args.workers)
+    cores = args.cores or len(os.sched_getaffinity(0))
+    files = sorted(os.path.join(args.images, f) for f in os.listdir(args.images) if f.lower().endswith(".jpeg"))
+    if not files:
+        sys.exit(f"bench.py: error: no .JPEG files in {args.images}; pass --images with real full-size JPEGs")
+    amp = autocast_for("auto", device)[0]  # what train.py would use here: bf16/fp16 on GPUs, fp32 on most CPUs
+    low = "fp16" if gpu and not torch.cuda.is_bf16_supported() else "bf16"  # the low precision to set against fp32
+    preset = train_args(["--preset", args.preset])
+    preset_sizes = sorted(set(epoch_sizes(preset)))
+    tmp = tempfile.mkdtemp()
+    try:
+        # 1. loader, per core
+        small = {side: [os.path.join(tmp, str(side), os.path.basename(f)) for f in files] for side in args.shrink_side}
+        for side, copies in small.items():
+            for src, dst in zip(files, copies):
+                data.shrink_image((src, dst, side))
+        loader_sizes = sorted(set(args.loader_sizes) | set(preset_sizes) | set(sizes), reverse=True)
+        torch.set_num_threads(1)
+        loader_rows, per_core = [], {}
+        for size in loader_sizes:
+            std = per_core_rate(standard_pipeline, files, size, args.passes)
+            ours = per_core_rate(our_pipeline, files, size, args.passes)
+            per_core[size] = ours
+            row = dict(px=size, standard=std, ours=ours, speedup=ours / std)
+            for side, copies in small.items():
+                row[f"ours_shrunk_{side}"] = per_core_rate(our_pipeline, copies, size, args.passes)
+            loader_rows.append(row)
+        table(f"Loader, images/s per core, {len(files)} real JPEGs x {args.passes} passes; ratios to the standard "
+              f"pipeline in brackets", ["px", "torchvision standard", "ours"] +
+              [f"ours, shrunk to {side} px" for side in small],
+              [[r["px"], r["standard"], f"{r['ours']:.1f} ({r['speedup']:.2f}x)"] +
+               [f"{r[f'ours_shrunk_{side}']:.1f} ({r[f'ours_shrunk_{side}'] / r['standard']:.2f}x)" for side in small]
+               for r in loader_rows])
+        dl_size = 176
+        n = max(20 * args.batch_size, 1000) if gpu else 640
+        dl = dict(px=dl_size, workers=args.workers, batch=args.batch_size,
+                  standard=loader_rate(standard_pipeline, files, dl_size, args.workers, args.batch_size, n),
+                  ours=loader_rate(our_pipeline, files, dl_size, args.workers, args.batch_size, n))
+        table(f"DataLoader, {args.workers} worker processes, batch {args.batch_size}, {dl_size} px, {n} images",
+              ["pipeline", "images/s", "per worker"],
+              [(k, dl[k], dl[k] / args.workers) for k in ("standard", "ours")])
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count())
 
-    print(f"{'arch':10} {'px':>4} {'amp':5} {'layout':6} {'bare img/s':>10} {'train.py img/s':>14} {'ratio':>6}")
-    rows = []
-    for arch in args.archs:
-        for size in args.sizes:
-            for amp in args.amps:
-                for cl in ([True, False] if amp == "fp32" else [True]):
-                    step_gflop = 3 * gflop.get(arch, 4.11) * (size / 224) ** 2 * args.batch_size
-                    if amp != "fp32" and device.type == "cpu" and step_gflop > args.max_bf16_gflop:
-                        continue
-                    bare = bare_loop(arch, size, args.batch_size, amp, cl, device, args.steps)
-                    script = train_script(arch, size, args.batch_size, amp, cl, device, tmp.name)
-                    row = dict(arch=arch, px=size, amp=amp, channels_last=cl, bare=bare, train=script,
-                               ratio=script / bare)
-                    rows.append(row)
-                    print(f"{arch:10} {size:>4} {amp:5} {'NHWC' if cl else 'NCHW':6} {bare:>10.1f} {script:>14.1f} "
-                          f"{script / bare:>6.2f}", flush=True)
-    print(json.dumps(dict(device=str(device), batch_size=args.batch_size, threads=torch.get_num_threads(),
-                          rows=rows)))
+        # 2. training step
+        step_rows = []
+        amps = ["fp32", low] if gpu or amp != "fp32" else ["fp32"]
+        if len(amps) == 1:
+            print(f"\n(no {low} rows: this CPU has no native {low}, which ran 11-17x slower than fp32 here; "
+                  f"see BENCHMARKS.md)")
+        combos = [(a, cl, False) for a in amps for cl in (True, False)]
+        if compile_mode == "on":
+            combos.append((amp, True, True))
+        elif compile_mode == "all":
+            combos += [(a, cl, True) for a, cl, _ in list(combos)]
+        for size in sizes:
+            for a, cl, comp in combos:
+                rate = bare_loop(args.arch, size, args.batch_size, a, cl, comp, device, steps)
+                step_rows.append(dict(arch=args.arch, px=size, amp=a, channels_last=cl, compile=comp, img_s=rate))
+                if comp:
+                    torch._dynamo.reset()  # a fresh compile for each model
+        table(f"Training step, {args.arch}, synthetic batch {args.batch_size} on {device.type}, images/s",
+              ["px", "amp", "layout", "compile", "images/s"],
+              [(r["px"], r["amp"], "NHWC" if r["channels_last"] else "NCHW", r["compile"], r["img_s"])
+               for r in step_rows])
+        best = {}
+        for r in step_rows:
+            best[r["px"]] = max(best.get(r["px"], 0), r["img_s"])
+        bare_eager = {r["px"]: r["img_s"] for r in step_rows if r["amp"] == amp and r["channels_last"]
+                      and not r["compile"]}
+        # train.py itself, on the JPEGs (10 steps an epoch), against the bare eager loop at the first size
+        root = image_folder(files, os.path.join(tmp, "folder"), -(-10 * args.batch_size // len(files)))
+        script = train_script(args, sizes[0], amp, root)
+        versus = dict(px=sizes[0], amp=amp, train_py=script, bare=bare_eager[sizes[0]],
+                      ratio=script / bare_eager[sizes[0]], workers=args.workers)
+        table("train.py (real JPEGs, loader, normalization, OneCycle, logging) against the bare loop",
+              ["px", "amp", "train.py images/s", "bare images/s", "ratio"],
+              [(versus["px"], amp, script, versus["bare"], f"{versus['ratio']:.2f}")])
+
+        # 3. projection
+        eval_size = preset.eval_size or preset.img_size
+        eval_rate = forward_rate(args.arch, eval_size, args.batch_size, amp, device, steps)
+        step_rate = {s: best[s] if s in best else interpolate(best, s) for s in preset_sizes}
+        proj = project(step_rate, per_core, eval_rate, preset, args.gpus, cores, args.hourly_usd)
+        gpu_rates = ", ".join(f"{s} px {step_rate[s]:.0f}" for s in preset_sizes)
+        core_rates = ", ".join(f"{s} px {per_core[s]:.0f}" for s in preset_sizes)
+        dollars = f", ${proj['usd']:.2f} at ${args.hourly_usd}/h" if proj["usd"] is not None else \
+            " (pass --hourly-usd for dollars)"
+        print(f"\nProjection, not a measurement: --preset {args.preset} on ImageNet-1k, {proj['epochs']} epochs on "
+              f"{args.gpus} x {device.type} at the measured step rates ({gpu_rates} img/s) and a loader of "
+              f"{cores - args.gpus} cores x ({core_rates} img/s per core), eval {eval_rate:.0f} img/s at {eval_size} "
+              f"px: epochs of {proj['first_epoch_min']:.1f} to {proj['last_epoch_min']:.1f} min, "
+              f"{proj['hours']:.2f} h{dollars}; bottleneck: "
+              + ", ".join(f"{s} px {b}" for s, b in proj["bottleneck"].items()))
+        speed176 = next((r["speedup"] for r in loader_rows if r["px"] == 176), None)
+        print(json.dumps(dict(device=torch.cuda.get_device_name() if gpu else "cpu", torch=torch.__version__,
+                              cores=cores, loader_speedup_176=speed176, loader=loader_rows, dataloader=dl,
+                              steps=step_rows, train_vs_bare=versus, eval_img_s=eval_rate, projection=proj)))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def interpolate(rates, size):
+    """A step rate at an unmeasured size: the nearest measured one, scaled by pixels (cost ~ H x W)."""
+    near = min(rates, key=lambda s: abs(s - size))
+    return rates[near] * (near / size) ** 2
 
 
 if __name__ == "__main__":

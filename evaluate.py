@@ -32,11 +32,12 @@ def add_common_args(p):
                                                                        "state_dict (then give --arch)")
     p.add_argument("--arch", default=None, help="network of a bare state_dict; read from our checkpoints")
     p.add_argument("--data", default=None, help="dataset root; default: the checkpoint's --data, else Imagenette")
-    p.add_argument("--img-size", type=int, default=None, help="eval crop, px; default: the training size")
+    p.add_argument("--img-size", type=int, default=None, help="eval crop, px; default: the run's --eval-size, "
+                                                               "else its training size")
     p.add_argument("--resize-size", type=int, default=None, help="resize before the crop, px; default size/0.875")
     p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
     p.add_argument("--batch-size", type=int, default=100, help="images per step per process")
-    p.add_argument("--workers", type=int, default=None, help="loader processes; default: cores - 1, max 8")
+    p.add_argument("--workers", type=int, default=None, help="loader processes; default: cores - 1")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu", "mps"])
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="autocast dtype")
     p.add_argument("--out", default=None, help="output folder; default: eval/ beside the checkpoint")
@@ -54,7 +55,7 @@ def load_model(args, device):
         model.load_state_dict(sd)
     saved = meta.get("args", {})
     root = args.data or saved.get("data") or data.default_data()
-    img_size = args.img_size or saved.get("img_size") or 224
+    img_size = args.img_size or saved.get("eval_size") or saved.get("img_size") or 224
     return model.to(device).eval(), meta, root, img_size
 
 

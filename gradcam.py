@@ -33,8 +33,9 @@ from train import pick_device
 def gradcam(model, x, classes, layer=None):
     """Grad-CAM maps (B, h, w) in [0, 1] at the layer's resolution, and the logits (B, C).
 
-    x: (B, 3, H, W) normalized input; classes: (B,) the class whose logit each map explains; layer: default the
-    last stage (layer4, 7x7 at 224 px). The model must be in eval mode, so the samples of a batch do not interact.
+    x: (B, 3, H, W) normalized input; classes: (B,) the class whose logit each map explains, or None for each
+    image's top class (one forward pass serves both the prediction and its map); layer: default the last stage
+    (layer4, 7x7 at 224 px). The model must be in eval mode, so the samples of a batch do not interact.
     """
     layer = layer if layer is not None else model.layer4
     store = {}
@@ -47,6 +48,7 @@ def gradcam(model, x, classes, layer=None):
     try:
         with torch.enable_grad():
             logits = model(x)
+            classes = logits.argmax(1) if classes is None else classes
             model.zero_grad(set_to_none=True)
             logits.gather(1, classes[:, None]).sum().backward()
     finally:

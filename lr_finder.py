@@ -38,7 +38,7 @@ def parse_args(argv=None):
                                                                    "default: --batch-size")
     g.add_argument("--run-gpus", type=int, default=None, help="GPUs of the planned run; default: the GPUs visible")
     p.set_defaults(out="runs/lr_finder")
-    args = train.check_args(p, p.parse_args(argv))
+    args = train.parse_args(argv, p)
     if not 0 < args.start_lr < args.end_lr:
         p.error(f"need 0 < --start-lr < --end-lr, got {args.start_lr} and {args.end_lr}")
     if args.iters < 10:

@@ -6,12 +6,16 @@ The ResNet family, built bottom-up: block, stage, network, then one constructor 
     resnet50d                        He et al. 2019, "Bag of Tricks", ResNet-D: a deep stem of three 3x3
                                       convolutions and an average-pool shortcut when downsampling.
 
+Any of them with blurpool=True: a fixed blur before every strided convolution of the blocks (Zhang 2019,
+"Making Convolutional Networks Shift-Invariant Again", applied as FFCV's and Composer's ImageNet recipes do).
+
 The state_dict keys and shapes of resnet18..152 equal torchvision's, so its weights load here and ours load there.
 This file also owns the input normalization (done on the device, on uint8 batches) and the one function that
 every other script uses to load a checkpoint.
 """
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 # ImageNet channel statistics, scaled to uint8 pixels: the loaders hand out uint8, the device normalizes.
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -33,6 +37,21 @@ def conv1x1(cin, cout, stride=1):
     return nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
 
 
+class Blur(nn.Module):
+    """BlurPool's low-pass filter: the 3x3 binomial blur [1 2 1]^T [1 2 1] / 16 of every channel, with zero padding,
+    put before a strided convolution so that it samples a smoothed map instead of aliasing one. It has no
+    parameters and adds no state_dict keys, so weights still load into torchvision's ResNets."""
+
+    def __init__(self):
+        super().__init__()
+        k = torch.tensor([1.0, 2.0, 1.0])
+        self.register_buffer("kernel", (k[:, None] * k[None, :] / 16).view(1, 1, 3, 3), persistent=False)
+
+    def forward(self, x):
+        c = x.shape[1]
+        return F.conv2d(x, self.kernel.to(x.dtype).expand(c, 1, 3, 3), padding=1, groups=c)
+
+
 # -----------------------------------------------------------------------------
 # blocks
 
@@ -40,8 +59,9 @@ class BasicBlock(nn.Module):
     """Two 3x3 convolutions (resnet18/34)."""
     expansion = 1
 
-    def __init__(self, cin, width, stride=1, downsample=None):
+    def __init__(self, cin, width, stride=1, downsample=None, blur=False):
         super().__init__()
+        self.blur = Blur() if blur and stride > 1 else nn.Identity()  # before the strided conv1 and shortcut
         self.conv1 = conv3x3(cin, width, stride)
         self.bn1 = nn.BatchNorm2d(width)
         self.conv2 = conv3x3(width, width)
@@ -50,8 +70,9 @@ class BasicBlock(nn.Module):
         self.downsample = downsample
 
     def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
+        x_in = self.blur(x)
+        identity = x if self.downsample is None else self.downsample(x_in)
+        out = self.relu(self.bn1(self.conv1(x_in)))
         out = self.bn2(self.conv2(out))
         return self.relu(out + identity)
 
@@ -60,8 +81,9 @@ class Bottleneck(nn.Module):
     """1x1 reduce, 3x3 (carrying the stride, as in torchvision's v1.5), 1x1 expand by 4."""
     expansion = 4
 
-    def __init__(self, cin, width, stride=1, downsample=None):
+    def __init__(self, cin, width, stride=1, downsample=None, blur=False):
         super().__init__()
+        self.blur = Blur() if blur and stride > 1 else nn.Identity()  # before the strided conv2 and shortcut
         self.conv1 = conv1x1(cin, width)
         self.bn1 = nn.BatchNorm2d(width)
         self.conv2 = conv3x3(width, width, stride)
@@ -72,9 +94,9 @@ class Bottleneck(nn.Module):
         self.downsample = downsample
 
     def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
+        identity = x if self.downsample is None else self.downsample(self.blur(x))
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.relu(self.bn2(self.conv2(self.blur(out))))
         out = self.bn3(self.conv3(out))
         return self.relu(out + identity)
 
@@ -82,7 +104,7 @@ class Bottleneck(nn.Module):
 # -----------------------------------------------------------------------------
 # stage and network
 
-def make_stage(block, cin, width, depth, stride, avg_down):
+def make_stage(block, cin, width, depth, stride, avg_down, blurpool=False):
     """`depth` blocks; the first one changes resolution and/or width and gets a projection shortcut."""
     cout = width * block.expansion
     downsample = None
@@ -95,14 +117,15 @@ def make_stage(block, cin, width, depth, stride, avg_down):
             downsample = nn.Sequential(pool, conv1x1(cin, cout), nn.BatchNorm2d(cout))
         else:
             downsample = nn.Sequential(conv1x1(cin, cout, stride), nn.BatchNorm2d(cout))
-    blocks = [block(cin, width, stride, downsample)]
+    blocks = [block(cin, width, stride, downsample, blur=blurpool)]
     blocks += [block(cout, width) for _ in range(depth - 1)]
     return nn.Sequential(*blocks)
 
 
 class ResNet(nn.Module):
 
-    def __init__(self, block, depths, num_classes=1000, deep_stem=False, avg_down=False, zero_init_residual=True):
+    def __init__(self, block, depths, num_classes=1000, deep_stem=False, avg_down=False, zero_init_residual=True,
+                 blurpool=False):
         super().__init__()
         if deep_stem:
             # ResNet-C/D stem: three 3x3 convs (32, 32, 64) cost about the same as one 7x7 and see the same field
@@ -117,7 +140,8 @@ class ResNet(nn.Module):
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         widths, cin = (64, 128, 256, 512), 64
         for i, (width, depth) in enumerate(zip(widths, depths)):
-            stage = make_stage(block, cin, width, depth, stride=1 if i == 0 else 2, avg_down=avg_down)
+            stage = make_stage(block, cin, width, depth, stride=1 if i == 0 else 2, avg_down=avg_down,
+                               blurpool=blurpool)
             setattr(self, f"layer{i + 1}", stage)  # torchvision's names: layer1..layer4
             cin = width * block.expansion
         self.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -164,10 +188,10 @@ ARCHS = {
 }
 
 
-def build_model(arch, num_classes=1000, zero_init_residual=True):
+def build_model(arch, num_classes=1000, zero_init_residual=True, blurpool=False):
     if arch not in ARCHS:
         raise ValueError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHS)}")
-    return ResNet(num_classes=num_classes, zero_init_residual=zero_init_residual, **ARCHS[arch])
+    return ResNet(num_classes=num_classes, zero_init_residual=zero_init_residual, blurpool=blurpool, **ARCHS[arch])
 
 
 def resnet18(**kw): return build_model("resnet18", **kw)
@@ -212,11 +236,12 @@ def load_checkpoint(path, arch=None, map_location="cpu"):
     ours = isinstance(ckpt.get("model"), dict)  # train.py's dict, else a bare state_dict
     sd = clean_state_dict(ckpt["model"] if ours else ckpt)
     arch = (ckpt.get("args") or {}).get("arch", arch) if ours else arch
+    blurpool = bool((ckpt.get("args") or {}).get("blurpool")) if ours else False
     if arch is None:
         raise ValueError(f"checkpoint {path} is a bare state_dict; say which network it is with --arch")
     if "fc.weight" not in sd:
         raise ValueError(f"checkpoint {path} has no fc.weight; it is not a ResNet classifier state_dict")
-    model = build_model(arch, num_classes=sd["fc.weight"].shape[0])
+    model = build_model(arch, num_classes=sd["fc.weight"].shape[0], blurpool=blurpool)
     try:
         model.load_state_dict(sd)
     except RuntimeError as e:

@@ -10,6 +10,8 @@ Several GPUs on one machine:
 Two machines of 8 GPUs (run the same line on each, with --node_rank=1 on the second):
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 \
         train.py --data /mnt/imagenet
+The fast preset (about 20 epochs; see README 'Recipes'), e.g. with torch.compile:
+    torchrun --nproc_per_node=8 train.py --data /mnt/imagenet --preset fast --compile
 A quick look on a laptop CPU:
     python train.py --arch resnet18 --img-size 128 --batch-size 64 --epochs 5
 
@@ -43,8 +45,20 @@ from model import ARCHS, build_model, normalize, read_checkpoint
 
 # The flags that change what a checkpoint means: resuming with another value would corrupt the run.
 # (--lr and --weight-decay live in the restored optimizer and schedule: a new value would be silently ignored.)
-RESUME_MUST_MATCH = ("arch", "epochs", "batch_size", "accum_steps", "img_size", "subset", "seed", "warmup_pct", "lr",
-                     "weight_decay")
+RESUME_MUST_MATCH = ("arch", "blurpool", "epochs", "batch_size", "accum_steps", "img_size", "subset", "seed",
+                     "warmup_pct", "lr", "weight_decay")
+
+NEW_FLAG_DEFAULTS = dict(blurpool=False)  # what checkpoints from before a flag existed were trained with
+
+# --preset fast: FFCV's ResNet-50 recipe (ffcv-imagenet rn50 configs: 16 epochs 73.8%, 24 epochs 75.6% top-1 on
+# 8 x A100) in our loop: progressive resizing 160 -> 192 px, evaluation at 256 px with flip TTA, BlurPool, label
+# smoothing 0.1, weight decay 1e-4 off BatchNorm, no mixup/cutmix, and the LR peak at about 2 epochs. 20 epochs
+# aims at 75% (linear between FFCV's 16 and 24). Every value can still be overridden by its own flag.
+PRESETS = dict(
+    default={},
+    fast=dict(epochs=20, img_size=192, min_img_size=160, eval_size=256, tta=True, blurpool=True, mixup=0.0,
+              cutmix=0.0, weight_decay=1e-4, warmup_pct=0.1),
+)
 
 
 def make_parser(doc=__doc__):
@@ -53,20 +67,33 @@ def make_parser(doc=__doc__):
     # data
     p.add_argument("--data", default=None, help="dataset root (see README 'Data layouts'); default: Imagenette in "
                                                f"{data.DEFAULT_DATA}, downloaded when missing")
-    p.add_argument("--img-size", type=int, default=224, help="training crop side, px; eval uses size/0.875 then crop")
+    p.add_argument("--preset", default="default", choices=list(PRESETS),
+                   help="a set of defaults: default (the headline run) or fast (~20 epochs, README 'Recipes')")
+    p.add_argument("--img-size", type=int, default=224, help="training crop side, px (the last epochs' size with "
+                                                             "--min-img-size)")
+    p.add_argument("--min-img-size", type=int, default=None, help="progressive resizing (FFCV): train at this size "
+                   "for 70%% of the epochs, then ramp to --img-size by 85%%, in steps of 16 px; default: off")
+    p.add_argument("--eval-size", type=int, default=None, help="eval crop, px, after a resize to size/0.875; above "
+                   "the training size is FixRes (Touvron et al. 2019); default: --img-size")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=False,
+                   help="evaluate on each image and its mirror image, averaging the probabilities")
     p.add_argument("--subset", type=float, default=1.0, help="train on this fraction of each class (0, 1]")
-    p.add_argument("--workers", type=int, default=None, help="loader processes per GPU; default: cores/GPUs - 1, max 8")
+    p.add_argument("--workers", type=int, default=None, help="loader processes per GPU; default: cores/GPUs - 1")
     p.add_argument("--trivial-augment", action="store_true", help="add TrivialAugmentWide (Mueller & Hutter 2021)")
     p.add_argument("--random-erase", type=float, default=0.0, help="probability of RandomErasing per image")
     # model
     p.add_argument("--arch", default="resnet50", choices=list(ARCHS), help="network")
+    p.add_argument("--blurpool", action=argparse.BooleanOptionalAction, default=False,
+                   help="blur before every strided conv of the blocks (Zhang 2019; FFCV, Composer)")
     # optimization
     p.add_argument("--epochs", type=int, default=40, help="epochs; OneCycle spans all of them")
     p.add_argument("--batch-size", type=int, default=256, help="images per process per step (per GPU)")
     p.add_argument("--accum-steps", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float, default=None, help="peak LR; default 0.4 x global batch / 256 (linear scaling)")
     p.add_argument("--warmup-pct", type=float, default=0.25, help="fraction of steps that OneCycle spends rising")
-    p.add_argument("--weight-decay", type=float, default=5e-5, help="L2 on conv and fc weights; none on BN and bias")
+    p.add_argument("--weight-decay", type=float, default=5e-5, help="L2 on conv and fc weights")
+    p.add_argument("--decay-norm-bias", action=argparse.BooleanOptionalAction, default=False,
+                   help="also decay BatchNorm weights and biases (off: Jia et al. 2018, FFCV, torchvision's recipe)")
     # regularization
     p.add_argument("--label-smoothing", type=float, default=0.1, help="Szegedy et al. 2016")
     p.add_argument("--mixup", type=float, default=0.1, help="mixup Beta alpha; 0 = off")
@@ -79,6 +106,8 @@ def make_parser(doc=__doc__):
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="autocast dtype; auto: bf16 where supported, fp16 on older GPUs, else fp32")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="NHWC memory layout")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the training step's model (minutes to compile; faster steps on GPUs)")
     p.add_argument("--seed", type=int, default=0, help="seeds init, data order, augmentation and mixing")
     # I/O
     p.add_argument("--out", default="runs/default", help="output folder")
@@ -90,6 +119,9 @@ def make_parser(doc=__doc__):
                                                                     "minutes, so a kill -9 loses at most that")
     p.add_argument("--check-data", action="store_true", help="scan --data (layout, counts, unreadable files), "
                                                             "report, and exit")
+    p.add_argument("--shrink", default=None, metavar="DIR", help="write a copy of --data to DIR whose training images "
+                   "have a shorter side of at most --max-side px (faster decoding; BENCHMARKS.md), and exit")
+    p.add_argument("--max-side", type=int, default=320, help="with --shrink: the shorter side, px")
     return p
 
 
@@ -97,9 +129,12 @@ def check_args(p, args):
     """What argparse cannot check by type alone, reported the argparse way (one line, exit status 2)."""
     if args.save_every_min <= 0:
         p.error(f"--save-every-min must be above 0, got {args.save_every_min}")
-    for name in ("epochs", "batch_size", "accum_steps", "img_size", "log_every"):
-        if getattr(args, name) < 1:
+    for name in ("epochs", "batch_size", "accum_steps", "img_size", "log_every", "min_img_size", "eval_size",
+                 "max_side"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.min_img_size is not None and args.min_img_size > args.img_size:
+        p.error(f"--min-img-size {args.min_img_size} is above --img-size {args.img_size}; progressive resizing grows")
     if not 0 < args.subset <= 1:
         p.error(f"--subset must be in (0, 1], got {args.subset}")
     if not 0 < args.warmup_pct < 1:
@@ -111,9 +146,25 @@ def check_args(p, args):
     return args
 
 
-def parse_args(argv=None):
-    p = make_parser()
+def parse_args(argv=None, p=None):
+    """Flags on top of the --preset's defaults, so `--preset fast --epochs 16` is the fast recipe in 16 epochs."""
+    p = p or make_parser()
+    preset = p.parse_known_args(argv)[0].preset
+    p.set_defaults(**PRESETS[preset])
     return check_args(p, p.parse_args(argv))
+
+
+def epoch_sizes(args):
+    """Training crop per epoch. Progressive resizing as FFCV schedules it: --min-img-size up to 70% of the epochs,
+    a linear ramp to --img-size until 85%, rounded to 16 px, then --img-size; small images early are cheap."""
+    if args.min_img_size is None:
+        return [args.img_size] * args.epochs
+    lo, hi, start, end = args.min_img_size, args.img_size, 0.70 * args.epochs, 0.85 * args.epochs
+    sizes = []
+    for epoch in range(args.epochs):
+        t = min(1.0, max(0.0, (epoch - start) / max(end - start, 1e-9)))
+        sizes.append(hi if t >= 1 else max(lo, min(hi, round((lo + t * (hi - lo)) / 16) * 16)))
+    return sizes
 
 
 # -----------------------------------------------------------------------------
@@ -149,14 +200,15 @@ def autocast_for(amp, device):
 
 def make_model(args, num_classes, device):
     torch.manual_seed(args.seed)  # the same init on every rank
-    model = build_model(args.arch, num_classes=num_classes).to(device)
+    model = build_model(args.arch, num_classes=num_classes, blurpool=args.blurpool).to(device)
     return model.to(memory_format=torch.channels_last) if args.channels_last else model
 
 
 def make_optimizer(model, args, lr):
-    """SGD with momentum; no weight decay on BatchNorm and bias (Jia et al. 2018), which regularizes nothing useful."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    """SGD with momentum; by default no weight decay on BatchNorm and bias (Jia et al. 2018): decaying them
+    regularizes nothing useful, since the BN that follows every conv undoes a weight's scale anyway."""
+    decay = [p for p in model.parameters() if p.ndim > 1 or args.decay_norm_bias]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1 and not args.decay_norm_bias]
     groups = [dict(params=decay, weight_decay=args.weight_decay), dict(params=no_decay, weight_decay=0.0)]
     return torch.optim.SGD(groups, lr=lr, momentum=0.9)
 
@@ -201,14 +253,17 @@ def optimizer_step(optimizer, scaler):
 # evaluation, checkpoints, plots
 
 @torch.no_grad()
-def evaluate(model, loader, device, ctx, channels_last):
-    """Exact top-1/top-5 over the whole val set: every rank runs its shard, the counts are all-reduced."""
+def evaluate(model, loader, device, ctx, channels_last, tta=False):
+    """Exact top-1/top-5 over the whole val set: every rank runs its shard, the counts are all-reduced.
+    tta: the mean of the probabilities of each image and its mirror image (FFCV's lr_tta)."""
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, images
     for images, labels, _ in loader:
         x, y = to_device(images, labels, device, channels_last)
         with ctx:
             logits = model(x)
+            if tta:  # log of the mean probability: cross_entropy of it is the NLL of the averaged prediction
+                logits = ((logits.float().softmax(1) + model(x.flip(3)).float().softmax(1)) / 2).log()
         hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]  # (B, 5)
         loss = F.cross_entropy(logits.float(), y, reduction="sum")
         totals += torch.stack([loss, hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(y), device=device)]).double()
@@ -246,7 +301,7 @@ def check_resume(saved, args, saved_classes, classes, path):
         raise ValueError(f"{path} was trained on other classes than --data has ({len(saved_classes)} vs "
                          f"{len(classes)}); point --data at the same dataset, or use --resume none with a new --out")
     for name in RESUME_MUST_MATCH:
-        if saved.get(name) != getattr(args, name):
+        if saved.get(name, NEW_FLAG_DEFAULTS.get(name)) != getattr(args, name):
             flag = "--" + name.replace("_", "-")
             raise ValueError(f"{flag} is {getattr(args, name)} but {path} was trained with {saved.get(name)}; "
                              f"rerun with {flag} {saved.get(name)}, or start afresh with --resume none and a new --out")
@@ -315,8 +370,12 @@ def train(args):
     if args.check_data:
         data.check_data(root, args.workers or os.cpu_count() or 1)
         return 0
-    train_set, val_set, info = data.build_datasets(root, args.img_size, args.subset, args.seed,
-                                                   args.trivial_augment, args.random_erase)
+    if args.shrink:
+        data.shrink_dataset(root, args.shrink, args.max_side, args.workers or os.cpu_count() or 1)
+        return 0
+    sizes = epoch_sizes(args)
+    train_set, val_set, info = data.build_datasets(root, sizes, args.subset, args.seed, args.trivial_augment,
+                                                   args.random_erase, eval_size=args.eval_size)
     classes, num_classes = info["classes"], len(info["classes"])
     workers = data.default_workers(args.workers, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     pin = device.type == "cuda"
@@ -333,7 +392,10 @@ def train(args):
     mix_off = args.mix_off_epoch if args.mix_off_epoch is not None else math.ceil(0.9 * args.epochs)
     amp, ctx, scaler = autocast_for(args.amp, device)
     print0(f"data {root}: {len(train_set)} train / {len(val_set)} val images, {num_classes} classes")
-    print0(f"{args.arch} on {world} x {device.type} ({amp}, channels_last={args.channels_last}, {workers} workers); "
+    px = f"{sizes[0]} -> {sizes[-1]}" if sizes[0] != sizes[-1] else f"{sizes[0]}"
+    print0(f"{args.arch}{' + BlurPool' if args.blurpool else ''} on {world} x {device.type} ({amp}, channels_last="
+           f"{args.channels_last}, compile={args.compile}, {workers} workers); {px} px, eval at "
+           f"{args.eval_size or sizes[-1]} px{' with flip TTA' if args.tta else ''}; "
            f"global batch {global_batch} = {args.batch_size} x {world} ranks x {args.accum_steps} accum; "
            f"{steps_per_epoch} steps/epoch; peak lr {peak_lr:.4g}; mixup/cutmix off from epoch {mix_off}")
 
@@ -347,6 +409,9 @@ def train(args):
     ema = AveragedModel(raw_model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None
     if ddp:
         model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    step_model = torch.compile(model) if args.compile else model  # compiles on the first step of each image size
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels once per size
 
     # resume: from an epoch boundary or from inside an epoch (a preemption or a timed save)
     os.makedirs(args.out, exist_ok=True)
@@ -426,7 +491,7 @@ def train(args):
                 mixed_batches += y.ndim == 2  # soft targets: this batch really was mixed
             # forward/backward/update; DDP all-reduces gradients only on the last micro-batch
             with model.no_sync() if ddp and not last_micro else nullcontext():
-                loss_sum += forward_backward(model, x, y, criterion, ctx, scaler, args.accum_steps)
+                loss_sum += forward_backward(step_model, x, y, criterion, ctx, scaler, args.accum_steps)
             if not last_micro:
                 continue
             optimizer_step(optimizer, scaler)
@@ -442,8 +507,9 @@ def train(args):
                 step_s = (now - t_epoch) / (step + 1 - first)
                 eta = step_s * ((stop_epoch - epoch) * steps_per_epoch - step - 1) + eval_s * (stop_epoch - epoch)
                 mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-                print0(f"epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps_per_epoch} loss {avg:.4f} "
-                       f"lr {scheduler.get_last_lr()[0]:.4g} img/s {global_batch / step_s:.0f} eta {fmt_time(eta)}"
+                print0(f"epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps_per_epoch} {sizes[epoch]}px "
+                       f"loss {avg:.4f} lr {scheduler.get_last_lr()[0]:.4g} img/s {global_batch / step_s:.0f} "
+                       f"eta {fmt_time(eta)}"
                        + (f" mem {mem:.1f}GiB" if mem else ""))
 
             # a preemption, or --save-every-min: a mid-epoch checkpoint (not after the last step: the epoch's own)
@@ -469,13 +535,15 @@ def train(args):
         if not math.isfinite(train_loss.item()):
             raise FloatingPointError(f"the training loss is {train_loss.item()} at the end of epoch {epoch + 1}")
         t_eval = time.time()
-        metrics = evaluate(raw_model, val_loader, device, ctx, args.channels_last)
+        metrics = evaluate(raw_model, val_loader, device, ctx, args.channels_last, args.tta)
         if ema is not None:
-            metrics["ema_top1"] = evaluate(ema.module, val_loader, device, ctx, args.channels_last)["val_top1"]
+            ema_metrics = evaluate(ema.module, val_loader, device, ctx, args.channels_last, args.tta)
+            metrics["ema_top1"] = ema_metrics["val_top1"]
         eval_s = time.time() - t_eval
         is_best = metrics["val_top1"] > best_top1
         best_top1 = max(best_top1, metrics["val_top1"])
-        row = dict(epoch=epoch, lr=scheduler.get_last_lr()[0], train_loss=train_loss.item(), **metrics,
+        row = dict(epoch=epoch, img_size=sizes[epoch], lr=scheduler.get_last_lr()[0], train_loss=train_loss.item(),
+                   **metrics,
                    img_per_s=global_batch * (steps_per_epoch - first) / train_s, epoch_s=time.time() - t_epoch,
                    mixed=mixed_batches > 0, bad_images=bad_count, best_top1=best_top1)
         print0(f"epoch {epoch + 1}/{args.epochs} done: train loss {row['train_loss']:.4f} val loss "

@@ -7,6 +7,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# Gradio (app.py, gradio_client) and the Hugging Face hub send no usage reports from tests
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 SHARED = ROOT.parent / "shared" / "data"
 IMAGENETTE = SHARED / "imagenette-224"
 SAMPLES = SHARED / "imagenet-samples"

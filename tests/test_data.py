@@ -1,13 +1,18 @@
 """data.py on real JPEGs: every layout, RGB conversion, subsets, samplers, and clear errors on odd layouts."""
 import collections
 import csv
+import math
+import os
+from functools import partial
 
 import pytest
+import numpy as np
 import torch
+from torchvision import transforms as T
 from PIL import Image
 
 import data
-from conftest import IMAGENETTE, link_tree, needs_imagenette
+from conftest import IMAGENETTE, SAMPLES, link_tree, needs_imagenette, needs_samples
 
 pytestmark = needs_imagenette
 
@@ -70,7 +75,7 @@ def test_grayscale_cmyk_and_png_named_jpeg_become_rgb(tmp_path):
     src.convert("P").save(tmp_path / "palette.JPEG", format="PNG")
     for path in (gray, tmp_path / "cmyk.JPEG", tmp_path / "png.JPEG", tmp_path / "palette.JPEG"):
         assert data.load_rgb(path).mode == "RGB"
-        ds = data.ImageList([(str(path), 0)], data.train_transform(32), seed=0)
+        ds = data.ImageList([(str(path), 0)], partial(data.train_transform, sizes=(32,)), seed=0)
         assert ds[(0, 0)][0].shape == (3, 32, 32)
 
 
@@ -146,3 +151,81 @@ def test_clear_errors_on_odd_layouts(tmp_path):
     (empty / "val" / "a").mkdir(parents=True)
     with pytest.raises(ValueError, match="no images"):
         data.build_datasets(empty, 64)
+
+
+# -----------------------------------------------------------------------------
+# the fast training crop: JPEG draft decoding
+
+def psnr(a, b):
+    mse = ((a.float() - b.float()) ** 2).mean().item()
+    return 10 * math.log10(255 ** 2 / max(mse, 1e-10))
+
+
+@needs_samples
+@pytest.mark.parametrize("size", [128, 176])
+def test_draft_crop_is_torchvisions_crop_at_the_same_quality(size):
+    """Same RNG state -> the same crop box and flip as torchvision's RandomResizedCrop + RandomHorizontalFlip on the
+    fully decoded image; the pixels differ only by the DCT-domain downscale (PSNR well above JPEG's own noise)."""
+    reference = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.PILToTensor()])
+    scores, reduced = [], 0
+    for k, path in enumerate(sorted(SAMPLES.iterdir())[:40]):
+        torch.manual_seed(k)
+        ours = data.random_resized_crop(Image.open(path), size)
+        torch.manual_seed(k)
+        ref = reference(Image.open(path).convert("RGB"))
+        assert ours.dtype == torch.uint8 and ours.shape == ref.shape == (3, size, size)
+        scores.append(psnr(ours, ref))
+        # which files were decoded at reduced scale: redo the draft on the same box
+        torch.manual_seed(k)
+        img = Image.open(path)
+        top, left, h, w = T.RandomResizedCrop.get_params(img, (0.08, 1.0), (3 / 4, 4 / 3))
+        full = img.size
+        img.draft("RGB", (math.ceil(full[0] * size / w), math.ceil(full[1] * size / h)))
+        reduced += img.size != full
+        # the box keeps at least size px (or all it had): nothing is upscaled that torchvision would not upscale
+        assert img.size[0] * w / full[0] >= min(size, w) - 1e-6 and img.size[1] * h / full[1] >= min(size, h) - 1e-6
+    assert reduced >= {128: 8, 176: 2}[size], f"only {reduced} of 40 crops were decoded at reduced scale"
+    assert np.median(scores) > 33 and min(scores) > 24, scores
+
+
+@needs_samples
+def test_draft_crop_handles_non_jpeg_and_grayscale(tmp_path):
+    src = Image.open(sorted(SAMPLES.iterdir())[0])
+    src.convert("L").save(tmp_path / "gray.JPEG")
+    src.convert("RGB").save(tmp_path / "png.JPEG", format="PNG")
+    src.convert("CMYK").save(tmp_path / "cmyk.JPEG", format="JPEG")
+    for name in ("gray.JPEG", "png.JPEG", "cmyk.JPEG"):
+        x = data.random_resized_crop(Image.open(tmp_path / name), 64)
+        assert x.shape == (3, 64, 64) and x.dtype == torch.uint8
+
+
+def test_train_sizes_follow_the_epoch():
+    train_set, _, _ = data.build_datasets(IMAGENETTE, [32, 48, 64], subset=0.01)
+    for epoch, size in enumerate([32, 48, 64, 64]):
+        assert train_set[(0, epoch)][0].shape == (3, size, size)
+
+
+# -----------------------------------------------------------------------------
+# --shrink
+
+def test_shrink_copies_the_layout_with_short_sides_capped(tmp_path):
+    root = tmp_path / "src"
+    link_tree(root, 2, 1)
+    big = root / "train" / sorted(os.listdir(root / "train"))[0] / "big.JPEG"
+    Image.open(next((IMAGENETTE / "val").rglob("*.JPEG"))).convert("RGB").resize((640, 480)).save(big)
+    bad = root / "val" / sorted(os.listdir(root / "val"))[0] / "bad.JPEG"
+    bad.write_bytes(b"not a jpeg")
+    out = tmp_path / "small"
+    counts = data.shrink_dataset(root, out, 120, workers=2)
+    src_files = sorted(p.relative_to(root) for p in root.rglob("*.JPEG"))
+    assert sorted(p.relative_to(out) for p in out.rglob("*.JPEG")) == src_files
+    assert counts == dict(shrunk=2 * 10 + 1, copied=10 + 1)  # train/ shrunk; val/ copied as it is, the bad file too
+    assert Image.open(out / big.relative_to(root)).size == (160, 120)
+    assert all(min(Image.open(p).size) == 120 for p in (out / "train").rglob("*.JPEG"))
+    assert all((out / p).read_bytes() == (root / p).read_bytes() for p in src_files if p.parts[0] == "val")
+    assert (out / bad.relative_to(root)).read_bytes() == b"not a jpeg"
+    assert data.shrink_dataset(root, out, 120, workers=1) == dict(kept=len(src_files))  # resumable: nothing redone
+    train_set, val_set, info = data.build_datasets(out, 64)
+    assert len(train_set) == 2 * 10 + 1 and info["classes"] == sorted(os.listdir(root / "train"))
+    with pytest.raises(ValueError, match="inside --data"):
+        data.shrink_dataset(root, root / "copy", 120)

@@ -119,3 +119,58 @@ def test_load_checkpoint_refuses_code_in_pickle(tmp_path, capsys):
     assert "this ran at load time" not in capsys.readouterr().out
     with pytest.raises(FileNotFoundError, match="does not exist"):
         M.load_checkpoint(tmp_path / "missing.pt")
+
+
+class BlurThenConv(torch.nn.Module):
+    """The reference BlurPool, written independently of model.py: a separable [1 2 1]/4 blur (rows, then columns,
+    zero padding) before a strided torchvision conv, applied to every strided conv with at least 16 input channels,
+    which is how FFCV's ImageNet recipe applies it."""
+
+    def __init__(self, conv):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x):
+        c = x.shape[1]
+        k = torch.tensor([1.0, 2.0, 1.0]) / 4
+        x = torch.nn.functional.conv2d(x, k.view(1, 1, 3, 1).repeat(c, 1, 1, 1), padding=(1, 0), groups=c)
+        x = torch.nn.functional.conv2d(x, k.view(1, 1, 1, 3).repeat(c, 1, 1, 1), padding=(0, 1), groups=c)
+        return self.conv(x)
+
+
+def add_reference_blur(module):
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.Conv2d) and max(child.stride) > 1 and child.in_channels >= 16:
+            setattr(module, name, BlurThenConv(child))
+        else:
+            add_reference_blur(child)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_blurpool_equals_reference_and_keeps_torchvision_keys(arch):
+    torch.manual_seed(0)
+    ours = M.build_model(arch, num_classes=7, blurpool=True).eval()
+    ref = getattr(torchvision.models, arch)(num_classes=7)
+    assert list(ours.state_dict()) == list(ref.state_dict())  # no new keys: torchvision weights load
+    ref.load_state_dict(ours.state_dict())
+    add_reference_blur(ref)
+    ref.eval()
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        out, expected = ours(x), ref(x)
+        plain = M.build_model(arch, num_classes=7).eval()
+        plain.load_state_dict(ours.state_dict())
+        assert not torch.allclose(plain(x), out, atol=1e-3)  # the blur does change the network
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    blurs = [m for m in ours.modules() if isinstance(m, M.Blur)]
+    assert len(blurs) == 3  # one per downsampling stage, shared by its strided conv and its shortcut
+
+
+def test_load_checkpoint_rebuilds_blurpool(tmp_path):
+    net = M.build_model("resnet18", num_classes=5, blurpool=True)
+    torch.save(dict(model=net.state_dict(), args=dict(arch="resnet18", blurpool=True)), tmp_path / "c.pt")
+    loaded, _ = M.load_checkpoint(tmp_path / "c.pt")
+    assert sum(isinstance(m, M.Blur) for m in loaded.modules()) == 3
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), net.eval()(x))

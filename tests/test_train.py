@@ -172,3 +172,46 @@ def test_resume_from_unsafe_or_foreign_checkpoint_is_refused(tiny_data, tmp_path
         p = run(train_cmd("--data", tiny_data, "--out", tmp_path / "x", *FAST, "--resume", path), check=False)
         assert expected in one_line_error(p)
         assert "this ran at load time" not in p.stdout
+
+
+def test_epoch_sizes_ramp_like_ffcv():
+    """--preset fast: 160 px for 70% of the epochs, a ramp in 16 px steps until 85%, then 192 (FFCV's shape)."""
+    args = train.parse_args(["--preset", "fast"])
+    assert (args.epochs, args.img_size, args.min_img_size, args.eval_size, args.blurpool, args.tta) == \
+        (20, 192, 160, 256, True, True)
+    assert train.epoch_sizes(args) == [160] * 15 + [176] * 2 + [192] * 3
+    assert train.epoch_sizes(train.parse_args(["--preset", "fast", "--epochs", "16"])) == [160] * 12 + [176] + [192] * 3
+    assert train.epoch_sizes(train.parse_args(["--epochs", "5"])) == [224] * 5  # the default recipe: off
+    assert train.parse_args(["--preset", "fast", "--mixup", "0.2"]).mixup == 0.2  # a flag beats the preset
+
+
+def test_fast_recipe_runs_and_its_eval_matches_evaluate_py(tiny_data, tmp_path):
+    """Progressive resizing, BlurPool, FixRes and flip TTA in one small run; train.py's last top-1 equals what
+    evaluate.py reports for the same checkpoint, which re-reads its eval size and BlurPool from the checkpoint."""
+    out = tmp_path / "fast"
+    run(train_cmd("--data", tiny_data, "--out", out, *FAST, "--preset", "fast", "--epochs", "4",
+                  "--min-img-size", "32", "--img-size", "64", "--eval-size", "80"))
+    rows = read_log(out)
+    assert [r["img_size"] for r in rows] == [32, 32, 32, 48]
+    p = run([train_cmd()[0], str(train_cmd()[1]).replace("train.py", "evaluate.py"), "--checkpoint", out / "last.pt",
+             "--tta", "flip", "--workers", "1", "--out", tmp_path / "eval"])
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert res["img_size"] == 80 and res["n"] == rows[-1]["val_n"]
+    assert res["top1"] == pytest.approx(rows[-1]["val_top1"]) and res["top5"] == pytest.approx(rows[-1]["val_top5"])
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--min-img-size", "256"], "--min-img-size 256 is above --img-size 224"),
+    (["--eval-size", "0"], "--eval-size must be at least 1"),
+    (["--preset", "faster"], "invalid choice: 'faster'"),
+])
+def test_bad_recipe_flags_get_one_clear_line(tmp_path, flags, expected):
+    p = run(train_cmd("--out", tmp_path / "x", *flags), check=False, timeout=120)
+    assert expected in one_line_error(p)
+
+
+def test_shrink_mode_writes_a_smaller_copy_that_trains(tiny_data, tmp_path):
+    p = run(train_cmd("--data", tiny_data, "--shrink", tmp_path / "small", "--max-side", "96", "--workers", "2"))
+    assert "160 shrunk, 80 copied as they were" in p.stdout and f"train with --data {tmp_path / 'small'}" in p.stdout
+    run(train_cmd("--data", tmp_path / "small", "--out", tmp_path / "run", "--epochs", "1", *FAST))
+    assert read_log(tmp_path / "run")[-1]["val_n"] == 80
