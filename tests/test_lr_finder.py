@@ -60,7 +60,8 @@ def test_matches_torch_lr_finder_on_real_images(tiny_data):
     assert len(ours["lr"]) == len(ref["lr"]) >= 10
     assert ours["lr"] == pytest.approx(ref["lr"], rel=1e-12)
     assert ours["loss"] == pytest.approx(ref["loss"], rel=1e-5)
-    assert ours["diverged"] == (len(ref["lr"]) < 30)
+    # diverged: torch-lr-finder stops once the smoothed loss passes 5x its best, which may be at the last step
+    assert ours["diverged"] == (len(ref["lr"]) < 30 or ref["loss"][-1] > 5 * min(ref["loss"]))
     # the suggestion: torch-lr-finder's steepest point (np.gradient over the curve trimmed by 10 and 5) where it
     # lies before the minimum; we do not look past the minimum (see lr_finder.suggest)
     window = ref["loss"][10:len(ref["loss"]) - 5]

@@ -112,10 +112,12 @@ def test_gradient_accumulation_keeps_the_global_batch(tiny_data, tmp_path):
 
 @needs_imagenette
 def test_learns_real_images(tmp_path):
-    """ResNet-18 at 64 px on real Imagenette for 2 epochs: clearly above the 10% of chance."""
+    """ResNet-18 at 64 px on half of real Imagenette for 2 epochs (all 3,925 val images): well above the 10%
+    of chance."""
     out = tmp_path / "learn"
     run(train_cmd("--data", IMAGENETTE, "--out", out, "--arch", "resnet18", "--img-size", "64",
-                  "--batch-size", "64", "--epochs", "2", "--workers", "2", "--log-every", "50"), timeout=900)
+                  "--batch-size", "64", "--epochs", "2", "--workers", "2", "--log-every", "50", "--subset", "0.5"),
+        timeout=900)
     rows = read_log(out)
     assert rows[-1]["val_n"] == 3925
     assert rows[-1]["val_top1"] > 30, rows
