@@ -172,17 +172,14 @@ def random_resized_crop(img, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
     img = (img if img.mode == "RGB" else img.convert("RGB")).resize((size, size), Image.BILINEAR, box=box)
     if torch.rand(1) < 0.5:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
-    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)  # uint8 (3, size, size)
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1)  # uint8 (3, size, size)
 
 
-def train_transform(img, epoch, sizes, trivial_augment=False, random_erase=0.0):
-    """The training image of `epoch`: a random crop at sizes[epoch] px (progressive resizing), uint8."""
+def train_transform(img, epoch, sizes, extra=None):
+    """The training image of `epoch`: a random crop at sizes[epoch] px (progressive resizing), then `extra`
+    (TrivialAugment, random erasing) if any, uint8."""
     x = random_resized_crop(img, sizes[min(epoch, len(sizes) - 1)])
-    if trivial_augment:
-        x = v2.TrivialAugmentWide()(x)
-    if random_erase > 0:
-        x = v2.RandomErasing(p=random_erase, value=0)(x)
-    return x
+    return extra(x) if extra is not None else x
 
 
 def eval_transform(img_size, resize_size=None):
@@ -281,7 +278,9 @@ def build_datasets(root, img_size, subset=1.0, seed=0, trivial_augment=False, ra
         val_samples = read_val_csv(val_dir, val_csv, classes)
     train_samples = stratified_subset(train_samples, subset, seed)
     sizes = tuple(img_size) if isinstance(img_size, (list, tuple)) else (img_size,)
-    train_tf = partial(train_transform, sizes=sizes, trivial_augment=trivial_augment, random_erase=random_erase)
+    extra = [v2.TrivialAugmentWide()] if trivial_augment else []
+    extra += [v2.RandomErasing(p=random_erase, value=0)] if random_erase > 0 else []
+    train_tf = partial(train_transform, sizes=sizes, extra=v2.Compose(extra) if extra else None)
     val_tf = partial(eval_image, tf=eval_transform(eval_size or sizes[-1], resize_size))
     train_set, val_set = ImageList(train_samples, train_tf, seed=seed), ImageList(val_samples, val_tf)
     return train_set, val_set, dict(classes=classes, names=class_names(classes, mapping))

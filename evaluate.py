@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 import data
 from model import load_checkpoint
-from train import autocast_for, init_distributed, to_device
+from train import autocast_for, init_distributed, probabilities, to_device
 
 
 def add_common_args(p):
@@ -67,9 +67,7 @@ def predict(model, loader, device, ctx, tta="none"):
     for step, (images, y, _) in enumerate(loader):
         x, y = to_device(images, y, device, channels_last=True)
         with ctx:
-            probs = model(x).float().softmax(1)
-            if tta == "flip":
-                probs = (probs + model(x.flip(3)).float().softmax(1)) / 2
+            probs = probabilities(model, x, tta == "flip")
         p, i = probs.topk(min(5, probs.shape[1]), dim=1)
         top_i.append(i.cpu()), top_p.append(p.cpu()), labels.append(y.cpu())
         done += len(y)

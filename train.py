@@ -252,6 +252,12 @@ def optimizer_step(optimizer, scaler):
 # -----------------------------------------------------------------------------
 # evaluation, checkpoints, plots
 
+def probabilities(model, x, tta=False):
+    """Softmax probabilities; tta: their mean over each image and its mirror image (FFCV's lr_tta)."""
+    probs = model(x).float().softmax(1)
+    return (probs + model(x.flip(3)).float().softmax(1)) / 2 if tta else probs
+
+
 @torch.no_grad()
 def evaluate(model, loader, device, ctx, channels_last, tta=False):
     """Exact top-1/top-5 over the whole val set: every rank runs its shard, the counts are all-reduced.
@@ -260,10 +266,8 @@ def evaluate(model, loader, device, ctx, channels_last, tta=False):
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, images
     for images, labels, _ in loader:
         x, y = to_device(images, labels, device, channels_last)
-        with ctx:
-            logits = model(x)
-            if tta:  # log of the mean probability: cross_entropy of it is the NLL of the averaged prediction
-                logits = ((logits.float().softmax(1) + model(x.flip(3)).float().softmax(1)) / 2).log()
+        with ctx:  # with tta, the log of the mean probability: cross_entropy of it is the averaged prediction's NLL
+            logits = probabilities(model, x, tta=True).log() if tta else model(x)
         hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]  # (B, 5)
         loss = F.cross_entropy(logits.float(), y, reduction="sum")
         totals += torch.stack([loss, hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(y), device=device)]).double()
