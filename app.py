@@ -1,17 +1,23 @@
 """
-A web page for a trained ResNet: upload a photo, or pick an example, and see the top-5 classes and, for any of
-them, where the network looked (Grad-CAM, the same function gradcam.py uses).
+A web page for a trained ResNet: upload a photo, or click an example, and see the photo, its top-5 classes and,
+for any of them, where the network looked (Grad-CAM, the same function gradcam.py uses).
 
     python app.py                                          # the default run's best.pt on http://127.0.0.1:7860
-    python app.py --checkpoint runs/fast/best.pt --examples /mnt/imagenet
+    python app.py --checkpoint runs/long/best.pt --ema --examples /mnt/imagenet
     python app.py --host 0.0.0.0 --share                   # reachable from the network, plus a gradio.live link
+    python app.py --export-space space/                    # a folder that runs as a Hugging Face Space on its own
+    python app.py --export-space space/ --push you/resnet50-demo   # ... and upload it to the Hub
 
 With no checkpoint at the default path, the page shows torchvision's pretrained ResNet-50 (downloaded once) and
 says so; with no internet either, it stops with one line that says how to get a checkpoint. It never serves
-untrained weights. The same file runs unchanged as a Hugging Face Space (README "The demo").
+untrained weights. An exported Space holds model.pt and examples/ beside app.py, which app.py then serves.
 """
 import argparse
+import ast
+import json
 import os
+import re
+import shutil
 import sys
 import time
 import warnings
@@ -21,26 +27,28 @@ from PIL import Image
 
 import data
 import gradcam
-from model import build_model, load_checkpoint, normalize
-from train import pick_device
+from model import build_model, load_checkpoint, normalize, save_atomic
+from runtime import pick_device
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CHECKPOINT = "runs/default/best.pt"
+SPACE_CHECKPOINT = os.path.join(HERE, "model.pt")      # what --export-space writes beside app.py
+SPACE_EXAMPLES = os.path.join(HERE, "examples")
 MIN_SIDE = 32  # px: below this a photo holds too little for a 224 px network to see
 
 
 # -----------------------------------------------------------------------------
 # the model and the examples
 
-def load_model(path, explicit, device):
+def load_model(path, explicit, ema, device):
     """(model in eval mode, class names, eval size, a line saying what the model is, its training data or None)."""
     if os.path.exists(path) or explicit:
-        model, meta = load_checkpoint(path)
-        names = meta.get("class_names") or meta.get("classes") or [str(i) for i in range(model.fc.out_features)]
-        saved = meta.get("args") or {}
-        size = saved.get("eval_size") or saved.get("img_size") or 224
-        top1 = (meta.get("metrics") or {}).get("val_top1")
-        about = f"{meta['arch']} from `{path}`" + (f" (val top-1 {top1:.1f}%)" if top1 is not None else "")
-        return model.to(device), names, size, about, saved.get("data")
+        model, meta = load_checkpoint(path, ema=ema)
+        ema = ema or bool(meta.get("ema_weights"))  # an exported Space's model.pt may hold the EMA weights
+        top1 = (meta.get("metrics") or {}).get("ema_top1" if ema else "val_top1")
+        about = (f"{meta['arch']}{' (EMA weights)' if ema else ''} from `{os.path.basename(path)}`"
+                 + (f" (val top-1 {top1:.1f}%)" if top1 is not None else ""))
+        return model.to(device), meta["names"], meta["eval_size"], about, (meta.get("args") or {}).get("data")
     from torchvision.models import ResNet50_Weights
     weights = ResNet50_Weights.IMAGENET1K_V2
     try:
@@ -106,15 +114,15 @@ def read_photo(path):
 
 
 def classify(model, names, size, device, path):
-    """(uint8 (3, S, S) crop, top-5 [(name, prob, index)], Grad-CAM overlay of the top class, milliseconds, the
-    photo's original mode)."""
+    """(the photo, uint8 (3, S, S) crop, top-5 [(name, prob, index)], Grad-CAM overlay of the top class,
+    milliseconds, the photo's original mode)."""
     t0 = time.perf_counter()
     img, mode = read_photo(path)
     x = data.eval_transform(size)(img)
     cam, logits = gradcam.gradcam(model, normalize(x[None].to(device)), None)  # one forward: top-5 and the map
     top_p, top_i = logits.float().softmax(1)[0].topk(min(5, logits.shape[1]))
     top5 = [(names[i], p, i) for p, i in zip(top_p.tolist(), top_i.tolist())]
-    return x, top5, paint(x, cam), 1000 * (time.perf_counter() - t0), mode
+    return img, x, top5, paint(x, cam), 1000 * (time.perf_counter() - t0), mode
 
 
 def paint(x, cam):
@@ -132,19 +140,32 @@ def explain(model, x, cls, device):
 # -----------------------------------------------------------------------------
 # the page
 
+def caption(path):
+    """An example's caption: its file name without the extension and the "NN " that orders exported examples."""
+    return re.sub(r"^\d\d ", "", os.path.splitext(os.path.basename(path))[0])
+
+
 def build_page(model, names, size, device, about, examples):
+    """Upload (a file that our code, not Gradio's, decodes: a bomb or a non-image gets our message) or click an
+    example thumbnail; the photo, its top-5 and the Grad-CAM map of the class picked."""
     import gradio as gr
 
-    def on_submit(path):
+    def show(path):
         try:
-            x, top5, overlay, ms, mode = classify(model, names, size, device, path)
+            img, x, top5, overlay, ms, mode = classify(model, names, size, device, path)
         except ValueError as e:
-            return None, None, gr.update(choices=[], value=None), f"**Cannot classify this:** {e}", None
+            return None, None, gr.update(choices=[], value=None), f"**Cannot classify this:** {e}", None, None
+        preview = img.copy()
+        preview.thumbnail((768, 768))  # the page shows the photo, not its megapixels
         label = {f"{n} ({i})": p for n, p, i in top5}
         choices = [f"{n} ({i})" for n, _, i in top5]
         status = (f"Top class **{top5[0][0]}** at {top5[0][1]:.1%}; {ms:.0f} ms for the top-5 and Grad-CAM on "
                   f"{device.type}" + (f" (a {mode} image, converted to RGB)." if mode != "RGB" else "."))
-        return label, overlay, gr.update(choices=choices, value=choices[0]), status, (x, [i for _, _, i in top5])
+        return label, overlay, gr.update(choices=choices, value=choices[0]), status, (x, [i for _, _, i in top5]), \
+            preview
+
+    def on_example(evt: gr.SelectData):
+        return show(examples[evt.index])  # a path of our own list: the page never names a file to read
 
     def on_pick(choice, state):
         if state is None or choice is None:
@@ -154,62 +175,179 @@ def build_page(model, names, size, device, about, examples):
         return explain(model, x, cls, device)
 
     with gr.Blocks(title="ResNet: top-5 and Grad-CAM") as page:
-        gr.Markdown(f"# What does the network see?\nModel: {about}. Upload a photo: the page shows the five most "
-                    f"likely classes and, for the one you pick, the regions that raised its score (Grad-CAM).")
+        gr.Markdown(f"# What does the network see?\nModel: {about}. Upload a photo or click an example: the page "
+                    f"shows the five most likely classes and, for the one you pick, the regions that raised its "
+                    f"score (Grad-CAM).")
         with gr.Row():
             with gr.Column():
-                photo = gr.File(label="Photo (JPEG, PNG, WebP)", file_types=["image"], type="filepath")
+                upload = gr.File(label="Photo (JPEG, PNG, WebP)", file_types=["image"], type="filepath")
                 button = gr.Button("Classify", variant="primary")
-                if examples:
-                    gr.Examples(examples=[[p] for p in examples], inputs=[photo], label="Examples from your data")
+                photo = gr.Image(label="The photo", type="pil", interactive=False, height=320, elem_id="photo")
+                gallery = gr.Gallery(value=[(p, caption(p)) for p in examples],
+                                     label="Examples: click one", columns=4, height="auto", allow_preview=False,
+                                     elem_id="examples", visible=bool(examples))
             with gr.Column():
-                status = gr.Markdown("Upload a photo, or pick an example.", elem_id="status")
+                status = gr.Markdown("Upload a photo, or click an example.", elem_id="status")
                 top5 = gr.Label(num_top_classes=5, label="Top-5", elem_id="top5")
                 pick = gr.Radio(choices=[], label="Grad-CAM for", elem_id="pick")
                 cam = gr.Image(label="Grad-CAM (red: what raised the class's score most)", type="numpy",
-                               elem_id="cam")
+                               interactive=False, elem_id="cam")
         state = gr.State(None)
-        outputs = [top5, cam, pick, status, state]
+        outputs = [top5, cam, pick, status, state, photo]
         # Gradio runs one event at a time by default (concurrency_limit=1): Grad-CAM's hooks are not thread-safe
-        button.click(on_submit, inputs=[photo], outputs=outputs, api_name="classify")
-        photo.change(on_submit, inputs=[photo], outputs=outputs, api_name=False)  # an upload, an example, a clear
+        button.click(show, inputs=[upload], outputs=outputs, api_name="classify")
+        upload.change(show, inputs=[upload], outputs=outputs, api_name=False)  # an upload or a clear
+        gallery.select(on_example, inputs=None, outputs=outputs, api_name=False)
         pick.input(on_pick, inputs=[pick, state], outputs=[cam], api_name=False)
     return page
 
 
+# -----------------------------------------------------------------------------
+# a Hugging Face Space in one command
+
+def own_modules(script):
+    """The modules of this folder that `script` imports, directly or through each other (for --export-space)."""
+    todo, found = [script], set()
+    while todo:
+        name = todo.pop()
+        if name in found:
+            continue
+        found.add(name)
+        with open(os.path.join(HERE, f"{name}.py")) as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            todo += [n for n in names if os.path.exists(os.path.join(HERE, f"{n}.py"))]
+    return sorted(found)
+
+
+def export_space(out, checkpoint, ema, examples, num_examples):
+    """--export-space: a folder that runs as a Space (sdk gradio) with nothing else beside it. Returns its files."""
+    model, meta = load_checkpoint(checkpoint, ema=ema)
+    saved = meta.get("args") or {}
+    os.makedirs(out, exist_ok=True)
+    modules = own_modules("app")
+    for name in modules:
+        shutil.copyfile(os.path.join(HERE, f"{name}.py"), os.path.join(out, f"{name}.py"))
+    keep = {k: saved.get(k) for k in ("arch", "blurpool", "img_size", "eval_size", "tta", "data", "epochs")}
+    save_atomic(dict(model=model.state_dict(), args={**keep, "arch": meta["arch"], "eval_size": meta["eval_size"]},
+                     classes=meta.get("classes"), class_names=meta["names"], metrics=meta.get("metrics"),
+                     ema_weights=ema), os.path.join(out, "model.pt"))
+    os.makedirs(os.path.join(out, "examples"), exist_ok=True)
+    classes = meta.get("classes") or []
+    for k, path in enumerate(pick_examples(examples or saved.get("data"), num_examples)):
+        img, _ = read_photo(path)
+        img.thumbnail((512, 512))  # a copy small enough for the Space's repository
+        folder = os.path.basename(os.path.dirname(path))  # a dataset's class folder names the photo's class
+        stem = os.path.splitext(os.path.basename(path))[0]
+        name = meta["names"][classes.index(folder)] if folder in classes else stem
+        img.save(os.path.join(out, "examples", f"{k:02d} {name.replace('/', '-')}.jpg"), quality=90)
+    with open(os.path.join(out, "requirements.txt"), "w") as f:  # Spaces install gradio at sdk_version themselves
+        f.write("--extra-index-url https://download.pytorch.org/whl/cpu\ntorch\ntorchvision\nnumpy\npillow\n"
+                "matplotlib\n")
+    run_dir = os.path.dirname(os.path.abspath(checkpoint))
+    if os.path.exists(os.path.join(run_dir, "curves.png")):
+        shutil.copyfile(os.path.join(run_dir, "curves.png"), os.path.join(out, "curves.png"))
+    with open(os.path.join(out, "README.md"), "w") as f:
+        f.write(model_card(meta, ema, checkpoint, os.path.exists(os.path.join(out, "curves.png"))))
+    return sorted(os.path.relpath(os.path.join(d, n), out) for d, _, files in os.walk(out) for n in files)
+
+
+def model_card(meta, ema, checkpoint, curves):
+    """The Space's README: its front matter (sdk gradio, app_file) and a model card from the run's own records."""
+    import gradio as gr
+    saved = meta.get("args") or {}
+    log = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "log.jsonl")
+    rows = [json.loads(line) for line in open(log) if line.strip()] if os.path.exists(log) else []
+    key = "ema_top1" if ema and rows and "ema_top1" in rows[-1] else "val_top1"
+    best = max(rows, key=lambda r: r[key]) if rows else None
+    argv = meta.get("argv")
+    command = ("python train.py " + " ".join(argv)) if argv is not None else "(not recorded in this checkpoint)"
+    data_name = os.path.basename(os.path.normpath(saved["data"])) if saved.get("data") else "the default data"
+    lines = ["---", f"title: {meta['arch']} from scratch", "sdk: gradio", f"sdk_version: {gr.__version__}",
+             "app_file: app.py", "pinned: false", "---", "",
+             f"# {meta['arch']}, trained from scratch", "",
+             "Upload a photo: the page shows the five most likely classes and, for each, where the network looked "
+             "(Grad-CAM).", "", "| | |", "| --- | --- |", f"| network | {meta['arch']}"
+             f"{' + BlurPool' if saved.get('blurpool') else ''} |",
+             f"| data | {data_name}, {len(meta['names'])} classes |",
+             f"| epochs | {rows[-1]['epoch'] + 1 if rows else '?'} of {saved.get('epochs', '?')} |",
+             f"| weights | {'the EMA of the weights' if ema else 'the weights'} of `{os.path.basename(checkpoint)}` |"]
+    if best is not None:
+        lines += [f"| val top-1 | {best[key]:.2f}% (epoch {best['epoch'] + 1}{', EMA' if key == 'ema_top1' else ''}) |",
+                  f"| val top-5 | {best['val_top5']:.2f}% |",
+                  f"| evaluation | {meta['eval_size']} px{', flip TTA' if meta['tta'] else ''} |"]
+    lines += ["", "Trained with:", "", "```", command, "```", ""]
+    if curves:
+        lines += ["![loss, accuracy and learning rate per epoch](curves.png)", ""]
+    return "\n".join(lines)
+
+
+def push_space(folder, repo_id):
+    """--push USER/NAME: create the Space if needed and upload the folder, with huggingface_hub (gradio's)."""
+    from huggingface_hub import HfApi
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, repo_type="space", space_sdk="gradio", exist_ok=True)
+        api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="space",
+                          commit_message="app.py --export-space")
+    except Exception as e:  # no token, no network, a name taken: the Hub's own words, on one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"could not push {folder} to the Space {repo_id} ({type(e).__name__}: {first}); log in with "
+                         f"`hf auth login` or set HF_TOKEN, and check the name") from None
+    return f"{api.endpoint}/spaces/{repo_id}"
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default=None, help=f"train.py checkpoint; default {DEFAULT_CHECKPOINT}, else "
-                                                      f"torchvision's pretrained ResNet-50")
+    p.add_argument("--checkpoint", default=None, help=f"train.py checkpoint; default model.pt beside app.py (a Space), "
+                                                      f"else {DEFAULT_CHECKPOINT}, else torchvision's pretrained "
+                                                      f"ResNet-50")
+    p.add_argument("--ema", action="store_true", help="serve (or export) the checkpoint's EMA weights")
     p.add_argument("--examples", default=os.environ.get("APP_EXAMPLES"), help="a folder of images, or a dataset "
-                   "root (its val split); default: $APP_EXAMPLES, else the checkpoint's --data")
+                   "root (its val split); default: $APP_EXAMPLES, examples/ beside app.py, else the checkpoint's "
+                   "--data")
     p.add_argument("--num-examples", type=int, default=8, help="how many examples, one class after another")
     # Hugging Face Spaces set GRADIO_SERVER_NAME=0.0.0.0; elsewhere the page is private to this machine
     p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"), help="address to listen on")
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)), help="port")
     p.add_argument("--share", action="store_true", help="also a public gradio.live link (72 h)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu", "mps"])
+    p.add_argument("--export-space", default=None, metavar="DIR", help="write a folder that runs as a Hugging Face "
+                   "Space (app, modules, weights-only model.pt, examples, requirements, model card), and exit")
+    p.add_argument("--push", default=None, metavar="USER/NAME", help="with --export-space: upload it to this Space")
     args = p.parse_args(argv)
     if args.num_examples < 0:
         p.error(f"--num-examples must be 0 or more, got {args.num_examples}")
+    if args.push and not args.export_space:
+        p.error("--push uploads what --export-space writes: give both")
+    if args.push and args.push.count("/") != 1:
+        p.error(f"--push takes USER/NAME, got {args.push}")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
+    path = args.checkpoint or (SPACE_CHECKPOINT if os.path.exists(SPACE_CHECKPOINT) else DEFAULT_CHECKPOINT)
     try:
+        if args.export_space:
+            files = export_space(args.export_space, path, args.ema, args.examples, args.num_examples)
+            print(f"wrote {args.export_space}: {', '.join(files)}", flush=True)
+            if args.push:
+                print(f"pushed to {push_space(args.export_space, args.push)}", flush=True)
+            return
         device = pick_device(args.device)
-        model, names, size, about, trained_on = load_model(args.checkpoint or DEFAULT_CHECKPOINT,
-                                                           args.checkpoint is not None, device)
+        model, names, size, about, trained_on = load_model(path, args.checkpoint is not None, args.ema, device)
     except (ValueError, FileNotFoundError) as e:
         print(f"app.py: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
-    folder = args.examples or trained_on or data.DEFAULT_DATA
+    folder = args.examples or (SPACE_EXAMPLES if os.path.isdir(SPACE_EXAMPLES) else trained_on or data.DEFAULT_DATA)
     examples = pick_examples(folder, args.num_examples)
     print(f"{about}; {len(examples)} examples from {folder if examples else 'nowhere (no data found)'}", flush=True)
-    page = build_page(model, names, size, device, about, examples)
-    page.launch(server_name=args.host, server_port=args.port, share=args.share,
-                allowed_paths=[os.path.dirname(p) for p in examples])
+    # no allowed_paths: the example images reach the page through Gradio's cache, so no folder of ours is served
+    build_page(model, names, size, device, about, examples).launch(server_name=args.host, server_port=args.port,
+                                                                   share=args.share)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,12 @@ Augmentation randomness is a pure function of (seed, epoch, image index), so a r
 whatever the number of workers or ranks, and a resumed run sees exactly what an uninterrupted one would.
 """
 import csv
+import hashlib
 import math
 import os
 import random
 import shutil
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -31,6 +33,14 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 DEFAULT_DATA = "data/imagenette2-160"
 UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what PIL raises on a bad file
 EVAL_CROP_RATIO = 0.875  # resize to img_size / 0.875, then center crop: 256 -> 224, the standard ImageNet eval
+
+
+def seed_for(seed, epoch, index=0, stream=""):
+    """The seed of one random draw of the run: the data order (stream "order"), one image's crop ("crop"), one
+    batch's mixing ("mix<rank>"). A hash of all four, so a draw depends on nothing but them: not on the worker or
+    rank that makes it, nor on whether the run was resumed. 63 bits, which torch.manual_seed always accepts."""
+    key = f"{seed},{epoch},{index},{stream}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
 
 
 # -----------------------------------------------------------------------------
@@ -216,7 +226,7 @@ class ImageList(Dataset):
         index, epoch = item
         path, label = self.samples[index]
         if self.seed is not None:
-            torch.manual_seed((self.seed * 100_003 + epoch) * 100_000_007 + index)
+            torch.manual_seed(seed_for(self.seed, epoch, index, "crop"))
         try:
             return self.transform(Image.open(path), epoch), label, -1
         except UNREADABLE:
@@ -230,6 +240,17 @@ class ImageList(Dataset):
             except UNREADABLE:
                 continue
         raise RuntimeError(f"{path} and the images after it in its class are unreadable; run train.py --check-data")
+
+
+def report_bad(bad, dataset, seen):
+    """Name each unreadable file of a batch (`bad`: the loader's indices, -1 for none) once per run on stderr;
+    returns how many the batch had (each was replaced by a class-mate, so the run goes on)."""
+    indices = bad[bad >= 0].tolist()
+    for b in sorted(set(indices) - seen):
+        print(f"warning: unreadable image {dataset.samples[b][0]}, replaced by another of its class", file=sys.stderr,
+              flush=True)
+    seen.update(indices)
+    return len(indices)
 
 
 class ShardSampler(Sampler):
@@ -250,14 +271,18 @@ class ShardSampler(Sampler):
     def indices(self):
         if not self.shuffle:
             return list(range(self.rank, self.n, self.world))
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        g = torch.Generator().manual_seed(seed_for(self.seed, self.epoch, stream="order"))
         order = torch.randperm(self.n, generator=g).tolist()
         total = math.ceil(self.n / self.world) * self.world
         order += order[:total - self.n]
         return order[self.rank::self.world]
 
     def __len__(self):
-        return len(self.indices()) - self.start if not self.shuffle else math.ceil(self.n / self.world) - self.start
+        # what __iter__ yields, without drawing the permutation: a shuffled epoch is padded to the same count on
+        # every rank (ceil(n / world)), an eval shard is not; minus the items a resumed epoch skips
+        if self.shuffle:
+            return math.ceil(self.n / self.world) - self.start
+        return len(range(self.rank, self.n, self.world)) - self.start
 
     def __iter__(self):
         return iter([(i, self.epoch) for i in self.indices()[self.start:]])

@@ -2,14 +2,17 @@
 Exact evaluation of a checkpoint: top-1 and top-5 over every validation image, each counted once, on one
 device or under torchrun; a predictions CSV, a per-class report with the top confusions, a confusion matrix.
 
-    python evaluate.py                                            # the default run's best.pt, on its own data
-    python evaluate.py --checkpoint runs/default/best.pt --data /mnt/imagenet --img-size 256 --tta flip
+    python evaluate.py                                            # the default run's best.pt, as the run evaluated
+    python evaluate.py --checkpoint runs/default/best.pt --data /mnt/imagenet --img-size 224 --tta none
     torchrun --nproc_per_node=4 evaluate.py --data /mnt/imagenet --ema
     python evaluate.py --checkpoint resnet50.pth --arch resnet50 --data /mnt/imagenet   # a torchvision state_dict
 
---img-size above the training size evaluates at a higher resolution ("FixRes", Touvron et al. 2019: train low,
-test high). Writes to --out (default: eval/ beside the checkpoint): predictions.csv, per_class.csv,
-confusions.csv and confusion.png, then prints one JSON line with top1, top5, n, img/s and the settings.
+By default it evaluates the way the run did: at the checkpoint's eval size and with its flip TTA, so a bare
+`python evaluate.py` agrees with the training log. --img-size above the training size evaluates at a higher
+resolution ("FixRes", Touvron et al. 2019: train low, test high). Writes to --out (default: eval/ beside the
+checkpoint): predictions.csv (and predictions.json, what it was made from), per_class.csv (top-1, top-5,
+precision, recall, F1), confusions.csv and confusion.png, then prints one JSON line with top1, top5, the macro
+and weighted precision/recall/F1, n, img/s and the settings.
 """
 import argparse
 import csv
@@ -20,10 +23,11 @@ import time
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 import data
 from model import load_checkpoint
-from train import autocast_for, init_distributed, probabilities, to_device
+from runtime import autocast_for, close_distributed, init_distributed, probabilities, to_device
 
 
 def add_common_args(p):
@@ -32,9 +36,10 @@ def add_common_args(p):
                                                                        "state_dict (then give --arch)")
     p.add_argument("--arch", default=None, help="network of a bare state_dict; read from our checkpoints")
     p.add_argument("--data", default=None, help="dataset root; default: the checkpoint's --data, else Imagenette")
-    p.add_argument("--img-size", type=int, default=None, help="eval crop, px; default: the run's --eval-size, "
-                                                               "else its training size")
+    p.add_argument("--img-size", type=int, default=None, help="eval crop, px; default: the run's --eval-size")
     p.add_argument("--resize-size", type=int, default=None, help="resize before the crop, px; default size/0.875")
+    p.add_argument("--tta", default=None, choices=["none", "flip"], help="flip: average with the mirror image; "
+                                                                          "default: as the run evaluated")
     p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
     p.add_argument("--batch-size", type=int, default=100, help="images per step per process")
     p.add_argument("--workers", type=int, default=None, help="loader processes; default: cores - 1")
@@ -45,18 +50,16 @@ def add_common_args(p):
 
 
 def load_model(args, device):
-    """(model on device, checkpoint meta, class folder names, readable names, data root, img_size)."""
-    model, meta = load_checkpoint(args.checkpoint, arch=args.arch)
-    if args.ema:
-        if meta.get("ema") is None:
-            raise ValueError(f"--ema, but {args.checkpoint} holds no EMA weights; train with --ema 0.9998 or "
-                             f"drop --ema")
-        sd = {k[len("module."):]: v for k, v in meta["ema"].items() if k.startswith("module.")}
-        model.load_state_dict(sd)
-    saved = meta.get("args", {})
-    root = args.data or saved.get("data") or data.default_data()
-    img_size = args.img_size or saved.get("eval_size") or saved.get("img_size") or 224
-    return model.to(device).eval(), meta, root, img_size
+    """(model on device, checkpoint info, data root, settings): the settings say how to evaluate, the given flags
+    over the way the run evaluated, and what predictions.csv is made from (gradcam.py compares them)."""
+    model, meta = load_checkpoint(args.checkpoint, arch=args.arch, ema=args.ema)
+    root = str(args.data or (meta.get("args") or {}).get("data") or data.default_data())
+    img_size = args.img_size or meta["eval_size"]
+    path = os.path.abspath(args.checkpoint)
+    settings = dict(checkpoint=path, checkpoint_mtime_ns=os.stat(path).st_mtime_ns, data=os.path.abspath(root),
+                    img_size=img_size, resize_size=args.resize_size or round(img_size / data.EVAL_CROP_RATIO),
+                    tta=args.tta or ("flip" if meta["tta"] else "none"), ema=args.ema)
+    return model.to(device).eval(), meta, root, settings
 
 
 @torch.no_grad()
@@ -79,14 +82,47 @@ def predict(model, loader, device, ctx, tta="none"):
     return torch.cat(top_i), torch.cat(top_p), torch.cat(labels)
 
 
-def evaluate_all(model, val_set, args, device, rank=0, world=1):
+@torch.no_grad()
+def accuracy(model, loader, device, ctx, channels_last=True, tta=False):
+    """train.py's evaluation: exact top-1/top-5 and the loss over the whole val set; every rank runs its shard (the
+    indices rank, rank + world, ...: each image once) and the counts are all-reduced."""
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, images
+    for images, labels, _ in loader:
+        x, y = to_device(images, labels, device, channels_last)
+        with ctx:  # with tta, the log of the mean probability: cross_entropy of it is the averaged prediction's NLL
+            logits = probabilities(model, x, tta=True).log() if tta else model(x)
+        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]  # (B, 5)
+        loss = F.cross_entropy(logits.float(), y, reduction="sum")
+        totals += torch.stack([loss, hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(y), device=device)]).double()
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    loss, top1, top5, n = totals.tolist()
+    return dict(val_loss=loss / n, val_top1=100 * top1 / n, val_top5=100 * top5 / n, val_n=int(n))
+
+
+def epoch_metrics(train_loss, hits, counted, model, ema, val_loader, device, ctx, args):
+    """A training epoch's metrics (train.py's log): its mean loss and top-1 on its unmixed images, over all ranks;
+    then the val loss, top-1 and top-5 of the model, and the EMA's top-1, at --eval-size with --tta."""
+    sums = torch.stack([train_loss, hits, torch.tensor(counted, device=device)]).double()
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    loss = sums[0].item() / (dist.get_world_size() if dist.is_initialized() else 1)  # the last step checked it
+    metrics = dict(train_loss=loss, train_top1=100 * sums[1].item() / sums[2].item() if sums[2] > 0 else None,
+                   **accuracy(model, val_loader, device, ctx, args.channels_last, args.tta))
+    if ema is not None:
+        metrics["ema_top1"] = accuracy(ema.module, val_loader, device, ctx, args.channels_last, args.tta)["val_top1"]
+    return metrics
+
+
+def evaluate_all(model, val_set, args, tta, device, rank=0, world=1):
     """Every rank predicts its shard (indices rank, rank + world, ...); rank 0 gets all rows in dataset order."""
     _, ctx, _ = autocast_for(args.amp, device)
     workers = data.default_workers(args.workers)
     loader = data.make_loader(val_set, args.batch_size, False, rank, world, workers=workers,
                               pin_memory=device.type == "cuda")
     t0 = time.time()
-    top_i, top_p, labels = predict(model, loader, device, ctx, getattr(args, "tta", "none"))
+    top_i, top_p, labels = predict(model, loader, device, ctx, tta)
     index = torch.arange(rank, len(val_set), world)
     if world > 1:
         parts = [None] * world
@@ -97,9 +133,12 @@ def evaluate_all(model, val_set, args, device, rank=0, world=1):
     return top_i[order], top_p[order], labels[order], time.time() - t0
 
 
-def write_reports(out, samples, names, top_i, top_p, labels):
-    """predictions.csv, per_class.csv, confusions.csv and confusion.png; returns the confusion pairs."""
+def write_reports(out, samples, names, top_i, top_p, labels, settings):
+    """predictions.csv (+ predictions.json: the settings it was made with), per_class.csv, confusions.csv and
+    confusion.png; returns (the confusion pairs, the macro and weighted precision/recall/F1)."""
     os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "predictions.json"), "w") as f:
+        json.dump(settings, f)
     with open(os.path.join(out, "predictions.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["path", "true", "true_name", "pred", "pred_name", "confidence", "correct", "top5", "top5_prob"])
@@ -110,13 +149,23 @@ def write_reports(out, samples, names, top_i, top_p, labels):
     confusion = torch.zeros(k, k, dtype=torch.long)  # rows: true class, columns: predicted
     confusion.index_put_((labels, top_i[:, 0]), torch.ones(len(labels), dtype=torch.long), accumulate=True)
     top5_hits = (top_i == labels[:, None]).any(1)
+    # the classification report: precision = hits / predicted as c, recall = hits / truly c (= top-1 of the class),
+    # F1 their harmonic mean; 0 where a denominator is 0 (scikit-learn's zero_division=0)
+    hits, support, predicted = confusion.diag().double(), confusion.sum(1).double(), confusion.sum(0).double()
+    precision, recall = hits / predicted.clamp(min=1), hits / support.clamp(min=1)
+    f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
     with open(os.path.join(out, "per_class.csv"), "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["class", "name", "n", "top1", "top5"])
+        w.writerow(["class", "name", "n", "top1", "top5", "precision", "recall", "f1"])
         for c in range(k):
-            n = int(confusion[c].sum())
+            n = int(support[c])
             top5 = top5_hits[labels == c].float().mean().item() if n else float("nan")
-            w.writerow([c, names[c], n, f"{100 * confusion[c, c].item() / max(n, 1):.2f}", f"{100 * top5:.2f}"])
+            w.writerow([c, names[c], n, f"{100 * recall[c].item():.2f}", f"{100 * top5:.2f}",
+                        f"{precision[c].item():.6f}", f"{recall[c].item():.6f}", f"{f1[c].item():.6f}"])
+    weights = support / support.sum()
+    report = {f"{avg}_{name}": (v.mean() if avg == "macro" else (v * weights).sum()).item()
+              for avg in ("macro", "weighted") for name, v in (("precision", precision), ("recall", recall),
+                                                                ("f1", f1))}
     off = confusion.clone().fill_diagonal_(0)
     pairs = [(t, p, off[t, p].item()) for t, p in zip(*torch.nonzero(off, as_tuple=True))]
     pairs = sorted(pairs, key=lambda x: -x[2])
@@ -126,7 +175,48 @@ def write_reports(out, samples, names, top_i, top_p, labels):
         w.writerows([int(t), names[t], int(p), names[p], n] for t, p, n in pairs)
     if k <= 100:
         plot_confusion(confusion, names, os.path.join(out, "confusion.png"))
-    return pairs
+    return pairs, report
+
+
+def trend(rows, epoch, top1, n=5):
+    """Least-squares slope of val top-1 over the last n epochs of a run's log, points per epoch: still improving?"""
+    points = {r["epoch"]: r["val_top1"] for r in rows if r["epoch"] < epoch} | {epoch: top1}
+    xs = sorted(points)[-n:]
+    mx, my = sum(xs) / len(xs), sum(points[x] for x in xs) / len(xs)
+    return sum((x - mx) * (points[x] - my) for x in xs) / sum((x - mx) ** 2 for x in xs) if len(xs) > 1 else None
+
+
+def read_log(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(rows, png_path):
+    """A run's curves.png (train.py writes it every epoch): loss, accuracy and the LR of every logged step, from the
+    rows of its log.jsonl."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ep, steps = [r["epoch"] + 1 for r in rows], [s for r in rows for s in r.get("lr_steps", [])]
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4))
+    ax1.plot(ep, [r["train_loss"] for r in rows], "o-", label="train (label smoothed)")
+    ax1.plot(ep, [r["val_loss"] for r in rows], "o-", label="val")
+    for key, style, label in (("val_top1", "o-", "val top-1"), ("val_top5", "o-", "val top-5"),
+                              ("train_top1", "o:", "train top-1 (unmixed batches)"), ("ema_top1", "o--", "EMA top-1")):
+        if key in rows[-1]:
+            ax2.plot(ep, [r.get(key) for r in rows], style, label=label)
+    ax3.plot([s[0] for s in steps], [s[1] for s in steps], "-", color="tab:purple", label="LR (OneCycle)")
+    ax1.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    ax2.set(xlabel="epoch", ylabel="accuracy (%)", title=f"best top-1 {max(r['val_top1'] for r in rows):.2f}%")
+    ax3.set(xlabel="epoch", ylabel="learning rate", title="LR per logged step")
+    for ax in (ax1, ax2, ax3):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
 
 
 def plot_confusion(confusion, names, path):
@@ -157,7 +247,6 @@ def plot_confusion(confusion, names, path):
 def parse_args(argv=None):
     p = add_common_args(argparse.ArgumentParser(description=__doc__,
                                                 formatter_class=argparse.RawDescriptionHelpFormatter))
-    p.add_argument("--tta", default="none", choices=["none", "flip"], help="flip: average with the mirror image")
     args = p.parse_args(argv)
     for name in ("img_size", "resize_size", "batch_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -167,8 +256,8 @@ def parse_args(argv=None):
 
 def run(args):
     ddp, rank, world, device = init_distributed(args.device)
-    model, meta, root, img_size = load_model(args, device)
-    model = model.to(memory_format=torch.channels_last)
+    model, meta, root, settings = load_model(args, device)
+    model, img_size = model.to(memory_format=torch.channels_last), settings["img_size"]
     _, val_set, info = data.build_datasets(root, img_size, eval_size=img_size, resize_size=args.resize_size)
     if meta.get("classes") and meta["classes"] != info["classes"]:
         raise ValueError(f"{args.checkpoint} was trained on other classes than {root} holds; pass the --data it "
@@ -176,24 +265,22 @@ def run(args):
     if model.fc.out_features != len(info["classes"]):
         raise ValueError(f"{args.checkpoint} predicts {model.fc.out_features} classes but {root} has "
                          f"{len(info['classes'])}; pass a matching --data")
-    names = meta.get("class_names") or info["names"]
-    top_i, top_p, labels, seconds = evaluate_all(model, val_set, args, device, rank, world)
+    names = meta["names"]
+    top_i, top_p, labels, seconds = evaluate_all(model, val_set, args, settings["tta"], device, rank, world)
     if rank == 0:
         out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
-        pairs = write_reports(out, val_set.samples, names, top_i, top_p, labels)
+        pairs, report = write_reports(out, val_set.samples, names, top_i, top_p, labels, settings)
         n = len(labels)
         result = dict(top1=100 * (top_i[:, 0] == labels).sum().item() / n,
-                      top5=100 * (top_i == labels[:, None]).any(1).sum().item() / n, n=n,
+                      top5=100 * (top_i == labels[:, None]).any(1).sum().item() / n, **report, n=n,
                       img_per_s=n / seconds, checkpoint=args.checkpoint, arch=meta["arch"], data=str(root),
-                      img_size=img_size, resize_size=args.resize_size or round(img_size / data.EVAL_CROP_RATIO),
-                      tta=args.tta, ema=args.ema, world=world, out=out)
+                      img_size=img_size, resize_size=settings["resize_size"], tta=settings["tta"], ema=args.ema,
+                      world=world, out=out)
         print("top confusions: " + ", ".join(f"{names[t]} -> {names[p]} ({c})" for t, p, c in pairs[:5]))
         print(f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  on {n} images, {result['img_per_s']:.0f} "
               f"img/s; reports in {out}")
         print(json.dumps(result), flush=True)
-    if ddp:
-        dist.barrier()  # gloo can abort at exit without it
-        dist.destroy_process_group()
+    close_distributed()
 
 
 def main(argv=None):

@@ -7,14 +7,17 @@ normalize to [0, 1].
     python gradcam.py --best 16           # the 16 most confident correct predictions, for contrast
     python gradcam.py --image photo.jpg [--class 207]
 
---worst and --best read OUT/predictions.csv from evaluate.py when it is newer than the checkpoint, and otherwise
-run the evaluation (and write that file). They write to --out (default: eval/ beside the checkpoint):
-worst_gradcam.png (image | map of the predicted class | map of the true class), worst_plain.png, worst.csv and
-worst.html, which shows every case. --image writes image_gradcam.png and prints the top-5.
+--worst and --best read OUT/predictions.csv from evaluate.py when it was made from the same checkpoint, data, eval
+size, TTA and EMA choice (its predictions.json says), and otherwise run the evaluation again, saying why. They
+write to --out (default: eval/ beside the checkpoint): worst_gradcam.png (image | map of the predicted class |
+map of the true class), worst_plain.png, worst.csv and worst.html, which shows every case. --image writes
+image_gradcam.png and prints the top-5.
 """
 import argparse
 import csv
 import html
+import json
+import math
 import os
 import sys
 import textwrap
@@ -27,7 +30,7 @@ from PIL import Image
 import data
 import evaluate
 from model import normalize
-from train import pick_device
+from runtime import pick_device
 
 
 def gradcam(model, x, classes, layer=None):
@@ -90,17 +93,30 @@ def read_predictions(path):
         return list(csv.DictReader(f))
 
 
-def predictions(args, model, meta, root, img_size, device, out):
-    """OUT/predictions.csv when it is newer than the checkpoint, else a fresh evaluation that writes it."""
+def stale(out, settings):
+    """Why OUT/predictions.csv cannot stand for an evaluation with `settings`, or None when it can."""
+    path = os.path.join(out, "predictions.json")
+    if not os.path.exists(os.path.join(out, "predictions.csv")) or not os.path.exists(path):
+        return f"there is no {os.path.join(out, 'predictions.csv')} with its predictions.json"
+    with open(path) as f:
+        made = json.load(f)
+    differ = [k for k in settings if made.get(k) != settings[k]]
+    return None if not differ else "predictions.csv was made with another " + ", ".join(
+        f"{k} ({made.get(k)}, now {settings[k]})" for k in differ)
+
+
+def predictions(args, model, meta, root, settings, device, out):
+    """The rows of OUT/predictions.csv when they were made with these settings, else of a fresh evaluation."""
     path = os.path.join(out, "predictions.csv")
-    if os.path.exists(path) and os.path.getmtime(path) >= os.path.getmtime(args.checkpoint):
+    why = stale(out, settings)
+    if why is None:
         print(f"reading {path}", flush=True)
         return read_predictions(path)
-    print(f"no up-to-date {path}: evaluating {args.checkpoint} first", flush=True)
-    _, val_set, info = data.build_datasets(root, img_size, eval_size=img_size, resize_size=args.resize_size)
-    names = meta.get("class_names") or info["names"]
-    top_i, top_p, labels, _ = evaluate.evaluate_all(model, val_set, args, device)
-    evaluate.write_reports(out, val_set.samples, names, top_i, top_p, labels)
+    print(f"{why}: evaluating {args.checkpoint} first", flush=True)
+    img_size = settings["img_size"]
+    _, val_set, _ = data.build_datasets(root, img_size, eval_size=img_size, resize_size=args.resize_size)
+    top_i, top_p, labels, _ = evaluate.evaluate_all(model, val_set, args, settings["tta"], device)
+    evaluate.write_reports(out, val_set.samples, meta["names"], top_i, top_p, labels, settings)
     return read_predictions(path)
 
 
@@ -119,11 +135,19 @@ def caption(row, width=26):
 
 
 def render(rows, imgs, over_pred, over_true, out, stem, wrong):
+    """Everything --worst/--best write: the grid with maps, the grid without, a strip per case, a CSV, a page."""
+    draw_grid(rows, imgs, over_pred, over_true, os.path.join(out, f"{stem}_gradcam.png"), wrong)
+    draw_plain(rows, imgs, os.path.join(out, f"{stem}_plain.png"), wrong)
+    write_cases(rows, imgs, over_pred, over_true, out, stem, wrong)
+
+
+def draw_grid(rows, imgs, over_pred, over_true, path, wrong):
+    """Each case as image | map of the predicted class | map of the true class (the first two for --best)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     cols = 4                                            # cases per grid row: about 1900 px wide at dpi 100
-    grid_rows = -(-len(rows) // cols)
+    grid_rows = math.ceil(len(rows) / cols)
     panels = ("image", "predicted class", "true class") if wrong else ("image", "predicted (= true) class", None)
     per = 3 if wrong else 2
     fig, axes = plt.subplots(grid_rows, cols * per, figsize=(cols * per * 1.6, grid_rows * 2.3 + 0.8), squeeze=False)
@@ -143,13 +167,18 @@ def render(rows, imgs, over_pred, over_true, out, stem, wrong):
     cbar = fig.colorbar(sm, ax=axes, orientation="horizontal", fraction=0.02, pad=0.02, aspect=60)
     cbar.set_label("Grad-CAM: how much each region raised that class's score (0 = not at all, 1 = most)")
     fig.suptitle(f"{len(rows)} most confident {'mistakes' if wrong else 'correct predictions'}", fontsize=13)
-    fig.savefig(os.path.join(out, f"{stem}_gradcam.png"), dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
-    # the same cases without overlays, captions only
-    cols_plain = 8
-    fig, axes = plt.subplots(-(-len(rows) // cols_plain), cols_plain, figsize=(cols_plain * 2.2, -(-len(rows) //
-                             cols_plain) * 2.8), squeeze=False)
+
+def draw_plain(rows, imgs, path, wrong):
+    """The same cases without maps, captions only."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cols = 8
+    fig, axes = plt.subplots(math.ceil(len(rows) / cols), cols, figsize=(cols * 2.2, math.ceil(len(rows) / cols) * 2.8),
+                             squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for k, row in enumerate(rows):
@@ -157,10 +186,12 @@ def render(rows, imgs, over_pred, over_true, out, stem, wrong):
         ax.imshow(imgs[k])
         ax.set_title(caption(row, 28), fontsize=8, color="darkred" if wrong else "darkgreen")
     fig.tight_layout()
-    fig.savefig(os.path.join(out, f"{stem}_plain.png"), dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
-    # one strip per case, a CSV and an HTML page that shows them all
+
+def write_cases(rows, imgs, over_pred, over_true, out, stem, wrong):
+    """One strip per case in OUT/<stem>_cases/, <stem>.csv, and <stem>.html that shows them all."""
     os.makedirs(os.path.join(out, f"{stem}_cases"), exist_ok=True)
     for k in range(len(rows)):
         strip = np.concatenate([imgs[k], over_pred[k]] + ([over_true[k]] if wrong else []), axis=1)
@@ -197,7 +228,7 @@ def explain_one(args, model, meta, img_size, device, out):
         image = data.eval_transform(img_size, args.resize_size)(data.load_rgb(args.image))
     except (OSError, ValueError) as e:
         raise ValueError(f"--image {args.image} cannot be read as an image: {e}") from None
-    names = meta.get("class_names") or [str(i) for i in range(model.fc.out_features)]
+    names = meta["names"]
     with torch.no_grad():
         probs = model(normalize(image[None].to(device))).float().softmax(1)[0]
     top_p, top_i = probs.topk(min(5, len(probs)))
@@ -240,13 +271,14 @@ def parse_args(argv=None):
 
 def run(args):
     device = pick_device(args.device)
-    model, meta, root, img_size = evaluate.load_model(args, device)
+    model, meta, root, settings = evaluate.load_model(args, device)
+    img_size = settings["img_size"]
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
     os.makedirs(out, exist_ok=True)
     if args.image:
         return explain_one(args, model, meta, img_size, device, out)
     wrong = args.worst is not None
-    rows = select(predictions(args, model, meta, root, img_size, device, out), args.worst or args.best, wrong)
+    rows = select(predictions(args, model, meta, root, settings, device, out), args.worst or args.best, wrong)
     if not rows:
         raise ValueError(f"no {'misclassified' if wrong else 'correctly classified'} images in {out}/predictions.csv")
     tf = data.eval_transform(img_size, args.resize_size)

@@ -1,17 +1,25 @@
 """
-The LR range test (Smith 2015, "Cyclical Learning Rates for Training Neural Networks", in the variant of fastai
-and torch-lr-finder): train for --iters steps while the LR grows exponentially from --start-lr to --end-lr,
+The LR range test (Smith 2015, "Cyclical Learning Rates for Training Neural Networks", as fastai and
+torch-lr-finder run it): train for --iters steps while the LR grows exponentially from --start-lr to --end-lr,
 smooth the loss, stop once it blows up, and suggest the peak LR for train.py's OneCycle.
 
-It runs train.py's exact step: the same model, data, augmentation and mixing, loss with label smoothing, SGD
-(no weight decay on norm and bias), AMP and channels_last. All of train.py's flags work here too.
+It runs train.py's exact step from the run's own initial weights: the same model and seed, data, augmentation,
+mixing, loss with label smoothing, SGD (no weight decay on norm and bias), AMP and channels_last. It takes the
+flags of train.py that shape a step (data, model, batch, regularization, system); the flags of a whole run
+(--epochs, --resume, --ema, --eval-size, ...) are not accepted here.
 
     python lr_finder.py                                          # ResNet-50 on the default data (Imagenette)
     python lr_finder.py --data /mnt/imagenet --batch-size 256    # on one GPU, even on a multi-GPU machine
-    python lr_finder.py --arch resnet18 --img-size 64 --batch-size 64 --iters 60 --device cpu
+    python lr_finder.py --arch resnet18 --img-size 64 --batch-size 32 --device cpu
 
-Writes OUT/lr_finder.png (loss against LR, both markers) and prints a ready-to-paste train.py command with the
-peak LR scaled to the run's global batch (--run-batch-size x --run-gpus), then one JSON line with the numbers.
+The suggestion: the LR where the smoothed loss has risen RISE above its lowest value so far, divided by
+DIVISOR. A network trained from scratch often shows no clear descent in a short test: its loss stays flat and
+then climbs, so "steepest descent" lands on noise; where the climb starts is the information the test has. The
+rule and its constants were picked on a sweep of real short runs (BENCHMARKS.md "Picking the LR").
+
+Writes OUT/lr_finder_<arch>_<size>px_b<batch>.png (the loss, the rise the rule reads, the suggestion) and a .json
+beside it with the whole curve; prints a ready-to-paste train.py command with the peak LR scaled to the planned
+global batch (--run-batch-size x --run-gpus), then one JSON line with the numbers.
 """
 import json
 import math
@@ -24,10 +32,16 @@ import torch.nn as nn
 
 import data
 import train
+from runtime import autocast_for, pick_device, to_device
+
+RISE, DIVISOR = 0.1, 1.0  # the rule's constants; see suggest()
+# the flags that define a recipe: the printed command carries those that differ from train.py's defaults
+RECIPE = ("arch", "img_size", "subset", "trivial_augment", "random_erase", "blurpool", "weight_decay",
+          "decay_norm_bias", "label_smoothing", "mixup", "cutmix", "amp", "channels_last", "seed")
 
 
 def parse_args(argv=None):
-    p = train.make_parser(__doc__)
+    p = train.make_parser(__doc__, run=False)
     g = p.add_argument_group("LR range test")
     g.add_argument("--start-lr", type=float, default=1e-7, help="first LR")
     g.add_argument("--end-lr", type=float, default=10.0, help="last LR, if the loss has not diverged before")
@@ -47,6 +61,8 @@ def parse_args(argv=None):
         p.error(f"--smooth must be in [0, 1), got {args.smooth}")
     if args.diverge <= 1:
         p.error(f"--diverge must be above 1, got {args.diverge}")
+    if min(args.run_batch_size or 1, args.run_gpus or 1) < 1:
+        p.error("--run-batch-size and --run-gpus must be at least 1")
     return args
 
 
@@ -79,21 +95,66 @@ def range_test(step, lrs, smooth=0.05, diverge=5.0):
     return hist
 
 
-def suggest(hist, skip_start=10, skip_end=5):
-    """Two markers on the smoothed curve, its ends trimmed as torch-lr-finder does: the LR of minimum loss divided
-    by 10 (fastai's rule of thumb), and the LR of steepest descent (d loss / d log LR most negative), searched only
-    on the way down to that minimum. torch-lr-finder searches the whole curve, and so can pick the fall that comes
-    after the loss has blown up, when a dead network settles back to the uniform guess."""
-    lrs, losses = hist["lr"], np.array(hist["loss"])
+# -----------------------------------------------------------------------------
+# reading the curve: the rule, and the candidates it was measured against (BENCHMARKS.md)
+
+def rise_point(losses, rise=RISE):
+    """Index of the first step whose smoothed loss is `rise` (a fraction) above the lowest loss before it, or
+    None if the curve never climbs that far."""
+    lowest = math.inf
+    for i, s in enumerate(losses):
+        if s > (1 + rise) * lowest:
+            return i
+        lowest = min(lowest, s)
+    return None
+
+
+def steepest(lrs, losses, skip_start=10, skip_end=5):
+    """The old rule: steepest descent (d loss / d log LR most negative) on the way down to the minimum, ends trimmed
+    as torch-lr-finder trims them."""
+    losses = np.asarray(losses)
     if len(losses) < skip_start + skip_end + 3:
         skip_start, skip_end = 0, 0
     lo, hi = skip_start, len(losses) - skip_end
     lowest = lo + int(np.argmin(losses[lo:hi]))
     descent = losses[lo:lowest + 1]
-    # the LRs are evenly spaced in log; the minimum itself, with its one-sided difference, is no candidate
-    steepest = lo + int(np.gradient(descent)[:-1].argmin()) if len(descent) >= 3 else lowest
-    return dict(suggested_lr=lrs[steepest], steepest_idx=steepest, min_loss_lr=lrs[lowest],
-                min_loss_lr_div10=lrs[lowest] / 10)
+    return lo + int(np.gradient(descent)[:-1].argmin()) if len(descent) >= 3 else lowest
+
+
+def valley(losses):
+    """fastai's 'valley', as its docs describe it: the longest stretch over which the loss keeps falling (a longest
+    decreasing subsequence), and the point halfway down it."""
+    n = len(losses)
+    length, start_of = [1] * n, list(range(n))
+    for i in range(n):
+        for j in range(i):
+            if losses[i] < losses[j] and length[j] + 1 > length[i]:
+                length[i], start_of[i] = length[j] + 1, start_of[j]
+    end = int(np.argmax(length))
+    return start_of[end] + (end - start_of[end]) // 2
+
+
+def candidates(hist):
+    """Every rule's LR on one curve (None where a rule finds nothing)."""
+    lrs, losses = hist["lr"], hist["loss"]
+    lowest = int(np.argmin(losses))
+    out = dict(steepest=lrs[steepest(lrs, losses)], min_loss=lrs[lowest], min_loss_div10=lrs[lowest] / 10,
+               valley=lrs[valley(losses)])
+    for rise in (0.02, 0.05, 0.1, 0.2, 0.5):
+        i = rise_point(losses, rise)
+        out[f"rise{rise:g}"] = lrs[i] if i is not None else None
+    return out
+
+
+def suggest(hist, rise=RISE, divisor=DIVISOR):
+    """The suggestion: the LR where the smoothed loss first rises `rise` above its lowest value so far, / divisor.
+    When the loss never climbs that far (the test ended first), the lowest-loss LR / divisor, and says so."""
+    i = rise_point(hist["loss"], rise)
+    found = i is not None
+    i = i if found else int(np.argmin(hist["loss"]))
+    return dict(suggested_lr=hist["lr"][i] / divisor, rise_idx=i, rise_found=found,
+                lowest_idx=int(np.argmin(hist["loss"][:i + 1])), steepest_lr=hist["lr"][steepest(hist["lr"],
+                                                                                                   hist["loss"])])
 
 
 def plot(hist, marks, path, title):
@@ -104,11 +165,15 @@ def plot(hist, marks, path, title):
     fig, ax = plt.subplots(figsize=(8, 5))
     ax.plot(lrs, hist["raw"], color="tab:blue", alpha=0.3, lw=1, label="loss per step")
     ax.plot(lrs, losses, color="tab:blue", lw=2.5, label="smoothed loss")
-    s, m = marks["steepest_idx"], marks["min_loss_lr_div10"]
-    ax.axvline(lrs[s], color="tab:red", ls="--", lw=1.5)
-    ax.plot(lrs[s], losses[s], "o", color="tab:red", ms=9,
-            label=f"steepest descent: {lrs[s]:.2g} (suggested)")
-    ax.axvline(m, color="tab:green", ls=":", lw=1.5, label=f"min-loss LR / 10: {m:.2g}")
+    lo, hi = marks["lowest_idx"], marks["rise_idx"]
+    # the band the rule reasons from: from the lowest loss so far to where the loss has climbed RISE above it
+    ax.axvspan(lrs[lo], lrs[hi], color="tab:orange", alpha=0.15,
+               label=f"lowest loss -> {RISE:.0%} above it" if marks["rise_found"] else "lowest loss")
+    ax.axhline((1 + RISE) * losses[lo], color="tab:orange", ls=":", lw=1)
+    ax.axvline(marks["suggested_lr"], color="tab:red", ls="--", lw=1.5,
+               label=f"suggested peak LR: {marks['suggested_lr']:.3g}")
+    ax.axvline(marks["steepest_lr"], color="0.5", ls=":", lw=1,
+               label=f"old rule (steepest descent): {marks['steepest_lr']:.2g}")
     ax.set_xscale("log")
     # keep the divergence from squashing the part of the curve that matters
     low, high = min(losses), max(losses[: max(1, len(losses) * 9 // 10)])
@@ -132,76 +197,88 @@ def cycle(loader, iters):
               f"(epoch {epoch})", flush=True)
 
 
+def run_command(args, root, run_lr, gpus, run_bs):
+    """The train.py command of the planned run: its launcher, --preset, every recipe flag that differs from
+    train.py's defaults for that preset, the batch, and the scaled LR."""
+    defaults = train.parse_args(["--preset", args.preset], train.make_parser(run=False))
+    flags = [f"--data {root}"] if args.data else []
+    flags += [f"--preset {args.preset}"] if args.preset != "default" else []
+    for name in RECIPE:
+        value, flag = getattr(args, name), "--" + name.replace("_", "-")
+        if value != getattr(defaults, name):
+            flags.append(flag if value is True else f"--no-{flag[2:]}" if value is False else f"{flag} {value}")
+    flags += [f"--batch-size {run_bs}"] + ([f"--accum-steps {args.accum_steps}"] if args.accum_steps > 1 else [])
+    launch = f"torchrun --nproc_per_node={gpus} train.py" if gpus > 1 else "python train.py"
+    return " ".join([launch, *flags, f"--lr {run_lr:.3g}"])
+
+
 def find_lr(args):
-    device = train.pick_device(args.device)
+    device = pick_device(args.device)
     if torch.cuda.device_count() > 1:
         print(f"{torch.cuda.device_count()} GPUs visible: the test runs on one; the command below scales its LR "
               f"to the global batch of all of them", flush=True)
-    root = args.data if args.data is not None else data.default_data()
+    root = args.data if args.data is not None else str(data.default_data())
     train_set, _, info = data.build_datasets(root, args.img_size, args.subset, args.seed,
                                              args.trivial_augment, args.random_erase)
-    workers = data.default_workers(args.workers)
-    loader = data.make_loader(train_set, args.batch_size, True, seed=args.seed, workers=workers,
-                              pin_memory=device.type == "cuda")
+    loader = data.make_loader(train_set, args.batch_size, True, seed=args.seed, workers=data.default_workers(
+        args.workers), pin_memory=device.type == "cuda")
     if len(loader) == 0:
         raise ValueError(f"{len(train_set)} training images make no batch of {args.batch_size}: lower --batch-size")
     num_classes = len(info["classes"])
-    amp, ctx, scaler = train.autocast_for(args.amp, device)
-    model = train.make_model(args, num_classes, device).train()
+    amp, ctx, scaler = autocast_for(args.amp, device)
+    model = train.make_model(args, num_classes, device).train()  # the run's own initial weights (same seed)
     optimizer = train.make_optimizer(model, args, args.start_lr)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     mixer = train.make_mixer(args, num_classes)
     print(f"LR range test: {args.arch} at {args.img_size} px, batch {args.batch_size} x {args.accum_steps} accum, "
           f"{amp} on {device.type}; LR {args.start_lr:g} -> {args.end_lr:g} over {args.iters} steps", flush=True)
-
-    batches = cycle(loader, args.iters)
-    log_every = max(1, args.iters // 10)
+    batches, log_every, done = cycle(loader, args.iters), max(1, args.iters // 10), [0]
 
     def step(lr):
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss = 0.0
-        for micro in range(args.accum_steps):
+        for _ in range(args.accum_steps):
             images, labels, _ = next(batches)
-            x, y = train.to_device(images, labels, device, args.channels_last)
+            x, y = to_device(images, labels, device, args.channels_last)
             if mixer is not None:
                 x, y = mixer(x, y)
             loss += train.forward_backward(model, x, y, criterion, ctx, scaler, args.accum_steps).item()
         train.optimizer_step(optimizer, scaler)
-        loss /= args.accum_steps
-        step.i += 1
-        if step.i % log_every == 0:
-            print(f"step {step.i}/{args.iters} lr {lr:.3g} loss {loss:.4f}", flush=True)
-        return loss
-    step.i = 0
+        done[0] += 1
+        if done[0] % log_every == 0:
+            print(f"step {done[0]}/{args.iters} lr {lr:.3g} loss {loss / args.accum_steps:.4f}", flush=True)
+        return loss / args.accum_steps
 
     hist = range_test(step, lr_schedule(args.start_lr, args.end_lr, args.iters), args.smooth, args.diverge)
     if len(hist["loss"]) < 5:
         raise ValueError(f"the loss diverged after {len(hist['loss'])} steps: lower --start-lr")
     marks = suggest(hist)
     os.makedirs(args.out, exist_ok=True)
-    png = os.path.join(args.out, "lr_finder.png")
-    plot(hist, marks, png, f"LR range test: {args.arch}, {args.img_size} px, batch {args.batch_size}, {amp}")
+    stem = os.path.join(args.out, f"lr_finder_{args.arch}_{args.img_size}px_b{args.batch_size * args.accum_steps}")
+    plot(hist, marks, stem + ".png", f"LR range test: {args.arch}, {args.img_size} px, batch {args.batch_size}, {amp}")
+    with open(stem + ".json", "w") as f:
+        json.dump(dict(hist, marks=marks, candidates=candidates(hist), args=vars(args)), f)
 
     # scale the suggested peak to the planned run's global batch (the linear scaling rule, Goyal et al. 2017)
     test_batch = args.batch_size * args.accum_steps
     run_bs = args.run_batch_size or args.batch_size
     gpus = args.run_gpus or max(1, torch.cuda.device_count())
-    run_lr = marks["suggested_lr"] * run_bs * gpus * args.accum_steps / test_batch
-    launch = f"torchrun --nproc_per_node={gpus} train.py" if gpus > 1 else "python train.py"
-    flags = [f"--data {root}" if args.data else "", f"--arch {args.arch}", f"--img-size {args.img_size}",
-             f"--batch-size {run_bs}", f"--accum-steps {args.accum_steps}" if args.accum_steps > 1 else "",
-             f"--label-smoothing {args.label_smoothing}", f"--lr {run_lr:.3g}"]
-    command = " ".join([launch] + [f for f in flags if f])
+    run_global = run_bs * gpus * args.accum_steps
+    run_lr = marks["suggested_lr"] * run_global / test_batch
+    command = run_command(args, root, run_lr, gpus, run_bs)
     print(f"{'stopped early: the loss diverged' if hist['diverged'] else 'ran all steps'} after {len(hist['lr'])}; "
-          f"plot in {png}")
-    print(f"steepest descent at LR {marks['suggested_lr']:.3g}, minimum loss at {marks['min_loss_lr']:.3g} "
-          f"(/10 = {marks['min_loss_lr_div10']:.3g}); for a global batch of {run_bs * gpus * args.accum_steps}:")
+          f"plot in {stem}.png")
+    print(f"the smoothed loss is lowest at LR {hist['lr'][marks['lowest_idx']]:.3g} and "
+          + (f"{RISE:.0%} above that at {hist['lr'][marks['rise_idx']]:.3g}" if marks["rise_found"] else
+             "never climbs 10% above it (raise --end-lr to see where it does)")
+          + f": suggested peak LR {marks['suggested_lr']:.3g} at batch {test_batch}; for a global batch of "
+            f"{run_global}:")
     print(command)
-    print(json.dumps(dict(suggested_lr=marks["suggested_lr"], min_loss_lr=marks["min_loss_lr"],
-                          min_loss_lr_div10=marks["min_loss_lr_div10"], run_lr=run_lr, command=command,
-                          test_batch=test_batch, run_global_batch=run_bs * gpus * args.accum_steps,
-                          steps=len(hist["lr"]), diverged=hist["diverged"], plot=png)), flush=True)
+    print(json.dumps(dict(suggested_lr=marks["suggested_lr"], rule=f"first {RISE:.0%} rise / {DIVISOR:g}",
+                          rise_found=marks["rise_found"], steepest_lr=marks["steepest_lr"], run_lr=run_lr,
+                          command=command, test_batch=test_batch, run_global_batch=run_global,
+                          steps=len(hist["lr"]), diverged=hist["diverged"], plot=stem + ".png")), flush=True)
 
 
 def main(argv=None):

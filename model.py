@@ -13,6 +13,8 @@ The state_dict keys and shapes of resnet18..152 equal torchvision's, so its weig
 This file also owns the input normalization (done on the device, on uint8 batches) and the one function that
 every other script uses to load a checkpoint.
 """
+import os
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -227,23 +229,138 @@ def read_checkpoint(path, map_location="cpu"):
         raise ValueError(f"checkpoint {path} cannot be loaded safely (weights_only=True): {first}") from None
 
 
-def load_checkpoint(path, arch=None, map_location="cpu"):
-    """Load our checkpoint dict or a bare torchvision state_dict; return (model in eval mode, checkpoint dict).
-    For a bare state_dict, pass `arch`; the class count is read off the fc weight."""
+def save_atomic(obj, path):
+    """Write to a temp file, fsync, then os.replace: `path` is always a whole checkpoint, old or new."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # a full disk surfaces as either, depending on where torch.save was
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        kept = "the previous one is intact" if os.path.exists(path) else "there was none before"
+        raise OSError(f"could not write {path} ({str(e).splitlines()[0]}); {kept}. Free disk space and run the same "
+                      f"command again to resume") from None
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)  # make the rename itself durable
+    finally:
+        os.close(fd)
+
+
+def load_weights(model, path, classes):
+    """Only the weights of a train.py checkpoint or a torchvision state_dict into `model` (train.py --init-from).
+    A head trained on other classes than `classes` stays at its fresh initialization. Returns a line to print."""
+    ckpt = read_checkpoint(path)
+    ours = isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict)
+    sd = clean_state_dict(ckpt["model"] if ours else ckpt if isinstance(ckpt, dict) else {})
+    theirs, fc = ckpt.get("classes") if ours else None, sd.get("fc.weight")
+    note = ""
+    if fc is None or fc.shape != model.fc.weight.shape or (theirs is not None and theirs != classes):
+        sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
+        note = (f"; its head predicts {0 if fc is None else fc.shape[0]} other classes than the {len(classes)} of "
+                f"the data, so the fc layer starts afresh")
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:
+        raise ValueError(f"--init-from {path} does not fit the network: {str(e).splitlines()[1].strip()}") from None
+    if unexpected or set(missing) - {"fc.weight", "fc.bias"}:
+        raise ValueError(f"--init-from {path} does not fit the network: missing {sorted(missing)[:3]}, unexpected "
+                         f"{sorted(unexpected)[:3]}; pass the --arch it was trained with")
+    return f"initialized from the weights of {path}{note}; optimizer, schedule and epochs start afresh"
+
+
+def load_checkpoint(path, arch=None, ema=False, map_location="cpu"):
+    """The one checkpoint reader: train.py's dict (also the weights-only one app.py exports) or a bare torchvision
+    state_dict. Returns (model in eval mode, info), where info is the checkpoint dict plus what every consumer
+    needs, worked out here once: 'arch', 'names' (readable class names), 'eval_size' and 'tta' (how the run
+    evaluated), 'ema' (whether the model holds the EMA weights). For a bare state_dict pass `arch`; the class
+    count is read off the fc weight."""
     ckpt = read_checkpoint(path, map_location)
     if not isinstance(ckpt, dict):
         raise ValueError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a state_dict or checkpoint dict")
     ours = isinstance(ckpt.get("model"), dict)  # train.py's dict, else a bare state_dict
+    saved = (ckpt.get("args") or {}) if ours else {}
     sd = clean_state_dict(ckpt["model"] if ours else ckpt)
-    arch = (ckpt.get("args") or {}).get("arch", arch) if ours else arch
-    blurpool = bool((ckpt.get("args") or {}).get("blurpool")) if ours else False
+    arch = saved.get("arch", arch)
     if arch is None:
         raise ValueError(f"checkpoint {path} is a bare state_dict; say which network it is with --arch")
     if "fc.weight" not in sd:
         raise ValueError(f"checkpoint {path} has no fc.weight; it is not a ResNet classifier state_dict")
-    model = build_model(arch, num_classes=sd["fc.weight"].shape[0], blurpool=blurpool)
+    if ema:
+        if not ckpt.get("ema"):
+            raise ValueError(f"--ema, but {path} holds no EMA weights; train with --ema 0.9999 or drop --ema")
+        sd = {k[len("module."):]: v for k, v in ckpt["ema"].items() if k.startswith("module.")}  # AveragedModel's
+    model = build_model(arch, num_classes=sd["fc.weight"].shape[0], blurpool=bool(saved.get("blurpool")))
     try:
         model.load_state_dict(sd)
     except RuntimeError as e:
         raise ValueError(f"checkpoint {path} does not fit --arch {arch}: {str(e).splitlines()[1].strip()}") from None
-    return model.eval(), {**(ckpt if ours else {}), "arch": arch}
+    n = model.fc.out_features
+    names = ckpt.get("class_names") or ckpt.get("classes") if ours else None
+    if not names and n == 1000:  # a torchvision ImageNet state_dict: its categories are in sorted-wnid order
+        from torchvision.models import ResNet50_Weights
+        names = list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
+    info = {**(ckpt if ours else {}), "arch": arch, "names": list(names or map(str, range(n))), "ema": ema,
+            "eval_size": saved.get("eval_size") or saved.get("img_size") or 224, "tta": bool(saved.get("tta"))}
+    return model.eval(), info
+
+
+# -----------------------------------------------------------------------------
+# a summary: parameters and multiply-adds per stage
+
+def summary(arch, img_size, num_classes=1000, blurpool=False):
+    """Rows (stage, output shape, parameters, mult-adds) for one image, and a total row. Counted on the meta
+    device (no memory, no compute) with torch.utils.flop_counter, which counts 2 FLOPs per multiply-add of the
+    convolutions and the fc layer, the convention of torchvision's "GFLOPS" (4.09 G for ResNet-50 at 224 px)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device("meta"):
+        m = build_model(arch, num_classes=num_classes, blurpool=blurpool).eval()
+        x = torch.empty(1, 3, img_size, img_size)
+    stem = nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool)
+    head = nn.Sequential(m.avgpool, nn.Flatten(1), m.fc)
+    rows = []
+    for name, stage in (("stem", stem), ("layer1", m.layer1), ("layer2", m.layer2), ("layer3", m.layer3),
+                        ("layer4", m.layer4), ("head", head)):
+        with FlopCounterMode(display=False) as counter:
+            x = stage(x)
+        params = sum(p.numel() for p in stage.parameters())
+        rows.append((name, tuple(x.shape[1:]), params, counter.get_total_flops() // 2))
+    rows.append(("total", tuple(x.shape[1:]), sum(r[2] for r in rows), sum(r[3] for r in rows)))
+    return rows
+
+
+def format_summary(rows, arch, img_size):
+    lines = [f"{arch} at {img_size} px, per image", f"{'stage':<8} {'output':>16} {'parameters':>14} {'mult-adds':>16}"]
+    for name, shape, params, macs in rows:
+        lines.append(f"{name:<8} {str(shape):>16} {params:>14,} {macs:>16,}")
+    return "\n".join(lines)
+
+
+def write_summary(path, arch, img_size, num_classes, blurpool=False):
+    """The per-stage table to `path` (train.py's OUT/model_summary.txt); returns a line with the totals."""
+    rows = summary(arch, img_size, num_classes, blurpool)
+    with open(path, "w") as f:
+        f.write(format_summary(rows, arch, img_size) + "\n")
+    return f"{arch}: {rows[-1][2]:,} parameters, {rows[-1][3] / 1e9:.3g} G mult-adds per image at {img_size} px"
+
+
+def main(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(description="Print a ResNet's parameters and multiply-adds per stage.")
+    p.add_argument("--arch", default="resnet50", choices=list(ARCHS))
+    p.add_argument("--img-size", type=int, default=224, help="input side, px")
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--blurpool", action="store_true", help="with BlurPool (its blur convs add mult-adds)")
+    args = p.parse_args(argv)
+    if min(args.img_size, args.num_classes) < 1:
+        p.error(f"--img-size and --num-classes must be at least 1, got {args.img_size} and {args.num_classes}")
+    print(format_summary(summary(args.arch, args.img_size, args.num_classes, args.blurpool), args.arch,
+                         args.img_size))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
-# run_ec2.sh: take an EC2 GPU instance from bare to trained, and survive spot reclaims.
+# run_ec2.sh: from a laptop to a trained ResNet on EC2, and from a bare instance to a trained model, surviving
+# spot reclaims and never paying for a run that cannot make progress.
 #
-#   ./run_ec2.sh setup                       venv + requirements; check GPUs, disk and shared memory
-#   S3_DATA=s3://bucket/imagenet-1k ./run_ec2.sh data      ImageNet onto local disk, then train.py --check-data
-#   S3_RUNS=s3://bucket/runs ./run_ec2.sh train [train.py flags]   torchrun on every GPU, in tmux, restarted
-#                                                                  after a preemption or crash
-#   ./run_ec2.sh backup                      sync OUT to S3_RUNS every BACKUP_MIN minutes while training runs
-#   ./run_ec2.sh watch-spot                  on a spot interruption notice: SIGTERM the trainer, back up
+# On the laptop (AWS CLI only):
+#   ./run_ec2.sh launch            AMI, IAM role, security group, spot or on-demand instance, user-data that runs
+#                                  setup, data and train (and again after a reboot); README "From zero"
+#   ./run_ec2.sh ssh | logs | status-remote | terminate
+#   ./run_ec2.sh resume            a new instance for a run whose instance was reclaimed: it continues from S3
+# On the instance:
+#   ./run_ec2.sh setup             venv + requirements; check GPUs, disk and shared memory
+#   ./run_ec2.sh data              S3_DATA onto local disk (DATA_DIR), then train.py --check-data
+#   ./run_ec2.sh train [flags]     torchrun train.py on every GPU, in tmux, restarted after a preemption or a crash
+#                                  that made progress; starts the S3 backup, the spot watcher and the budget guard
+#   ./run_ec2.sh bench             bench.py on this GPU and these JPEGs: the projected hours and dollars
 #   ./run_ec2.sh status | stop
 #
 # Every setting is an environment variable; the defaults are below. DRY_RUN=1 prints each command instead.
@@ -17,20 +23,43 @@ VENV=${VENV:-$REPO_DIR/.venv}                        # the virtual environment s
 DATA_DIR=${DATA_DIR:-/mnt/imagenet}                  # fast local disk (instance store or gp3)
 S3_DATA=${S3_DATA:-}                                 # s3://bucket/imagenet-1k: an ImageFolder tree or the Kaggle zip
 S3_RUNS=${S3_RUNS:-}                                 # s3://bucket/runs: where OUT is backed up
-OUT=${OUT:-$REPO_DIR/runs/default}                   # train.py --out
+OUT=${OUT:-$REPO_DIR/runs/default}                   # train.py --out; its S3 copy is S3_RUNS/<name of OUT>
 BACKUP_MIN=${BACKUP_MIN:-10}                         # minutes between backups
-HOURLY_USD=${HOURLY_USD:-0}                          # the instance's price, for status
+HOURLY_USD=${HOURLY_USD:-0}                          # the instance's price, for status, the budget and train.py's log
+BUDGET_USD=${BUDGET_USD:-}                           # stop the run (cleanly) once the instance has cost this much
 SESSION=${SESSION:-resnet}                           # tmux session name
 MAX_RESTARTS=${MAX_RESTARTS:-50}                     # the restart loop gives up after this many
 RESTART_DELAY_S=${RESTART_DELAY_S:-10}               # pause before a restart
 IMDS_URL=${IMDS_URL:-http://169.254.169.254}         # instance metadata service (tests point it at 127.0.0.1)
 SPOT_POLL_S=${SPOT_POLL_S:-5}                        # seconds between spot notice polls
+BUDGET_POLL_S=${BUDGET_POLL_S:-60}                   # seconds between budget checks
 MIN_FREE_GB=${MIN_FREE_GB:-400}                      # ImageNet takes about 160 GB, its zip as much again
 MIN_SHM_GB=${MIN_SHM_GB:-8}                          # DataLoader workers pass batches through /dev/shm
 TRAIN_CMD=${TRAIN_CMD:-}                             # replaces "torchrun ... train.py" (tests use a stand-in)
 AWS=${AWS:-aws}                                      # the AWS CLI
 DRY_RUN=${DRY_RUN:-0}                                # 1: print the commands, run nothing
+# launch (on the laptop)
+INSTANCE_TYPE=${INSTANCE_TYPE:-}                     # e.g. g6e.xlarge or p5.4xlarge: README "Choosing an instance"
+SPOT=${SPOT:-1}                                      # 1: a spot instance, 0: on-demand
+DISK_GB=${DISK_GB:-400}                              # gp3 root volume: ImageNet, its zip and the checkpoints
+REGION=${REGION:-${AWS_DEFAULT_REGION:-us-east-1}}
+KEY_NAME=${KEY_NAME:-}                               # an EC2 key pair for ssh
+KEY_FILE=${KEY_FILE:-$HOME/.ssh/$KEY_NAME.pem}
+REPO_URL=${REPO_URL:-}                               # what the instance clones; default: this checkout's origin
+RUN=${RUN:-$(basename "$OUT")}                       # the run's name: runs/RUN on the instance, S3_RUNS/RUN in S3
+TRAIN_ARGS=${TRAIN_ARGS:-}                           # train.py flags for the launched run, e.g. "--epochs 16"
+NAME_PREFIX=${NAME_PREFIX:-resnet-ec2}               # the IAM role, instance profile and security group
+AMI_PARAM=${AMI_PARAM:-/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-24.04/latest/ami-id}
+MY_IP=${MY_IP:-}                                     # SSH is open to this address only; default: checkip.amazonaws.com
+STATE_DIR=${STATE_DIR:-$REPO_DIR/.ec2}               # the laptop's record of launched instances, one file a run
+REMOTE_USER=${REMOTE_USER:-ubuntu}                   # the AMI's login user
+REMOTE_HOME=${REMOTE_HOME:-/home/$REMOTE_USER}       # where the instance clones the repo (REMOTE_HOME/resnet)
 
+# what a tmux session, a helper and a launched instance get explicitly: a tmux server keeps its own environment
+SETTINGS=(REPO_DIR VENV DATA_DIR S3_DATA S3_RUNS OUT BACKUP_MIN HOURLY_USD BUDGET_USD SESSION MAX_RESTARTS
+          RESTART_DELAY_S IMDS_URL SPOT_POLL_S BUDGET_POLL_S MIN_FREE_GB MIN_SHM_GB TRAIN_CMD AWS DRY_RUN PATH)
+AWS_SETTINGS=(AWS_PROFILE AWS_REGION AWS_DEFAULT_REGION AWS_ENDPOINT_URL AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY
+              AWS_SESSION_TOKEN AWS_SHARED_CREDENTIALS_FILE AWS_CONFIG_FILE)
 LOG=$OUT/train.log
 PIDFILE=$OUT/trainer.pid
 
@@ -40,14 +69,19 @@ run() { if [[ $DRY_RUN == 1 ]]; then printf '+ %s\n' "$*"; else "$@"; fi; }
 
 usage() {
     case ${1:-} in
-        setup) echo "setup: create $VENV, install requirements.txt (reusing a CUDA torch already on the system, as on a Deep Learning AMI), and check nvidia-smi, free disk (MIN_FREE_GB) and /dev/shm (MIN_SHM_GB)." ;;
-        data) echo "data: aws s3 sync S3_DATA to DATA_DIR (or download and unzip the Kaggle zip found there), then train.py --check-data." ;;
-        train) echo "train [train.py flags]: torchrun --nproc_per_node=<GPUs> train.py --data DATA_DIR --out OUT [flags] in tmux session SESSION (nohup without tmux), output to OUT/train.log; restarted after 'preempted' or 'crashed' (MAX_RESTARTS), stopped on done or on a config error. With no OUT/last.pt it first restores OUT from S3_RUNS." ;;
-        backup) echo "backup: aws s3 sync OUT to S3_RUNS/<name of OUT> every BACKUP_MIN minutes while the trainer runs, and once more at the end." ;;
-        watch-spot) echo "watch-spot: poll IMDS_URL (IMDSv2: token first) every SPOT_POLL_S seconds; on a spot interruption notice, SIGTERM the trainer (train.py checkpoints) and run a final backup." ;;
-        status) echo "status: GPU use, the last log line, and epoch, top-1 and cost so far (HOURLY_USD)." ;;
+        setup) echo "setup: create $VENV (reusing a CUDA torch already on the system), install requirements.txt, and check nvidia-smi, free disk (MIN_FREE_GB) and /dev/shm (MIN_SHM_GB)." ;;
+        data) echo "data: create DATA_DIR (with sudo where the user may not write, as /mnt), aws s3 sync S3_DATA there (or download and unzip the Kaggle zip found there), then train.py --check-data." ;;
+        train) echo "train [train.py flags]: torchrun --nproc_per_node=<GPUs> train.py --data DATA_DIR --out OUT [flags] in tmux session SESSION (nohup without tmux), every setting passed explicitly, output to OUT/train.log. Restarted after 'preempted', and after 'crashed' only when last.pt moved on since the start; stopped on done, a config error, or BUDGET_USD. Starts the S3 backup and the spot watcher (S3_RUNS) and the budget guard (BUDGET_USD). With no OUT/last.pt it first restores OUT from S3_RUNS." ;;
+        backup) echo "backup: aws s3 sync OUT to S3_RUNS/<name of OUT> every BACKUP_MIN minutes while training runs, and once more at the end (train starts it)." ;;
+        watch-spot) echo "watch-spot: poll IMDS_URL (IMDSv2) every SPOT_POLL_S seconds; on a spot interruption notice, SIGTERM the trainer (train.py checkpoints) and back up to S3_RUNS, which it requires (train starts it)." ;;
+        budget) echo "budget: every BUDGET_POLL_S seconds, the money spent since launch (HOURLY_USD) against BUDGET_USD: a warning in the log when the projection to the last epoch passes it, a clean stop when the spending reaches it (train starts it)." ;;
+        bench) echo "bench: python bench.py --device cuda on the JPEGs of DATA_DIR, with HOURLY_USD: this GPU's and this machine's loader's rates, and the projected hours and dollars." ;;
+        status) echo "status: GPU use, the last log line, epoch and top-1, and the cost since the instance's launch (IMDS; uptime as the fallback) with the projection to the last epoch and BUDGET_USD." ;;
         stop) echo "stop: SIGTERM the trainer (it checkpoints) and end the tmux session." ;;
-        *) sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' ;;
+        launch) echo "launch: from INSTANCE_TYPE, SPOT, DISK_GB, S3_DATA, S3_RUNS, REPO_URL, KEY_NAME, REGION (and RUN, TRAIN_ARGS, HOURLY_USD, BUDGET_USD): the Deep Learning AMI from SSM (AMI_PARAM), an IAM role that reads S3_DATA and writes S3_RUNS, a security group open to MY_IP's SSH only, the instance, and user-data that runs setup, data and train on every boot (systemd)." ;;
+        resume) echo "resume: launch a new instance for RUN, which must have a last.pt in S3_RUNS/RUN: train restores it and continues." ;;
+        ssh|logs|status-remote|terminate) echo "ssh | logs | status-remote | terminate: log in to RUN's instance, print its last log lines (over SSH, else from S3_RUNS), run status there, or terminate it." ;;
+        *) sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' ;;
     esac
 }
 
@@ -57,10 +91,12 @@ gpu_count() {
 
 python_bin() { if [[ -x $VENV/bin/python ]]; then echo "$VENV/bin/python"; else echo python3; fi; }
 
+alive() { [[ -n ${1:-} ]] && kill -0 "$1" 2>/dev/null; }
+
 trainer_pid() {
     local pid
     pid=$(cat "$PIDFILE" 2>/dev/null || true)
-    if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then echo "$pid"; fi
+    if alive "$pid"; then echo "$pid"; fi
 }
 
 backup_once() {
@@ -68,16 +104,37 @@ backup_once() {
     run "$AWS" s3 sync "$OUT" "$S3_RUNS/$(basename "$OUT")" --only-show-errors --exclude "*.tmp"
 }
 
+ensure_dir() {  # mkdir -p, with sudo where the user may not write (/mnt belongs to root on Ubuntu and the DLAMI)
+    local dir=$1 parent=$1
+    while [[ ! -e $parent ]]; do parent=$(dirname "$parent"); done
+    if [[ -d $dir && -w $dir ]] || { [[ ! -e $dir ]] && [[ -w $parent ]]; }; then
+        run mkdir -p "$dir"
+    else
+        run sudo mkdir -p "$dir"
+        run sudo chown "$(id -u):$(id -g)" "$dir"
+    fi
+}
+
+settings_env() {  # NAME=value for every setting that is set, one a line
+    local name
+    for name in "${SETTINGS[@]}" "${AWS_SETTINGS[@]}"; do
+        if [[ -n ${!name+x} ]]; then printf '%s=%s\n' "$name" "${!name}"; fi
+    done
+}
+
+# -----------------------------------------------------------------------------
+# on the instance
+
 cmd_setup() {
     local gpus free_gb shm_gb
     if [[ $DRY_RUN != 1 ]] && python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
-        say "a CUDA torch is installed system-wide (Deep Learning AMI): reusing it"
-        run python3 -m venv --system-site-packages "$VENV"
+        say "a CUDA torch is installed system-wide: reusing it"
+        [[ -x $VENV/bin/python ]] || run python3 -m venv --system-site-packages "$VENV"
         local reqs
         mapfile -t reqs < <(grep -v '^torch' "$REPO_DIR/requirements.txt")
         run "$VENV/bin/pip" install -q "${reqs[@]}"
     else
-        run python3 -m venv "$VENV"
+        [[ -x $VENV/bin/python ]] || run python3 -m venv "$VENV"
         run "$VENV/bin/pip" install -q -r "$REPO_DIR/requirements.txt"
     fi
     gpus=$(gpu_count)
@@ -91,7 +148,7 @@ cmd_setup() {
 
 cmd_data() {
     [[ -n $S3_DATA ]] || die "set S3_DATA=s3://bucket/path of ImageNet (a train/ val/ tree or the Kaggle zip)"
-    run mkdir -p "$DATA_DIR"
+    ensure_dir "$DATA_DIR"
     local zip
     zip=$("$AWS" s3 ls "$S3_DATA/" 2>/dev/null | awk '/\.zip$/ {print $4; exit}' || true)
     if [[ -n $zip ]]; then
@@ -104,29 +161,89 @@ cmd_data() {
     run "$(python_bin)" "$REPO_DIR/train.py" --check-data --data "$DATA_DIR"
 }
 
+cmd_bench() {
+    local flags=(--device cuda --data "$DATA_DIR")
+    [[ $HOURLY_USD == 0 ]] || flags+=(--hourly-usd "$HOURLY_USD")
+    run "$(python_bin)" "$REPO_DIR/bench.py" "${flags[@]}" "$@"
+}
+
 # The restart loop: train.py writes done / stopped / preempted / crashed / bad_input / diverged to OUT/status.
 trainer_cmd() {  # the command line the loop runs, one word a line
-    local gpus
+    local gpus words
     gpus=$(gpu_count)
-    local words
     if [[ -n $TRAIN_CMD ]]; then read -r -a words <<< "$TRAIN_CMD"; printf '%s\n' "${words[@]}"; else
         printf '%s\n' torchrun "--nproc_per_node=$(( gpus > 0 ? gpus : 1 ))" "$REPO_DIR/train.py" --data "$DATA_DIR"
+        if [[ $HOURLY_USD != 0 ]]; then printf '%s\n' --hourly-usd "$HOURLY_USD"; fi
     fi
 }
 
+ckpt_stamp() { stat -c '%Y %s' "$OUT/last.pt" 2>/dev/null || echo none; }
+
+last_error() {  # the last line of the log that says what went wrong
+    local line
+    line=$(grep -E 'error|Error|ERROR' "$LOG" 2>/dev/null | tail -n 1 || true)
+    printf '%s' "${line:-$(grep -v '^[[:space:]]*$' "$LOG" 2>/dev/null | tail -n 1 || true)}"
+}
+
+HELPERS=()
+start_helpers() {  # the backup, the spot watcher and the budget guard, for as long as the loop runs
+    local self=$REPO_DIR/run_ec2.sh
+    if [[ -n $S3_RUNS ]]; then
+        "$self" backup >> "$OUT/backup.log" 2>&1 &
+        HELPERS+=("$!")
+        "$self" watch-spot >> "$OUT/watch-spot.log" 2>&1 &
+        HELPERS+=("$!")
+    else
+        say "warning: S3_RUNS is not set: nothing is backed up, and a spot reclaim takes the disk with it"
+    fi
+    if [[ -n $BUDGET_USD ]]; then
+        "$self" budget >> "$LOG" 2>&1 &
+        HELPERS+=("$!")
+    fi
+}
+
+stop_helpers() {  # TERM each one; the backup syncs once more on its way out, and the spot watcher finishes its own
+    local pid
+    if [[ -f $OUT/spot_notice ]]; then sleep 1; fi
+    for pid in "${HELPERS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in "${HELPERS[@]}"; do wait "$pid" 2>/dev/null || true; done
+}
+
 train_loop() {
-    local restarts=0 code status cmd
+    local restarts=0 code status before cmd
     mapfile -t cmd < <(trainer_cmd)
+    echo $$ > "$OUT/loop.pid"
+    rm -f "$OUT/spot_notice" "$OUT/budget_stop"
+    start_helpers
+    trap stop_helpers EXIT
     while true; do
+        if [[ -n $BUDGET_USD ]] && budget_spent; then
+            echo stopped > "$OUT/status"
+            say "not starting: \$$(money spent) of BUDGET_USD=\$$BUDGET_USD spent; raise BUDGET_USD to continue"
+            return 0
+        fi
         rm -f "$OUT/status"
+        before=$(ckpt_stamp)
         "${cmd[@]}" --out "$OUT" "$@" >> "$LOG" 2>&1 &
         echo $! > "$PIDFILE"
         code=0
         wait $! || code=$?
         status=$(cat "$OUT/status" 2>/dev/null || echo crashed)
+        if [[ -f $OUT/budget_stop ]]; then
+            echo stopped > "$OUT/status"
+            say "training stopped at BUDGET_USD=\$$BUDGET_USD (checkpointed; backed up); raise it to continue"
+            return 0
+        fi
+        if [[ -f $OUT/spot_notice ]]; then say "spot interruption: not restarting on an instance about to go"; return 0; fi
         case $status in
             done|stopped) say "training $status"; return 0 ;;
-            bad_input|diverged) say "training stopped: $status (exit $code); see $LOG"; return "$code" ;;
+            bad_input) say "training stopped: a config error: $(last_error)"; return 2 ;;
+            diverged) say "training stopped: the loss diverged: $(last_error)"; return 3 ;;
+            crashed)
+                if [[ $(ckpt_stamp) == "$before" ]]; then
+                    say "training crashed (exit $code) with no progress since its start (last.pt did not move on), so a restart would fail the same way: $(last_error)"
+                    return 1
+                fi ;;
         esac
         restarts=$((restarts + 1))
         if [[ $restarts -gt $MAX_RESTARTS ]]; then say "giving up after $MAX_RESTARTS restarts"; return 1; fi
@@ -146,53 +263,127 @@ cmd_train() {
         mapfile -t cmd < <(trainer_cmd)
         run "${cmd[@]}" --out "$OUT" "$@"
     fi
-    local self
-    self=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")
+    local self=$REPO_DIR/run_ec2.sh env_words
+    mapfile -t env_words < <(settings_env)
     if [[ ${FOREGROUND:-0} == 1 ]]; then
         train_loop "$@"
     elif command -v tmux >/dev/null 2>&1; then
-        run tmux new-session -d -s "$SESSION" "FOREGROUND=1 $(printf '%q ' "$self" train "$@")"
+        # every setting on the command line: a tmux server that already runs gives new sessions its own environment
+        run tmux new-session -d -s "$SESSION" "$(printf '%q ' env "${env_words[@]}" FOREGROUND=1 "$self" train "$@")"
         say "training in tmux session '$SESSION' (tmux attach -t $SESSION); log: $LOG"
     else
-        run nohup env FOREGROUND=1 "$self" train "$@" >> "$OUT/loop.log" 2>&1 &
+        run nohup env "${env_words[@]}" FOREGROUND=1 "$self" train "$@" >> "$OUT/loop.log" 2>&1 &
         say "training under nohup; log: $LOG"
     fi
 }
 
-training_active() {  # the trainer runs, or its restart loop's tmux session is still there
-    [[ -n $(trainer_pid) ]] || { command -v tmux >/dev/null 2>&1 && tmux has-session -t "$SESSION" 2>/dev/null; }
+training_active() {  # the restart loop or the trainer runs
+    alive "$(cat "$OUT/loop.pid" 2>/dev/null || true)" || [[ -n $(trainer_pid) ]]
 }
 
 cmd_backup() {
+    trap 'backup_once; exit 0' TERM
     while true; do
         backup_once
         training_active || break
-        sleep $((BACKUP_MIN * 60))
+        sleep $((BACKUP_MIN * 60)) &
+        wait $! || true
     done
 }
 
+imds_get() {  # IMDSv2: a token first, then the path; empty when there is no metadata service
+    local token
+    token=$(curl -s -f --max-time 2 --noproxy '*' -X PUT "$IMDS_URL/latest/api/token" \
+        -H "X-aws-ec2-metadata-token-ttl-seconds: 300" || true)
+    curl -s -f --max-time 2 --noproxy '*' -H "X-aws-ec2-metadata-token: $token" "$IMDS_URL/latest/$1" || true
+}
+
 cmd_watch_spot() {
+    [[ -n $S3_RUNS ]] || die "watch-spot needs S3_RUNS: after a spot notice its final backup is what saves the run (set S3_RUNS=s3://bucket/runs)"
     local token code pid
     while true; do
-        token=$(curl -s -f --noproxy '*' -X PUT "$IMDS_URL/latest/api/token" -H "X-aws-ec2-metadata-token-ttl-seconds: 300" || true)
-        code=$(curl -s --noproxy '*' -o /dev/null -w '%{http_code}' -H "X-aws-ec2-metadata-token: $token" \
+        token=$(curl -s -f --max-time 2 --noproxy '*' -X PUT "$IMDS_URL/latest/api/token" -H "X-aws-ec2-metadata-token-ttl-seconds: 300" || true)
+        code=$(curl -s --max-time 2 --noproxy '*' -o /dev/null -w '%{http_code}' -H "X-aws-ec2-metadata-token: $token" \
             "$IMDS_URL/latest/meta-data/spot/instance-action" || true)
         if [[ $code == 200 ]]; then
             say "spot interruption notice: stopping the trainer"
+            touch "$OUT/spot_notice"
             pid=$(trainer_pid)
             if [[ -n $pid ]]; then
                 run kill -TERM "$pid"
-                for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+                for _ in $(seq 100); do alive "$pid" || break; sleep 1; done
             fi
             backup_once
             return 0
         fi
-        sleep "$SPOT_POLL_S"
+        sleep "$SPOT_POLL_S" &
+        wait $! || true
+    done
+}
+
+# -----------------------------------------------------------------------------
+# money: the instance's whole time since launch, as the bill counts it
+
+launch_time() {  # "<seconds since 1970> <source>": IMDS's identity document (pendingTime), else the boot time
+    local doc pending
+    doc=$(imds_get dynamic/instance-identity/document | tr -d '\n')
+    pending=$(printf '%s' "$doc" | sed -n 's/.*"pendingTime"[[:space:]]*:[[:space:]]*"\([^"]*\)".*/\1/p')
+    if [[ -n $pending ]] && date -d "$pending" +%s >/dev/null 2>&1; then
+        echo "$(date -d "$pending" +%s) IMDS"
+    else
+        echo "$(( $(date +%s) - $(cut -d. -f1 /proc/uptime) )) uptime"
+    fi
+}
+
+costs() {  # "hours spent projected_usd epochs_left min_per_epoch source", from the launch time and log.jsonl
+    local launched source
+    read -r launched source < <(launch_time)
+    python3 - "$OUT/log.jsonl" "$HOURLY_USD" "$launched" "$source" <<'PY'
+import json, os, sys, time
+path, price, launched, source = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+rows = [json.loads(line) for line in open(path) if line.strip()] if os.path.exists(path) else []
+hours = (time.time() - launched) / 3600
+left = rows[-1]["epochs"] - rows[-1]["epoch"] - 1 if rows and "epochs" in rows[-1] else 0
+per_epoch_h = sum(r["epoch_s"] for r in rows[-3:]) / len(rows[-3:]) / 3600 if rows else 0
+print(f"{hours:.3f} {hours * price:.2f} {(hours + left * per_epoch_h) * price:.2f} {left} {per_epoch_h * 60:.1f} {source}")
+PY
+}
+
+money() {  # one field of costs(): spent or projected
+    local hours spent projected rest
+    read -r hours spent projected rest < <(costs)
+    case $1 in spent) echo "$spent" ;; projected) echo "$projected" ;; hours) echo "$hours" ;; esac
+}
+
+budget_spent() { awk -v s="$(money spent)" -v b="$BUDGET_USD" 'BEGIN { exit !(s >= b) }'; }
+
+cmd_budget() {
+    [[ -n $BUDGET_USD ]] || die "set BUDGET_USD, the most this run may cost"
+    [[ $HOURLY_USD != 0 ]] || die "set HOURLY_USD to the instance's price: the budget needs it"
+    local warned=0 spent projected pid
+    while true; do
+        read -r _ spent projected _ < <(costs)
+        if [[ $warned == 0 ]] && awk -v p="$projected" -v b="$BUDGET_USD" 'BEGIN { exit !(p > b) }'; then
+            say "warning: the projected cost to the last epoch, \$$projected, passes BUDGET_USD=\$$BUDGET_USD; the run will stop at \$$BUDGET_USD"
+            warned=1
+        fi
+        if awk -v s="$spent" -v b="$BUDGET_USD" 'BEGIN { exit !(s >= b) }'; then
+            say "budget reached: \$$spent of BUDGET_USD=\$$BUDGET_USD spent: stopping the trainer (it checkpoints)"
+            touch "$OUT/budget_stop"
+            pid=$(trainer_pid)
+            if [[ -n $pid ]]; then
+                kill -TERM "$pid"
+                for _ in $(seq 300); do alive "$pid" || break; sleep 1; done
+            fi
+            return 0
+        fi
+        sleep "$BUDGET_POLL_S" &
+        wait $! || true
     done
 }
 
 cmd_status() {
-    local pid
+    local pid hours spent projected left per_epoch source
     pid=$(trainer_pid)
     echo "trainer: ${pid:+running (pid $pid)}${pid:-not running}; status file: $(cat "$OUT/status" 2>/dev/null || echo none)"
     if command -v nvidia-smi >/dev/null 2>&1; then
@@ -200,14 +391,15 @@ cmd_status() {
     fi
     [[ -f $LOG ]] && echo "last log line: $(tail -n 1 "$LOG")"
     if [[ -f $OUT/log.jsonl ]]; then
-        "$(python_bin)" - "$OUT/log.jsonl" "$HOURLY_USD" <<'PY'
+        "$(python_bin)" - "$OUT/log.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
-hours = sum(r["epoch_s"] for r in rows) / 3600
-print(f"epoch {rows[-1]['epoch'] + 1}: val top-1 {rows[-1]['val_top1']:.2f}% (best {max(r['val_top1'] for r in rows):.2f}%), "
-      f"{hours:.2f} h of training so far, ${hours * float(sys.argv[2]):.2f} at ${float(sys.argv[2]):.2f}/h")
+print(f"epoch {rows[-1]['epoch'] + 1}: val top-1 {rows[-1]['val_top1']:.2f}% (best {max(r['val_top1'] for r in rows):.2f}%)")
 PY
     fi
+    read -r hours spent projected left per_epoch source < <(costs)
+    echo "cost: the instance has run ${hours} h since its launch (from ${source}): \$${spent} at \$${HOURLY_USD}/h;" \
+         "projected \$${projected} to the last epoch (${left} left at ${per_epoch} min each)${BUDGET_USD:+; BUDGET_USD \$$BUDGET_USD}"
 }
 
 cmd_stop() {
@@ -216,9 +408,202 @@ cmd_stop() {
     if [[ -n $pid ]]; then run kill -TERM "$pid"; say "sent SIGTERM to the trainer (pid $pid): it checkpoints"; fi
     if command -v tmux >/dev/null 2>&1 && tmux has-session -t "$SESSION" 2>/dev/null; then
         # the loop sees 'preempted' and would restart: end its session once the trainer is gone
-        if [[ -n $pid ]]; then for _ in $(seq 60); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done; fi
+        if [[ -n $pid ]]; then for _ in $(seq 60); do alive "$pid" || break; sleep 1; done; fi
         run tmux kill-session -t "$SESSION"
     fi
+}
+
+# -----------------------------------------------------------------------------
+# on the laptop: launch and look after an instance with the AWS CLI only
+
+aws_q() {  # an AWS call whose output is needed; under DRY_RUN, printed, with $1 as the stand-in output
+    local stand_in=$1
+    shift
+    if [[ $DRY_RUN == 1 ]]; then printf '+ %s %s\n' "$AWS" "$*" >&2; echo "$stand_in"; else "$AWS" --region "$REGION" "$@"; fi
+}
+
+s3_path() {  # s3://bucket/a/b -> "bucket a/b"
+    local rest=${1#s3://}
+    [[ $1 == s3://* && -n ${rest%%/*} ]] || die "$1 is not an s3://bucket/path address"
+    local prefix=${rest#"${rest%%/*}"}
+    echo "${rest%%/*} ${prefix#/}"
+}
+
+policy_json() {  # the instance role may read S3_DATA, read and write S3_RUNS, and nothing else
+    local db dp rb rp
+    read -r db dp < <(s3_path "$S3_DATA")
+    read -r rb rp < <(s3_path "$S3_RUNS")
+    cat <<JSON
+{"Version": "2012-10-17", "Statement": [
+  {"Sid": "ListData", "Effect": "Allow", "Action": "s3:ListBucket", "Resource": "arn:aws:s3:::$db",
+   "Condition": {"StringLike": {"s3:prefix": ["${dp:-*}", "${dp:+$dp/*}"]}}},
+  {"Sid": "ReadData", "Effect": "Allow", "Action": "s3:GetObject", "Resource": "arn:aws:s3:::$db/${dp:+$dp/}*"},
+  {"Sid": "ListRuns", "Effect": "Allow", "Action": "s3:ListBucket", "Resource": "arn:aws:s3:::$rb",
+   "Condition": {"StringLike": {"s3:prefix": ["${rp:-*}", "${rp:+$rp/*}"]}}},
+  {"Sid": "ReadWriteRuns", "Effect": "Allow", "Action": ["s3:GetObject", "s3:PutObject"],
+   "Resource": "arn:aws:s3:::$rb/${rp:+$rp/}*"}
+]}
+JSON
+}
+
+TRUST_JSON='{"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}]}'
+
+exists() {  # an AWS lookup that succeeds; under DRY_RUN nothing exists yet, so every creation is printed
+    [[ $DRY_RUN != 1 ]] && "$AWS" --region "$REGION" "$@" >/dev/null 2>&1
+}
+
+ensure_role() {  # the role, its inline policy (rewritten each launch: S3_DATA or S3_RUNS may have changed), the profile
+    if ! exists iam get-role --role-name "$NAME_PREFIX"; then
+        aws_q "" iam create-role --role-name "$NAME_PREFIX" --assume-role-policy-document "$TRUST_JSON" >/dev/null
+    fi
+    aws_q "" iam put-role-policy --role-name "$NAME_PREFIX" --policy-name "$NAME_PREFIX-s3" \
+        --policy-document "$(policy_json)" >/dev/null
+    if ! exists iam get-instance-profile --instance-profile-name "$NAME_PREFIX"; then
+        aws_q "" iam create-instance-profile --instance-profile-name "$NAME_PREFIX" >/dev/null
+        aws_q "" iam add-role-to-instance-profile --instance-profile-name "$NAME_PREFIX" --role-name "$NAME_PREFIX" >/dev/null
+    fi
+}
+
+ensure_sg() {  # a security group that lets SSH in from MY_IP only; prints its id
+    local ip=$MY_IP sg
+    if [[ -z $ip ]]; then
+        ip=$(curl -s -f --max-time 5 https://checkip.amazonaws.com | tr -d '[:space:]') || die "could not find this machine's public IP; set MY_IP"
+    fi
+    if exists ec2 describe-security-groups --group-names "$NAME_PREFIX"; then
+        sg=$("$AWS" --region "$REGION" ec2 describe-security-groups --group-names "$NAME_PREFIX" \
+            --query 'SecurityGroups[0].GroupId' --output text)
+    else
+        sg=$(aws_q sg-DRYRUN ec2 create-security-group --group-name "$NAME_PREFIX" \
+            --description "SSH to run_ec2.sh instances" --query GroupId --output text)
+    fi
+    if [[ $DRY_RUN == 1 ]]; then
+        aws_q "" ec2 authorize-security-group-ingress --group-id "$sg" --protocol tcp --port 22 --cidr "$ip/32" >/dev/null
+    else  # fails when the rule is there already, from an earlier launch
+        "$AWS" --region "$REGION" ec2 authorize-security-group-ingress --group-id "$sg" --protocol tcp --port 22 \
+            --cidr "$ip/32" >/dev/null 2>&1 || true
+    fi
+    echo "$sg"
+}
+
+user_data() {  # the instance's boot script: RUN_USER runs setup, data and train now and after every reboot
+    local name
+    cat <<'EOF'
+#!/bin/bash
+# run_ec2.sh launch's user-data: a systemd service that runs setup, data and train as RUN_USER, now and after every
+# reboot; each step is idempotent, so a reboot (or `run_ec2.sh resume` on a new instance) picks up where it was.
+# BOOT_ROOT and SYSTEMCTL let a test run this file on a machine that is not the instance.
+set -euo pipefail
+BOOT_ROOT=${BOOT_ROOT:-}
+SYSTEMCTL=${SYSTEMCTL:-systemctl}
+mkdir -p "$BOOT_ROOT/etc" "$BOOT_ROOT/usr/local/bin" "$BOOT_ROOT/etc/systemd/system"
+cat > "$BOOT_ROOT/etc/resnet-run.env" <<'ENV'
+EOF
+    for name in RUN_USER REPO_URL REPO DATA_DIR S3_DATA S3_RUNS OUT HOURLY_USD BUDGET_USD TRAIN_ARGS; do
+        printf '%s=%q\n' "$name" "${!name}"
+    done
+    cat <<'EOF'
+ENV
+cat > "$BOOT_ROOT/usr/local/bin/resnet-run" <<SCRIPT
+#!/bin/bash
+set -euo pipefail
+set -a
+# shellcheck source=/dev/null
+. "$BOOT_ROOT/etc/resnet-run.env"
+set +a
+SCRIPT
+cat >> "$BOOT_ROOT/usr/local/bin/resnet-run" <<'SCRIPT'
+[ -d "$REPO/.git" ] || git clone --quiet "$REPO_URL" "$REPO"
+cd "$REPO"
+./run_ec2.sh setup
+[ -f "$DATA_DIR/.run_ec2_data_done" ] || { ./run_ec2.sh data && touch "$DATA_DIR/.run_ec2_data_done"; }
+read -r -a flags <<< "$TRAIN_ARGS"
+FOREGROUND=1 exec ./run_ec2.sh train "${flags[@]}"
+SCRIPT
+chmod +x "$BOOT_ROOT/usr/local/bin/resnet-run"
+# shellcheck source=/dev/null
+. "$BOOT_ROOT/etc/resnet-run.env"
+cat > "$BOOT_ROOT/etc/systemd/system/resnet-run.service" <<UNIT
+[Unit]
+Description=run_ec2.sh: setup, data and train
+After=network-online.target
+Wants=network-online.target
+[Service]
+Type=simple
+User=$RUN_USER
+ExecStart=/usr/local/bin/resnet-run
+Restart=no
+[Install]
+WantedBy=multi-user.target
+UNIT
+"$SYSTEMCTL" daemon-reload
+"$SYSTEMCTL" enable --now resnet-run.service
+EOF
+}
+
+state_file() { echo "$STATE_DIR/$RUN.instance"; }
+
+instance_id() {
+    [[ -f $(state_file) ]] || die "no instance recorded for RUN=$RUN in $STATE_DIR; launch one first"
+    cat "$(state_file)"
+}
+
+cmd_launch() {
+    [[ -n $INSTANCE_TYPE ]] || die "set INSTANCE_TYPE, e.g. g6e.xlarge (README 'Choosing an instance')"
+    [[ -n $KEY_NAME ]] || die "set KEY_NAME to an EC2 key pair of REGION (README 'From zero')"
+    [[ -n $S3_DATA && -n $S3_RUNS ]] || die "set S3_DATA (ImageNet) and S3_RUNS (backups), both s3://bucket/path"
+    if [[ -z $REPO_URL ]]; then
+        REPO_URL=$(git -C "$REPO_DIR" remote get-url origin 2>/dev/null) || die "set REPO_URL: what the instance clones"
+    fi
+    local ami sg market=() home=$REMOTE_HOME id
+    ami=$(aws_q ami-DRYRUN ssm get-parameter --name "$AMI_PARAM" --query Parameter.Value --output text) \
+        || die "could not read the AMI from SSM parameter $AMI_PARAM in $REGION"
+    ensure_role
+    sg=$(ensure_sg)
+    if [[ $SPOT == 1 ]]; then
+        market=(--instance-market-options 'MarketType=spot,SpotOptions={SpotInstanceType=one-time,InstanceInterruptionBehavior=terminate}')
+    fi
+    local ud
+    ud=$(RUN_USER=$REMOTE_USER REPO="$home/resnet" OUT="$home/resnet/runs/$RUN" user_data)
+    if [[ $DRY_RUN == 1 ]]; then printf '%s\n' "--- user-data ---" "$ud" "--- end of user-data ---" >&2; fi
+    for attempt in 1 2 3 4 5 6; do  # a new instance profile takes a few seconds to be usable
+        id=$(aws_q i-DRYRUN ec2 run-instances --image-id "$ami" --instance-type "$INSTANCE_TYPE" --key-name "$KEY_NAME" \
+            --security-group-ids "$sg" --iam-instance-profile "Name=$NAME_PREFIX" "${market[@]}" \
+            --block-device-mappings "DeviceName=/dev/sda1,Ebs={VolumeSize=$DISK_GB,VolumeType=gp3,DeleteOnTermination=true}" \
+            --user-data "$ud" --tag-specifications "ResourceType=instance,Tags=[{Key=Name,Value=$NAME_PREFIX-$RUN},{Key=run,Value=$RUN}]" \
+            --query 'Instances[0].InstanceId' --output text) && break
+        [[ $attempt == 6 ]] && die "run-instances failed (see above): capacity, a quota, or the instance profile"
+        sleep 5
+    done
+    run mkdir -p "$STATE_DIR"
+    if [[ $DRY_RUN != 1 ]]; then echo "$id" > "$(state_file)"; fi
+    say "launched $id ($INSTANCE_TYPE, $([[ $SPOT == 1 ]] && echo spot || echo on-demand), ${DISK_GB} GB gp3) for run $RUN;" \
+        "it sets up, fetches the data and trains on its own: ./run_ec2.sh logs, ./run_ec2.sh ssh, ./run_ec2.sh terminate"
+}
+
+cmd_resume() {
+    [[ -n $S3_RUNS ]] || die "set S3_RUNS: resume continues the run from its backup there"
+    if [[ $DRY_RUN != 1 ]] && ! "$AWS" --region "$REGION" s3 ls "$S3_RUNS/$RUN/last.pt" >/dev/null 2>&1; then
+        die "no $S3_RUNS/$RUN/last.pt: nothing to resume (RUN is the name of the run's folder)"
+    fi
+    say "$S3_RUNS/$RUN/last.pt found: launching a new instance that continues from it"
+    cmd_launch
+}
+
+instance_ip() {
+    aws_q 203.0.113.1 ec2 describe-instances --instance-ids "$(instance_id)" \
+        --query 'Reservations[0].Instances[0].PublicIpAddress' --output text
+}
+
+ssh_cmd() { run ssh -i "$KEY_FILE" -o StrictHostKeyChecking=accept-new "$REMOTE_USER@$(instance_ip)" "$@"; }
+
+cmd_logs() {
+    ssh_cmd "tail -n ${LINES_N:-40} ~/resnet/runs/$RUN/train.log" 2>/dev/null \
+        || { say "no SSH to the instance: the log of the last backup"; run "$AWS" --region "$REGION" s3 cp "$S3_RUNS/$RUN/train.log" - | tail -n "${LINES_N:-40}"; }
+}
+
+cmd_terminate() {
+    aws_q "" ec2 terminate-instances --instance-ids "$(instance_id)" --query 'TerminatingInstances[0].CurrentState.Name' --output text
+    [[ $DRY_RUN == 1 ]] || rm -f "$(state_file)"
 }
 
 main() {
@@ -231,8 +616,16 @@ main() {
         train) cmd_train "$@" ;;
         backup) cmd_backup "$@" ;;
         watch-spot) cmd_watch_spot "$@" ;;
+        budget) cmd_budget "$@" ;;
+        bench) cmd_bench "$@" ;;
         status) cmd_status "$@" ;;
         stop) cmd_stop "$@" ;;
+        launch) cmd_launch "$@" ;;
+        resume) cmd_resume "$@" ;;
+        ssh) ssh_cmd "$@" ;;
+        logs) cmd_logs "$@" ;;
+        status-remote) ssh_cmd "cd ~/resnet && OUT=~/resnet/runs/$RUN HOURLY_USD=$HOURLY_USD ./run_ec2.sh status" ;;
+        terminate) cmd_terminate "$@" ;;
         -h|--help|help) usage ;;
         "") usage; return 2 ;;
         *) say "unknown subcommand '$sub'"; usage; return 2 ;;

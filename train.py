@@ -1,25 +1,20 @@
 r"""
-Train a ResNet from scratch with one recipe: SGD with momentum, OneCycle, label smoothing, mixup/cutmix,
-AMP, channels_last and DDP. The defaults are the headline run: ResNet-50 on ImageNet-1k.
+Train a ResNet from scratch with one recipe, FFCV's ResNet-50 ImageNet recipe in plain PyTorch: SGD with momentum
+and OneCycle, label smoothing, progressive resizing 160 -> 192 px, BlurPool, evaluation at 256 px with flip TTA,
+AMP, channels_last and DDP. The defaults are the headline run: ResNet-50 on ImageNet-1k, 24 epochs, aiming at
+FFCV's 75.6% top-1 (README 'Recipes'; --epochs picks another point of its table, --preset long aims at 78%).
 
 One GPU, or the CPU (with no --data it downloads Imagenette, 10 ImageNet classes, to data/):
-    python train.py
     python train.py --data /mnt/imagenet
-Several GPUs on one machine:
+Several GPUs on one machine, or two machines of 8 (the same line on each, --node_rank=1 on the second):
     torchrun --nproc_per_node=4 train.py --data /mnt/imagenet
-Two machines of 8 GPUs (run the same line on each, with --node_rank=1 on the second):
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 \
         train.py --data /mnt/imagenet
-The fast preset (about 20 epochs; see README 'Recipes'), e.g. with torch.compile:
-    torchrun --nproc_per_node=8 train.py --data /mnt/imagenet --preset fast --compile
 A quick look on a laptop CPU:
     python train.py --arch resnet18 --img-size 128 --batch-size 64 --epochs 5
 
-Writes to --out: last.pt (every epoch), best.pt (best val top-1), log.jsonl (one line per epoch), curves.png.
-Running the same command again resumes from last.pt (--resume auto), also from inside an epoch: on SIGTERM (a
-spot reclaim) every rank finishes its step, rank 0 checkpoints, and all exit with 75; last.pt is also written
-every --save-every-min minutes. Exit status (and the same word in OUT/status): 0 done, 75 preempted,
-1 crashed, 2 bad input (a flag, the data, a checkpoint), 3 diverged (NaN loss), each with a one-line message.
+Writes last.pt, best.pt, log.jsonl, curves.png and model_summary.txt to --out. The same command again resumes,
+also from inside an epoch: on SIGTERM (a spot reclaim) rank 0 checkpoints after the step and all exit with 75.
 """
 import argparse
 import itertools
@@ -31,134 +26,136 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
+from functools import partial
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchvision.transforms import v2
 
 import data
-from model import ARCHS, build_model, normalize, read_checkpoint
+from evaluate import epoch_metrics, plot_curves, read_log, trend
+from model import ARCHS, build_model, load_weights, read_checkpoint, save_atomic, write_summary
+from runtime import (agreed, autocast_for, broadcast0, check_ranks_agree, close_distributed, fmt_time,
+                     init_distributed, load_shared, to_device)
+
+# Exit status, for restart loops (run_ec2.sh): resume after preempted (and after a crash that made progress), stop
+# otherwise. Under torchrun the agent's own exit status does not carry these, so OUT/status holds the same word.
+EXIT = dict(done=0, stopped=0, crashed=1, bad_input=2, diverged=3, preempted=75)  # 75: EX_TEMPFAIL, "try again"
 
 # The flags that change what a checkpoint means: resuming with another value would corrupt the run.
 # (--lr and --weight-decay live in the restored optimizer and schedule: a new value would be silently ignored.)
-RESUME_MUST_MATCH = ("arch", "blurpool", "epochs", "batch_size", "accum_steps", "img_size", "subset", "seed",
-                     "warmup_pct", "lr", "weight_decay")
+RESUME_MUST_MATCH = ("arch", "blurpool", "epochs", "batch_size", "accum_steps", "img_size", "min_img_size", "subset",
+                     "seed", "warmup_pct", "lr", "weight_decay")
 
-NEW_FLAG_DEFAULTS = dict(blurpool=False)  # what checkpoints from before a flag existed were trained with
-
-# --preset fast: FFCV's ResNet-50 recipe (ffcv-imagenet rn50 configs: 16 epochs 73.8%, 24 epochs 75.6% top-1 on
-# 8 x A100) in our loop: progressive resizing 160 -> 192 px, evaluation at 256 px with flip TTA, BlurPool, label
-# smoothing 0.1, weight decay 1e-4 off BatchNorm, no mixup/cutmix, and the LR peak at about 2 epochs. 20 epochs
-# aims at 75% (linear between FFCV's 16 and 24). Every value can still be overridden by its own flag.
+# The defaults are FFCV's rn50 configs (ffcv-imagenet: 16 epochs 73.8%, 24 epochs 75.6%, 88 epochs 78.4% top-1 on
+# 8 x A100); the presets change the length and, for long runs, add the regularization that long runs can use.
 PRESETS = dict(
     default={},
-    fast=dict(epochs=20, img_size=192, min_img_size=160, eval_size=256, tta=True, blurpool=True, mixup=0.0,
-              cutmix=0.0, weight_decay=1e-4, warmup_pct=0.1),
+    fast=dict(epochs=16),  # FFCV's shortest point: 73.8%, two thirds of the default's cost
+    # torchvision's long ResNet-50 recipe mixes (mixup 0.2, cutmix 1.0) and averages the weights (EMA); mixing
+    # costs accuracy in short runs (BENCHMARKS.md) and "tends to only help for 80+ epochs" (Imagenette's authors)
+    long=dict(epochs=90, mixup=0.2, cutmix=1.0, ema=0.9999, warmup_pct=0.03),
 )
 
 
-def make_parser(doc=__doc__):
-    """train.py's flags; lr_finder.py adds its own to the same parser, so both scripts read data and model alike."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+def make_parser(doc=__doc__, run=True):
+    """train.py's flags. lr_finder.py takes the same parser without the `run` group: the flags of a whole run (its
+    length, schedule, evaluation and checkpoints), which a range test has no use for."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    flag = argparse.BooleanOptionalAction
     # data
-    p.add_argument("--data", default=None, help="dataset root (see README 'Data layouts'); default: Imagenette in "
-                                               f"{data.DEFAULT_DATA}, downloaded when missing")
-    p.add_argument("--preset", default="default", choices=list(PRESETS),
-                   help="a set of defaults: default (the headline run) or fast (~20 epochs, README 'Recipes')")
-    p.add_argument("--img-size", type=int, default=224, help="training crop side, px (the last epochs' size with "
-                                                             "--min-img-size)")
-    p.add_argument("--min-img-size", type=int, default=None, help="progressive resizing (FFCV): train at this size "
-                   "for 70%% of the epochs, then ramp to --img-size by 85%%, in steps of 16 px; default: off")
-    p.add_argument("--eval-size", type=int, default=None, help="eval crop, px, after a resize to size/0.875; above "
-                   "the training size is FixRes (Touvron et al. 2019); default: --img-size")
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=False,
-                   help="evaluate on each image and its mirror image, averaging the probabilities")
+    p.add_argument("--data", help=f"dataset root (README 'Data layouts'); default: Imagenette in {data.DEFAULT_DATA}")
+    p.add_argument("--preset", default="default", choices=list(PRESETS), help="24, 16 or 90 epochs (README)")
+    p.add_argument("--img-size", type=int, default=192, help="training crop side, px (the last epochs' size)")
     p.add_argument("--subset", type=float, default=1.0, help="train on this fraction of each class (0, 1]")
-    p.add_argument("--workers", type=int, default=None, help="loader processes per GPU; default: cores/GPUs - 1")
+    p.add_argument("--workers", type=int, help="loader processes per GPU; default: cores/GPUs - 1")
     p.add_argument("--trivial-augment", action="store_true", help="add TrivialAugmentWide (Mueller & Hutter 2021)")
     p.add_argument("--random-erase", type=float, default=0.0, help="probability of RandomErasing per image")
     # model
     p.add_argument("--arch", default="resnet50", choices=list(ARCHS), help="network")
-    p.add_argument("--blurpool", action=argparse.BooleanOptionalAction, default=False,
-                   help="blur before every strided conv of the blocks (Zhang 2019; FFCV, Composer)")
+    p.add_argument("--blurpool", action=flag, default=True, help="blur before strided convs (Zhang 2019; FFCV)")
     # optimization
-    p.add_argument("--epochs", type=int, default=40, help="epochs; OneCycle spans all of them")
     p.add_argument("--batch-size", type=int, default=256, help="images per process per step (per GPU)")
     p.add_argument("--accum-steps", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float, default=None, help="peak LR; default 0.4 x global batch / 256 (linear scaling)")
-    p.add_argument("--warmup-pct", type=float, default=0.25, help="fraction of steps that OneCycle spends rising")
-    p.add_argument("--weight-decay", type=float, default=5e-5, help="L2 on conv and fc weights")
-    p.add_argument("--decay-norm-bias", action=argparse.BooleanOptionalAction, default=False,
-                   help="also decay BatchNorm weights and biases (off: Jia et al. 2018, FFCV, torchvision's recipe)")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="L2 on conv and fc weights (FFCV rn50)")
+    p.add_argument("--decay-norm-bias", action=flag, default=False, help="also decay BatchNorm and biases")
     # regularization
     p.add_argument("--label-smoothing", type=float, default=0.1, help="Szegedy et al. 2016")
-    p.add_argument("--mixup", type=float, default=0.1, help="mixup Beta alpha; 0 = off")
-    p.add_argument("--cutmix", type=float, default=1.0, help="cutmix Beta alpha; 0 = off")
-    p.add_argument("--mix-off-epoch", type=int, default=None, help="no mixup/cutmix from this epoch (0-based) on; "
-                                                                   "default: the last 10%% of epochs are clean")
-    p.add_argument("--ema", type=float, default=0.0, help="EMA decay per step, e.g. 0.9998; 0 = off")
+    p.add_argument("--mixup", type=float, default=0.0, help="mixup Beta alpha; 0 = off")
+    p.add_argument("--cutmix", type=float, default=0.0, help="cutmix Beta alpha; 0 = off")
     # system
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu", "mps"], help="auto: cuda > mps > cpu")
-    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                   help="autocast dtype; auto: bf16 where supported, fp16 on older GPUs, else fp32")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="NHWC memory layout")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="torch.compile the training step's model (minutes to compile; faster steps on GPUs)")
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="auto: bf16 if native")
+    p.add_argument("--channels-last", action=flag, default=True, help="NHWC memory layout")
     p.add_argument("--seed", type=int, default=0, help="seeds init, data order, augmentation and mixing")
-    # I/O
     p.add_argument("--out", default="runs/default", help="output folder")
-    p.add_argument("--resume", default="auto", help="auto (OUT/last.pt if present), none, or a checkpoint path")
-    p.add_argument("--stop-epoch", type=int, default=None, help="stop after this many epochs, schedule unchanged; "
-                                                                "rerun the same command to go on")
-    p.add_argument("--log-every", type=int, default=50, help="optimizer steps between progress lines")
-    p.add_argument("--save-every-min", type=float, default=10, help="also checkpoint inside an epoch this often, "
-                                                                    "minutes, so a kill -9 loses at most that")
-    p.add_argument("--check-data", action="store_true", help="scan --data (layout, counts, unreadable files), "
-                                                            "report, and exit")
-    p.add_argument("--shrink", default=None, metavar="DIR", help="write a copy of --data to DIR whose training images "
-                   "have a shorter side of at most --max-side px (faster decoding; BENCHMARKS.md), and exit")
-    p.add_argument("--max-side", type=int, default=320, help="with --shrink: the shorter side, px")
+    if not run:
+        return p
+    g = p.add_argument_group("the run (train.py only)")
+    g.add_argument("--epochs", type=int, default=24, help="epochs; OneCycle spans all of them")
+    g.add_argument("--lr", type=float, help="peak LR; default 1.7 x global batch / 4096 (FFCV rn50)")
+    g.add_argument("--warmup-pct", type=float, default=0.1, help="fraction of steps that OneCycle spends rising")
+    g.add_argument("--min-img-size", type=int, help="progressive resizing from, px; default 5/6 of --img-size")
+    g.add_argument("--eval-size", type=int, help="eval crop, px; default 4/3 of --img-size (FixRes, Touvron 2019)")
+    g.add_argument("--tta", action=flag, default=True, help="evaluate on each image and its mirror image")
+    g.add_argument("--mix-off-epoch", type=int, help="no mixup/cutmix from this epoch (0-based); default: last 10%%")
+    g.add_argument("--ema", type=float, default=0.0, help="EMA decay per step, e.g. 0.9999; 0 = off")
+    g.add_argument("--target-top1", type=float, help="stop once val top-1 (EMA's with --ema) reaches this, %%")
+    g.add_argument("--compile", action=flag, default=False, help="torch.compile the step (minutes; faster on GPUs)")
+    g.add_argument("--hourly-usd", type=float, help="the machine's price per hour, for costs in the log")
+    g.add_argument("--resume", default="auto", help="auto (OUT/last.pt if present), none, or a checkpoint path")
+    g.add_argument("--init-from", metavar="PATH", help="weights to start from; fresh optimizer, schedule, epochs")
+    g.add_argument("--stop-epoch", type=int, help="stop after this many epochs, schedule unchanged")
+    g.add_argument("--log-every", type=int, default=50, help="optimizer steps between progress lines")
+    g.add_argument("--save-every-min", type=float, default=10, help="also checkpoint inside an epoch this often, min")
+    g.add_argument("--keep-every", type=int, help="also keep OUT/epoch_NNN.pt every N epochs")
+    g.add_argument("--check-data", action="store_true", help="scan --data (layout, counts, bad files) and exit")
+    g.add_argument("--shrink", metavar="DIR", help="write a copy of --data with smaller train images there, exit")
+    g.add_argument("--max-side", type=int, default=320, help="with --shrink: the shorter side, px")
     return p
 
 
 def check_args(p, args):
-    """What argparse cannot check by type alone, reported the argparse way (one line, exit status 2)."""
-    if args.save_every_min <= 0:
-        p.error(f"--save-every-min must be above 0, got {args.save_every_min}")
+    """What argparse cannot check by type, as argparse reports (one line, exit 2); then the sizes that follow."""
     for name in ("epochs", "batch_size", "accum_steps", "img_size", "log_every", "min_img_size", "eval_size",
-                 "max_side"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
+                 "max_side", "keep_every", "stop_epoch"):
+        if getattr(args, name, None) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.min_img_size is not None and args.min_img_size > args.img_size:
-        p.error(f"--min-img-size {args.min_img_size} is above --img-size {args.img_size}; progressive resizing grows")
-    if not 0 < args.subset <= 1:
-        p.error(f"--subset must be in (0, 1], got {args.subset}")
-    if not 0 < args.warmup_pct < 1:
-        p.error(f"--warmup-pct must be in (0, 1), got {args.warmup_pct}")
-    if not 0 <= args.ema < 1:
-        p.error(f"--ema must be in [0, 1), got {args.ema}")
-    if args.workers is not None and args.workers < 0:
-        p.error(f"--workers must be 0 or more, got {args.workers}")
+    # lr_finder.py's parser has no run flags: these defaults pass their checks
+    v = dict(save_every_min=1, warmup_pct=0.1, ema=0, min_img_size=None, init_from=None, resume="auto") | vars(args)
+    for bad, message in ((not 0 < v["subset"] <= 1, f"--subset must be in (0, 1], got {v['subset']}"),
+                         ((v["workers"] or 0) < 0, f"--workers must be 0 or more, got {v['workers']}"),
+                         (v["save_every_min"] <= 0, f"--save-every-min must be above 0, got {v['save_every_min']}"),
+                         (not 0 < v["warmup_pct"] < 1, f"--warmup-pct must be in (0, 1), got {v['warmup_pct']}"),
+                         (not 0 <= v["ema"] < 1, f"--ema must be in [0, 1), got {v['ema']}"),
+                         ((v["min_img_size"] or 0) > v["img_size"], f"--min-img-size {v['min_img_size']} is above "
+                          f"--img-size {v['img_size']}; progressive resizing grows"),
+                         (v["init_from"] and v["resume"] not in ("auto", "none"), "--init-from starts a new run; "
+                          "--resume PATH continues one: give one of them")):
+        if bad:
+            p.error(message)
+    if not hasattr(args, "resume"):
+        return args
+    # FFCV's 160 -> 192 px, evaluated at 256: 5/6 and 4/3 of --img-size, in multiples of 16 px as FFCV's sizes are
+    args.min_img_size = args.min_img_size or min(args.img_size, max(16, 16 * round(args.img_size * 5 / 96)))
+    args.eval_size = args.eval_size or max(16, 16 * round(args.img_size / 12))
     return args
 
 
 def parse_args(argv=None, p=None):
-    """Flags on top of the --preset's defaults, so `--preset fast --epochs 16` is the fast recipe in 16 epochs."""
+    """Flags on top of the --preset's defaults, so `--preset long --epochs 120` is the long recipe in 120 epochs."""
     p = p or make_parser()
-    preset = p.parse_known_args(argv)[0].preset
-    p.set_defaults(**PRESETS[preset])
+    p.set_defaults(**PRESETS[p.parse_known_args(argv)[0].preset])
     return check_args(p, p.parse_args(argv))
 
 
 def epoch_sizes(args):
     """Training crop per epoch. Progressive resizing as FFCV schedules it: --min-img-size up to 70% of the epochs,
     a linear ramp to --img-size until 85%, rounded to 16 px, then --img-size; small images early are cheap."""
-    if args.min_img_size is None:
-        return [args.img_size] * args.epochs
     lo, hi, start, end = args.min_img_size, args.img_size, 0.70 * args.epochs, 0.85 * args.epochs
     sizes = []
     for epoch in range(args.epochs):
@@ -168,35 +165,7 @@ def epoch_sizes(args):
 
 
 # -----------------------------------------------------------------------------
-# the pieces lr_finder.py reuses, so its test runs the exact training step
-
-def pick_device(name, local_rank=0):
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda, but torch sees no CUDA GPU; use --device cpu or check nvidia-smi")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("--device mps, but this torch has no MPS backend; use --device cpu")
-    return torch.device(name)
-
-
-def autocast_for(amp, device):
-    """AMP as data: (amp name, autocast context, GradScaler). The scaler is only on for fp16."""
-    if amp == "auto":
-        if device.type == "cuda":
-            amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"  # fp16 on T4/V100
-        elif device.type == "cpu":
-            amp = "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"  # bf16 is slow without AVX512
-        else:
-            amp = "fp16"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[amp]
-    ctx = torch.autocast(device.type, dtype=dtype, enabled=amp != "fp32")
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-    return amp, ctx, scaler
-
+# the pieces lr_finder.py reuses, so the range test runs the exact training step
 
 def make_model(args, num_classes, device):
     torch.manual_seed(args.seed)  # the same init on every rank
@@ -214,10 +183,13 @@ def make_optimizer(model, args, lr):
 
 
 def make_scheduler(optimizer, args, peak_lr, steps_per_epoch):
-    # Smith & Topin 2017: one cycle, LR up then down, momentum 0.95 -> 0.85 -> 0.95 (PyTorch's defaults);
-    # pct_start 0.25 is fastai's fit_one_cycle default. Stepped once per optimizer step.
-    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peak_lr, total_steps=args.epochs * steps_per_epoch,
-                                               pct_start=args.warmup_pct, base_momentum=0.85, max_momentum=0.95)
+    # Smith & Topin 2017: one cycle, LR up then down, momentum 0.95 -> 0.85 -> 0.95 (PyTorch's), stepped per optimizer
+    # step; FFCV peaks at epoch 2 of 16-24. OneCycleLR divides by zero on a rise of 1 step: a tiny run rises 1.5.
+    total = args.epochs * steps_per_epoch
+    if total < 4:
+        raise ValueError(f"{total} optimizer steps are too few for a cycle; raise --epochs or lower --batch-size")
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peak_lr, total_steps=total, base_momentum=0.85,
+                                               pct_start=max(args.warmup_pct, 1.5 / total), max_momentum=0.95)
 
 
 def make_mixer(args, num_classes):
@@ -227,19 +199,15 @@ def make_mixer(args, num_classes):
     return v2.RandomChoice(mixers) if mixers else None
 
 
-def to_device(images, labels, device, channels_last):
-    """uint8 batch from the loader -> normalized float on the device, in the training memory layout."""
-    images = images.to(device, non_blocking=True)
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    return normalize(images), labels.to(device, non_blocking=True)
-
-
-def forward_backward(model, x, y, criterion, ctx, scaler, accum_steps):
-    """One micro-batch: forward under autocast, backward of the loss scaled for fp16 and accumulation."""
+def forward_backward(model, x, y, criterion, ctx, scaler, accum_steps, hits=None):
+    """One micro-batch under autocast, the loss scaled for fp16 and accumulation; `hits` (on the device, so no
+    sync) gains the batch's top-1 hits unless its targets are mixed."""
     with ctx:
-        loss = criterion(model(x), y)
+        logits = model(x)
+        loss = criterion(logits, y)
     scaler.scale(loss / accum_steps).backward()
+    if hits is not None and y.ndim == 1:
+        hits += (logits.detach().argmax(1) == y).sum()
     return loss.detach()
 
 
@@ -250,141 +218,108 @@ def optimizer_step(optimizer, scaler):
 
 
 # -----------------------------------------------------------------------------
-# evaluation, checkpoints, plots
+# the run's state: where it starts, what it saves
 
-def probabilities(model, x, tta=False):
-    """Softmax probabilities; tta: their mean over each image and its mirror image (FFCV's lr_tta)."""
-    probs = model(x).float().softmax(1)
-    return (probs + model(x.flip(3)).float().softmax(1)) / 2 if tta else probs
-
-
-@torch.no_grad()
-def evaluate(model, loader, device, ctx, channels_last, tta=False):
-    """Exact top-1/top-5 over the whole val set: every rank runs its shard, the counts are all-reduced.
-    tta: the mean of the probabilities of each image and its mirror image (FFCV's lr_tta)."""
-    model.eval()
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, images
-    for images, labels, _ in loader:
-        x, y = to_device(images, labels, device, channels_last)
-        with ctx:  # with tta, the log of the mean probability: cross_entropy of it is the averaged prediction's NLL
-            logits = probabilities(model, x, tta=True).log() if tta else model(x)
-        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]  # (B, 5)
-        loss = F.cross_entropy(logits.float(), y, reduction="sum")
-        totals += torch.stack([loss, hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(y), device=device)]).double()
-    if dist.is_initialized():
-        dist.all_reduce(totals)
-    loss, top1, top5, n = totals.tolist()
-    return dict(val_loss=loss / n, val_top1=100 * top1 / n, val_top5=100 * top5 / n, val_n=int(n))
+def find_resume(args, rank, print0):
+    """(checkpoint dict, path) to resume from, or (None, None). Rank 0 decides and every rank follows: on nodes with
+    disks of their own only node 0 has OUT/last.pt, and a rank without that very file gets rank 0's."""
+    ckpt, decision, last = None, [None, None], os.path.join(args.out, "last.pt")  # rank 0's path, or its error
+    if rank == 0:
+        decision[0] = {"auto": last if os.path.exists(last) else None, "none": None}.get(args.resume, args.resume)
+        try:
+            ckpt = read_checkpoint(decision[0]) if decision[0] else None
+            if ckpt is not None and not (isinstance(ckpt, dict) and "optimizer" in ckpt):
+                raise ValueError(f"--resume {decision[0]} is not a train.py checkpoint (no optimizer state); resume "
+                                 f"from OUT/last.pt, start from its weights with --init-from, or use --resume none")
+        except (ValueError, FileNotFoundError) as e:
+            decision = [None, str(e)]
+    path, error = broadcast0(decision)
+    if error:
+        raise ValueError(error)  # on every rank, so that none is left waiting
+    mine = last if args.resume == "auto" else path  # this node's copy, if it has one
+    ckpt, sent = load_shared(path, mine, ckpt, read_checkpoint) if path else (None, [])
+    if sent:
+        print0(f"ranks {sent} have no copy of {path} (another node's disk): they resume from rank 0's, sent to them")
+    return ckpt, path
 
 
-def save_atomic(obj, path):
-    """Write to a temp file, fsync, then os.replace: `path` is always a whole checkpoint, old or new."""
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # a full disk surfaces as either, depending on where torch.save was
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        kept = "the previous one is intact" if os.path.exists(path) else "there was none before"
-        raise OSError(f"could not write {path} ({str(e).splitlines()[0]}); {kept}. Free disk space and run the same "
-                      f"command again to resume") from None
-    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(fd)  # make the rename itself durable
-    finally:
-        os.close(fd)
-
-
-def check_resume(saved, args, saved_classes, classes, path):
-    """Refuse a resume that would silently change the run; say which flag differs and what to do."""
-    if saved_classes != classes:
-        raise ValueError(f"{path} was trained on other classes than --data has ({len(saved_classes)} vs "
+def resume(ckpt, path, args, classes, world, parts, steps_per_epoch, print0):
+    """Check that the checkpoint continues this very run, load every part of it, and say what changed."""
+    saved = ckpt["args"]
+    if ckpt["classes"] != classes:
+        raise ValueError(f"{path} was trained on other classes than --data has ({len(ckpt['classes'])} vs "
                          f"{len(classes)}); point --data at the same dataset, or use --resume none with a new --out")
     for name in RESUME_MUST_MATCH:
-        if saved.get(name, NEW_FLAG_DEFAULTS.get(name)) != getattr(args, name):
+        if saved.get(name) != getattr(args, name):
             flag = "--" + name.replace("_", "-")
             raise ValueError(f"{flag} is {getattr(args, name)} but {path} was trained with {saved.get(name)}; "
                              f"rerun with {flag} {saved.get(name)}, or start afresh with --resume none and a new --out")
+    if ckpt["world"] != world:
+        raise ValueError(f"{path} was trained on {ckpt['world']} processes, this run has {world}; the global batch "
+                         f"and the schedule depend on it: relaunch with {ckpt['world']} processes in all")
+    for name, part in parts.items():
+        if part is not None and ckpt.get(name) is not None:
+            part.load_state_dict(ckpt[name])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    random.setstate(ckpt["rng"]["python"])
+    changed = "".join(f"; --{k.replace('_', '-')} {v} -> {getattr(args, k)}" for k, v in saved.items()
+                      if getattr(args, k, v) != v)
+    print0(f"resumed from {path}: epoch {ckpt['epoch'] + 1}, step {ckpt['step']}/{steps_per_epoch}, best top-1 "
+           f"{ckpt['best_top1']:.2f}%{changed}")
+    return {k: ckpt.get(k, v) for k, v in fresh_progress().items()}
 
 
-def plot_curves(log_path, png_path):
-    """OUT/curves.png: loss and accuracy against epoch, from log.jsonl."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-    with open(log_path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    ep = [r["epoch"] + 1 for r in rows]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    ax1.plot(ep, [r["train_loss"] for r in rows], "o-", label="train (smoothed, mixed targets)")
-    ax1.plot(ep, [r["val_loss"] for r in rows], "o-", label="val")
-    ax1.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
-    ax2.plot(ep, [r["val_top1"] for r in rows], "o-", label="val top-1")
-    ax2.plot(ep, [r["val_top5"] for r in rows], "o-", label="val top-5")
-    if "ema_top1" in rows[-1]:
-        ax2.plot(ep, [r.get("ema_top1") for r in rows], "o--", label="EMA top-1")
-    ax2.set(xlabel="epoch", ylabel="accuracy (%)", title=f"best top-1 {max(r['val_top1'] for r in rows):.2f}%")
-    for ax in (ax1, ax2):
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=110)
-    plt.close(fig)
+def fresh_progress(epoch=0, best_top1=0.0):
+    """Where the run stands: the epoch, the optimizer steps done in it, and the epoch's running sums."""
+    return dict(epoch=epoch, step=0, best_top1=best_top1, loss_sum=0.0, mixed_batches=0, hits=0, counted=0,
+                lr_steps=[])
 
 
-def fmt_time(seconds):
-    return time.strftime("%H:%M:%S", time.gmtime(max(0, seconds))) if seconds < 86400 else f"{seconds / 86400:.1f}d"
+def snapshot(parts, progress, args, world, info, row=None):
+    """Everything needed to resume, in one dict, written by rank 0."""
+    return dict({k: v.state_dict() if v is not None else None for k, v in parts.items()}, **progress, world=world,
+                args=vars(args), argv=sys.argv[1:], classes=info["classes"], class_names=info["names"], metrics=row,
+                rng=dict(torch=torch.get_rng_state(), python=random.getstate()))
 
 
-# -----------------------------------------------------------------------------
-
-def init_distributed(device_name):
-    """DDP when torchrun set RANK, else one plain process: (ddp, rank, world, device)."""
-    ddp = "RANK" in os.environ
-    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
-    device = pick_device(device_name, local_rank)
-    if ddp:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return ddp, rank, world, device
+def save_epoch(ckpt, args, is_best):
+    """Rank 0, after each epoch: its line (with the trend of the last 5 epochs), log.jsonl, curves.png, last.pt,
+    best.pt, and with --keep-every epoch_NNN.pt. SGD's momentum is as large as the weights, so only the newest
+    epoch_NNN.pt keeps the optimizer state; older ones keep what evaluate.py, app.py and --init-from read."""
+    out, row, every = args.out, ckpt["metrics"], args.keep_every or 0
+    rows = read_log(os.path.join(out, "log.jsonl"))
+    row["trend"] = trend(rows, row["epoch"], row["val_top1"])  # in the checkpoint's metrics too: the same dict
+    print(f"epoch {row['epoch'] + 1}/{args.epochs} done: train loss {row['train_loss']:.4f} val loss "
+          f"{row['val_loss']:.4f} top-1 {row['val_top1']:.2f}% top-5 {row['val_top5']:.2f}% ({row['val_n']} images)"
+          + (f", trend {row['trend']:+.2f} points/epoch" if row["trend"] is not None else "") + f" in "
+          f"{fmt_time(row['epoch_s'])}, {row['img_per_s']:.0f} img/s"
+          + (f"; {row['bad_images']} unreadable images replaced" if row["bad_images"] else ""), flush=True)
+    kept = every and ckpt["epoch"] % every == 0
+    for name in ["last.pt"] + (["best.pt"] if is_best else []) + ([f"epoch_{ckpt['epoch']:03d}.pt"] if kept else []):
+        save_atomic(ckpt, os.path.join(out, name))
+    previous = os.path.join(out, f"epoch_{ckpt['epoch'] - every:03d}.pt")
+    if kept and os.path.exists(previous):
+        only_to_resume = ("optimizer", "scheduler", "scaler", "rng")
+        save_atomic({k: v for k, v in read_checkpoint(previous).items() if k not in only_to_resume}, previous)
+    with open(os.path.join(out, "log.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+    plot_curves(rows + [row], os.path.join(out, "curves.png"))
 
 
 def train(args):
     ddp, rank, world, device = init_distributed(args.device)
-    local_rank = device.index or 0
     master = rank == 0
-
-    def print0(*a):
-        if master:
-            print(*a, flush=True)
-
-    # data
-    root = args.data
-    if root is None:
-        if master:
-            data.default_data()
-        if ddp:
-            dist.barrier()
-        root = data.DEFAULT_DATA
-    if args.check_data:
-        data.check_data(root, args.workers or os.cpu_count() or 1)
-        return 0
-    if args.shrink:
-        data.shrink_dataset(root, args.shrink, args.max_side, args.workers or os.cpu_count() or 1)
-        return 0
+    print0 = partial(print, flush=True) if master else (lambda *a, **k: None)
+    root = args.data or str(data.default_data() if master else data.DEFAULT_DATA)
+    if ddp and args.data is None:
+        dist.barrier()  # the download, on rank 0
     sizes = epoch_sizes(args)
     train_set, val_set, info = data.build_datasets(root, sizes, args.subset, args.seed, args.trivial_augment,
                                                    args.random_erase, eval_size=args.eval_size)
-    classes, num_classes = info["classes"], len(info["classes"])
-    workers = data.default_workers(args.workers, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    pin = device.type == "cuda"
-    train_loader = data.make_loader(train_set, args.batch_size, True, rank, world, args.seed, workers, pin)
-    val_loader = data.make_loader(val_set, args.batch_size, False, rank, world, args.seed, workers, pin)
+    classes, workers = info["classes"], data.default_workers(args.workers, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    loader = partial(data.make_loader, batch_size=args.batch_size, rank=rank, world=world, seed=args.seed,
+                     workers=workers, pin_memory=device.type == "cuda")
+    train_loader, val_loader = loader(train_set, shuffle=True), loader(val_set, shuffle=False)
 
     # derived values, printed once
     global_batch = args.batch_size * world * args.accum_steps
@@ -392,110 +327,68 @@ def train(args):
     if steps_per_epoch == 0:
         raise ValueError(f"{len(train_set)} training images make no full step of {global_batch}: "
                          f"lower --batch-size or --accum-steps, or raise --subset")
-    peak_lr = args.lr if args.lr is not None else 0.4 * global_batch / 256  # Goyal et al. 2017 linear scaling
+    peak_lr = args.lr or 1.7 * global_batch / 4096  # FFCV rn50: 1.7 at 8 x 512 images (Goyal et al.'s 0.1 per 256)
     mix_off = args.mix_off_epoch if args.mix_off_epoch is not None else math.ceil(0.9 * args.epochs)
     amp, ctx, scaler = autocast_for(args.amp, device)
-    print0(f"data {root}: {len(train_set)} train / {len(val_set)} val images, {num_classes} classes")
-    px = f"{sizes[0]} -> {sizes[-1]}" if sizes[0] != sizes[-1] else f"{sizes[0]}"
+    print0(f"data {root}: {len(train_set)} train / {len(val_set)} val images, {len(classes)} classes")
     print0(f"{args.arch}{' + BlurPool' if args.blurpool else ''} on {world} x {device.type} ({amp}, channels_last="
-           f"{args.channels_last}, compile={args.compile}, {workers} workers); {px} px, eval at "
-           f"{args.eval_size or sizes[-1]} px{' with flip TTA' if args.tta else ''}; "
-           f"global batch {global_batch} = {args.batch_size} x {world} ranks x {args.accum_steps} accum; "
-           f"{steps_per_epoch} steps/epoch; peak lr {peak_lr:.4g}; mixup/cutmix off from epoch {mix_off}")
+           f"{args.channels_last}, compile={args.compile}, {workers} workers); {sizes[0]} -> {sizes[-1]} px, eval at "
+           f"{args.eval_size} px{' with flip TTA' if args.tta else ''}; global batch {global_batch} = "
+           f"{args.batch_size} x {world} ranks x {args.accum_steps} accum; {steps_per_epoch} steps/epoch; peak lr "
+           f"{peak_lr:.4g}" + (f"; mixup/cutmix off from epoch {mix_off}" if args.mixup or args.cutmix else ""))
+    os.makedirs(args.out, exist_ok=True)
+    last_path = os.path.join(args.out, "last.pt")
+    if master:
+        print0(write_summary(os.path.join(args.out, "model_summary.txt"), args.arch, args.img_size, len(classes),
+                             args.blurpool) + " (model_summary.txt)")
 
-    # model, optimizer, schedule, loss, EMA
-    model = make_model(args, num_classes, device)
-    raw_model = model  # the bare module: what checkpoints hold and what evaluation runs
-    optimizer = make_optimizer(model, args, peak_lr)
+    # model, optimizer, schedule, loss, EMA; a run starts from a checkpoint (resume), given weights, or nothing
+    model = raw_model = make_model(args, len(classes), device)  # raw: what checkpoints hold and evaluation runs
+    ckpt, resume_path = find_resume(args, rank, print0)
+    if args.init_from and ckpt is not None:
+        print0(f"--init-from is for a new run: continuing {resume_path} instead")
+    elif args.init_from and master:
+        print0(load_weights(raw_model, args.init_from, classes))  # under DDP the wrapper hands rank 0's weights on
+    if ddp:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    ema = AveragedModel(raw_model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None
+    optimizer = make_optimizer(raw_model, args, peak_lr)
     scheduler = make_scheduler(optimizer, args, peak_lr, steps_per_epoch)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-    mixer = make_mixer(args, num_classes)
-    ema = AveragedModel(raw_model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None
-    if ddp:
-        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    mixer = make_mixer(args, len(classes))
     step_model = torch.compile(model) if args.compile else model  # compiles on the first step of each image size
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels once per size
+    parts = dict(model=raw_model, ema=ema, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+    progress = resume(ckpt, resume_path, args, classes, world, parts, steps_per_epoch, print0) if ckpt else \
+        fresh_progress()
+    del ckpt
 
-    # resume: from an epoch boundary or from inside an epoch (a preemption or a timed save)
-    os.makedirs(args.out, exist_ok=True)
-    last_path, best_path = os.path.join(args.out, "last.pt"), os.path.join(args.out, "best.pt")
-    log_path = os.path.join(args.out, "log.jsonl")
-    resume = {"auto": last_path if os.path.exists(last_path) else None, "none": None}.get(args.resume, args.resume)
-    start_epoch, start_step, best_top1, loss_sum, mixed_batches = 0, 0, 0.0, 0.0, 0
-    if resume:
-        ckpt = read_checkpoint(resume)
-        if not isinstance(ckpt, dict) or "optimizer" not in ckpt:
-            raise ValueError(f"--resume {resume} is not a train.py checkpoint (no optimizer state); "
-                             f"resume from OUT/last.pt, or use --resume none")
-        check_resume(ckpt["args"], args, ckpt["classes"], classes, resume)
-        if ckpt["world"] != world:
-            raise ValueError(f"{resume} was trained on {ckpt['world']} processes, this run has {world}; the global "
-                             f"batch and the schedule depend on it: relaunch with --nproc_per_node {ckpt['world']}")
-        changed = {k: (v, getattr(args, k)) for k, v in ckpt["args"].items() if getattr(args, k, v) != v}
-        raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        if ema is not None and ckpt.get("ema") is not None:
-            ema.load_state_dict(ckpt["ema"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        random.setstate(ckpt["rng"]["python"])
-        start_epoch, start_step, best_top1 = ckpt["epoch"], ckpt["step"], ckpt["best_top1"]
-        loss_sum, mixed_batches = ckpt["loss_sum"], ckpt["mixed_batches"]
-        print0(f"resumed from {resume}: epoch {start_epoch + 1}, step {start_step}/{steps_per_epoch}, best top-1 "
-               f"{best_top1:.2f}%" + "".join(f"; --{k.replace('_', '-')} {a} -> {b}" for k, (a, b) in changed.items()))
-        del ckpt
-
-    def checkpoint(epoch, step, row=None):
-        """Everything needed to resume, in one dict. step = optimizer steps done in `epoch` (0: it has not begun)."""
-        return dict(model=raw_model.state_dict(), ema=ema.state_dict() if ema else None,
-                    optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
-                    epoch=epoch, step=step, loss_sum=float(loss_sum), mixed_batches=int(mixed_batches),
-                    best_top1=best_top1, world=world, args=vars(args), classes=classes, class_names=info["names"],
-                    metrics=row, rng=dict(torch=torch.get_rng_state(), python=random.getstate()))
-
-    # SIGTERM (a spot reclaim; torchrun forwards it): finish the step, checkpoint, exit with PREEMPTED
-    stop = [False]
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop.__setitem__(0, True))
-
-    def should_stop():
-        if ddp:  # every rank must stop after the same step, whichever got the signal first
-            flag = torch.tensor([float(stop[0])], device=device if device.type == "cuda" else "cpu")
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            return flag.item() > 0
-        return stop[0]
-
+    # SIGTERM (a spot reclaim; torchrun forwards it): finish the step, checkpoint, exit with preempted
+    signals = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: signals.append(signum))
+    group = dist.new_group(backend="gloo") if ddp and device.type == "cuda" else None  # for agreed()
     stop_epoch = min(args.epochs, args.stop_epoch or args.epochs)
     eval_s, t_saved, bad_seen = 0.0, time.time(), set()  # last eval's duration for the ETA; last save; named files
-    for epoch in range(start_epoch, stop_epoch):
-        first = start_step if epoch == start_epoch else 0  # optimizer steps of this epoch already done
-        if first == 0:
-            loss_sum, mixed_batches = 0.0, 0
-        train_loader.sampler.set_epoch(epoch, start=first * args.batch_size * args.accum_steps)
+    for epoch in range(progress["epoch"], stop_epoch):
+        first = progress["step"]  # optimizer steps of this epoch already done (a mid-epoch resume)
+        # the sampler skips the images of the steps done: micro-batches x images each, on this rank
+        train_loader.sampler.set_epoch(epoch, start=first * args.accum_steps * args.batch_size)
         mixing = mixer is not None and epoch < mix_off
         model.train()
-        loss_sum, bad_count = torch.tensor(loss_sum, device=device), 0
-        t_epoch = time.time()
+        loss_sum, hits = (torch.tensor(progress[k], device=device) for k in ("loss_sum", "hits"))
+        bad_count, t_epoch = 0, time.time()
         batches = itertools.islice(train_loader, (steps_per_epoch - first) * args.accum_steps)  # drop a ragged end
         for i, (images, labels, bad) in enumerate(batches, start=first * args.accum_steps):
-            step, micro = divmod(i, args.accum_steps)
-            last_micro = micro == args.accum_steps - 1
-            for b in bad[bad >= 0].tolist():  # unreadable files, replaced by a class-mate in the loader
-                bad_count += 1
-                if b not in bad_seen:
-                    bad_seen.add(b)
-                    print(f"warning: unreadable image {train_set.samples[b][0]}, replaced by another of its class",
-                          file=sys.stderr, flush=True)
+            step, last_micro = i // args.accum_steps, i % args.accum_steps == args.accum_steps - 1
+            bad_count += data.report_bad(bad, train_set, bad_seen)  # unreadable files, replaced by class-mates
             x, y = to_device(images, labels, device, args.channels_last)
-            if mixing:
-                # seeded per (seed, epoch, batch, rank): the same mix on resume, whatever happened before
-                torch.manual_seed(((args.seed * 100_003 + epoch) * 1_000_003 + i) * 1024 + rank)
+            if mixing:  # seeded per (seed, epoch, batch, rank): the same mix on resume, whatever happened before
+                torch.manual_seed(data.seed_for(args.seed, epoch, i, f"mix{rank}"))
                 x, y = mixer(x, y)
-                mixed_batches += y.ndim == 2  # soft targets: this batch really was mixed
+                progress["mixed_batches"] += y.ndim == 2  # soft targets: this batch really was mixed
             # forward/backward/update; DDP all-reduces gradients only on the last micro-batch
             with model.no_sync() if ddp and not last_micro else nullcontext():
-                loss_sum += forward_backward(step_model, x, y, criterion, ctx, scaler, args.accum_steps)
+                loss_sum += forward_backward(step_model, x, y, criterion, ctx, scaler, args.accum_steps, hits)
+            progress["counted"] += len(y) if y.ndim == 1 else 0  # the images whose hits count towards train top-1
             if not last_micro:
                 continue
             optimizer_step(optimizer, scaler)
@@ -505,119 +398,102 @@ def train(args):
 
             # log; .item() syncs with the device, so only every --log-every steps
             if (step + 1) % args.log_every == 0 or step + 1 == steps_per_epoch:
-                now, avg = time.time(), loss_sum.item() / (i + 1)
+                now, avg, lr = time.time(), loss_sum.item() / (i + 1), scheduler.get_last_lr()[0]
                 if not math.isfinite(avg):
                     raise FloatingPointError(f"the training loss is {avg} at epoch {epoch + 1} step {step + 1}")
+                progress["lr_steps"].append([epoch + (step + 1) / steps_per_epoch, lr])
+                # ETA: this epoch's time per step so far, times the steps left to --stop-epoch, plus their evals
                 step_s = (now - t_epoch) / (step + 1 - first)
                 eta = step_s * ((stop_epoch - epoch) * steps_per_epoch - step - 1) + eval_s * (stop_epoch - epoch)
                 mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
                 print0(f"epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps_per_epoch} {sizes[epoch]}px "
-                       f"loss {avg:.4f} lr {scheduler.get_last_lr()[0]:.4g} img/s {global_batch / step_s:.0f} "
-                       f"eta {fmt_time(eta)}"
+                       f"loss {avg:.4f} lr {lr:.4g} img/s {global_batch / step_s:.0f} eta {fmt_time(eta)}"
+                       + (f" (${eta / 3600 * args.hourly_usd:.2f})" if args.hourly_usd else "")
                        + (f" mem {mem:.1f}GiB" if mem else ""))
 
             # a preemption, or --save-every-min: a mid-epoch checkpoint (not after the last step: the epoch's own)
-            preempted = should_stop()
-            timed = master and time.time() - t_saved > 60 * args.save_every_min
+            preempted, timed = agreed(bool(signals), group), master and time.time() - t_saved > 60 * args.save_every_min
             if (preempted or timed) and step + 1 < steps_per_epoch:
                 if master:
                     if not math.isfinite(loss_sum.item()):
                         raise FloatingPointError(f"the training loss is not finite at epoch {epoch + 1}")
-                    save_atomic(checkpoint(epoch, step + 1), last_path)
+                    progress.update(epoch=epoch, step=step + 1, loss_sum=loss_sum.item(), hits=int(hits.item()))
+                    save_atomic(snapshot(parts, progress, args, world, info), last_path)
                     print0(f"saved {last_path} at epoch {epoch + 1} step {step + 1}"
                            + (" (preempted)" if preempted else ""))
                 t_saved = time.time()
-            if preempted and step + 1 < steps_per_epoch:  # after the last step, the epoch's checkpoint comes first
-                return finish(ddp, args.out, "preempted", print0)
+                if preempted:
+                    return "preempted"
         train_s = time.time() - t_epoch
 
         # eval: on every rank, the bare module (a DDP forward would need all ranks in step)
-        train_loss = loss_sum / (steps_per_epoch * args.accum_steps)
-        if ddp:
-            dist.all_reduce(train_loss)
-            train_loss /= world
-        if not math.isfinite(train_loss.item()):
-            raise FloatingPointError(f"the training loss is {train_loss.item()} at the end of epoch {epoch + 1}")
-        t_eval = time.time()
-        metrics = evaluate(raw_model, val_loader, device, ctx, args.channels_last, args.tta)
-        if ema is not None:
-            ema_metrics = evaluate(ema.module, val_loader, device, ctx, args.channels_last, args.tta)
-            metrics["ema_top1"] = ema_metrics["val_top1"]
-        eval_s = time.time() - t_eval
-        is_best = metrics["val_top1"] > best_top1
-        best_top1 = max(best_top1, metrics["val_top1"])
-        row = dict(epoch=epoch, img_size=sizes[epoch], lr=scheduler.get_last_lr()[0], train_loss=train_loss.item(),
-                   **metrics,
+        metrics = epoch_metrics(loss_sum / (steps_per_epoch * args.accum_steps), hits, progress["counted"], raw_model,
+                                ema, val_loader, device, ctx, args)
+        eval_s = time.time() - t_epoch - train_s
+        row = dict(epoch=epoch, epochs=args.epochs, img_size=sizes[epoch], lr=scheduler.get_last_lr()[0], **metrics,
                    img_per_s=global_batch * (steps_per_epoch - first) / train_s, epoch_s=time.time() - t_epoch,
-                   mixed=mixed_batches > 0, bad_images=bad_count, best_top1=best_top1)
-        print0(f"epoch {epoch + 1}/{args.epochs} done: train loss {row['train_loss']:.4f} val loss "
-               f"{row['val_loss']:.4f} top-1 {row['val_top1']:.2f}% top-5 {row['val_top5']:.2f}% "
-               f"({row['val_n']} images) in {fmt_time(row['epoch_s'])}, {row['img_per_s']:.0f} img/s"
-               + (f"; {bad_count} unreadable images replaced" if bad_count else ""))
+                   mixed=progress["mixed_batches"] > 0, bad_images=bad_count,
+                   best_top1=max(progress["best_top1"], metrics["val_top1"]), lr_steps=progress["lr_steps"])
 
-        # checkpoint and log, on rank 0
+        # the epoch's line, log, plot and checkpoints, on rank 0
+        is_best, progress = row["val_top1"] > progress["best_top1"], fresh_progress(epoch + 1, row["best_top1"])
         if master:
-            ckpt = checkpoint(epoch + 1, 0, row)
-            save_atomic(ckpt, last_path)
-            if is_best:
-                save_atomic(ckpt, best_path)
-            with open(log_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            plot_curves(log_path, os.path.join(args.out, "curves.png"))
+            save_epoch(snapshot(parts, progress, args, world, info, row), args, is_best)
             t_saved = time.time()
-        if should_stop():  # a SIGTERM during evaluation: the epoch's checkpoint is already written
-            return finish(ddp, args.out, "preempted", print0)
+        score = metrics.get("ema_top1", metrics["val_top1"])
+        if args.target_top1 is not None and score >= args.target_top1 and epoch + 1 < args.epochs:
+            saved_s = (args.epochs - epoch - 1) * row["epoch_s"]
+            print0(f"reached top-1 {score:.2f}% >= --target-top1 {args.target_top1} after epoch {epoch + 1} of "
+                   f"{args.epochs}: stopping, which saves about {fmt_time(saved_s)} of training"
+                   + (f" (${saved_s / 3600 * args.hourly_usd:.2f} at ${args.hourly_usd}/h)" if args.hourly_usd else ""))
+            return "done"
+        if agreed(bool(signals), group):  # a SIGTERM during evaluation: the epoch's checkpoint is saved
+            return "preempted"
         if ddp:
             dist.barrier()  # nobody races ahead of a checkpoint
 
     if ddp:
-        # an invariant worth one all-gather: DDP must have kept every rank's weights identical
-        flat = torch.cat([p.detach().flatten().double() for p in raw_model.parameters()])
-        sums = [torch.zeros(2, dtype=torch.float64, device=device) for _ in range(world)]
-        dist.all_gather(sums, torch.stack([flat.sum(), (flat * flat).sum()]))
-        assert all(torch.equal(s, sums[0]) for s in sums), f"ranks' weights diverged: {sums}"
-        print0(f"weights identical on all {world} ranks (checksum {sums[0][0].item():.6f})")
-    print0(f"best val top-1 {best_top1:.2f}%; checkpoints and curves.png in {args.out}")
-    return finish(ddp, args.out, "done" if stop_epoch == args.epochs else "stopped", print0)
+        print0(f"weights identical on all {world} ranks (checksum {check_ranks_agree(raw_model, device):.6f})")
+    print0(f"best val top-1 {progress['best_top1']:.2f}%; checkpoints and curves.png in {args.out}")
+    return "done" if stop_epoch == args.epochs else "stopped"
 
 
-# Exit status, for restart loops (run_ec2.sh): resume after PREEMPTED (and after a crash), stop otherwise.
-# Under torchrun the agent's own exit status does not carry these, so OUT/status holds the same word too.
-EXIT = dict(done=0, stopped=0, crashed=1, bad_input=2, diverged=3, preempted=75)  # 75: EX_TEMPFAIL, "try again"
-
-
-def finish(ddp, out, status, print0):
-    """Write OUT/status (rank 0), leave the process group cleanly, return the exit status."""
-    if print0 is not None:
+def finish(out, status, clean=True):
+    """The one writer of OUT/status (rank 0); leave the process group; return the exit status."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
         if status == "preempted":
-            print0("preempted: checkpoint saved; run the same command again to continue")
-        if not ddp or dist.get_rank() == 0:
+            print("preempted: checkpoint saved; run the same command again to continue", flush=True)
+        if out and os.path.isdir(out):
             with open(os.path.join(out, "status"), "w") as f:
                 f.write(status + "\n")
-    if ddp and dist.is_initialized():
-        dist.barrier()  # gloo can abort at exit without it
-        dist.destroy_process_group()
+    if clean:
+        close_distributed()  # after an error the ranks may be out of step: then no barrier, just exit
     return EXIT[status]
 
 
 def main(argv=None):
     args = parse_args(argv)
+    status, error, tool = "bad_input", None, args.check_data or args.shrink
     try:
-        sys.exit(train(args))
+        if tool:  # dataset tools, not training: no process group, and no OUT/status
+            root, workers = args.data or str(data.default_data()), args.workers or os.cpu_count() or 1
+            if args.check_data:
+                return data.check_data(root, workers)
+            return data.shrink_dataset(root, args.shrink, args.max_side, workers)
+        status = train(args)
     except (ValueError, FileNotFoundError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr, flush=True)
-        code = EXIT["bad_input"]
+        error = str(e)
+    except torch.OutOfMemoryError:  # a config error, as the batch does not fit: not a crash to restart
+        b, k = args.batch_size, args.accum_steps
+        error = (f"out of memory with --batch-size {b} images per GPU at up to {args.img_size} px; keep the global "
+                 f"batch with --batch-size {max(1, b // 2)} --accum-steps {2 * k}")
     except FloatingPointError as e:
-        print(f"train.py: error: {e}; last.pt holds the last good state: lower --lr (or use --amp bf16/fp32) and "
-              f"rerun", file=sys.stderr, flush=True)
-        code = EXIT["diverged"]
+        status, error = "diverged", f"{e}; last.pt holds the last good state: lower --lr (or --amp bf16/fp32) and rerun"
     except OSError as e:  # a full disk or a lost mount while saving: the previous checkpoint is intact
-        print(f"train.py: error: {e}", file=sys.stderr, flush=True)
-        code = EXIT["crashed"]
-    if os.path.isdir(args.out):
-        with open(os.path.join(args.out, "status"), "w") as f:
-            f.write({2: "bad_input", 3: "diverged"}.get(code, "crashed") + "\n")
-    sys.exit(code)
+        status, error = "crashed", str(e)
+    if error:
+        print(f"train.py: error: {error}", file=sys.stderr, flush=True)
+    sys.exit(finish(None if tool else args.out, status, clean=error is None))
 
 
 if __name__ == "__main__":

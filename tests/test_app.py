@@ -1,5 +1,8 @@
 """app.py as people use it: the real server in a subprocess, called over HTTP by gradio_client with real JPEGs
 and every kind of bad file, and driven in a real browser (Debian's chromium through playwright)."""
+import base64
+import contextlib
+import http.server
 import json
 import os
 import re
@@ -9,6 +12,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import zlib
@@ -42,31 +46,50 @@ def checkpoint(tiny_data, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(checkpoint, tmp_path_factory):
-    """app.py serving the checkpoint, with examples from the 100 real ImageNet samples; its URL."""
+def examples(tmp_path_factory):
+    """A folder of examples as users have them: 12 real ImageNet photos, and a private notes.txt beside them."""
+    folder = tmp_path_factory.mktemp("examples")
+    for f in sorted(SAMPLES.iterdir())[:12]:
+        shutil.copyfile(f, folder / f.name)
+    (folder / "notes.txt").write_text("my AWS keys, say")
+    return folder
+
+
+@contextlib.contextmanager
+def serving(argv, cwd, log_path, env=None):
+    """A real app.py server process on a free port, up and answering HTTP; yields its URL."""
     port = free_port()
-    log = open(tmp_path_factory.mktemp("applog") / "app.log", "w+")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--checkpoint", str(checkpoint), "--examples",
-                             str(SAMPLES), "--port", str(port)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, **GRADIO_ENV})
+    log = open(log_path, "w+")
+    proc = subprocess.Popen([sys.executable, *map(str, argv), "--port", str(port)], cwd=cwd, stdout=log,
+                            stderr=subprocess.STDOUT, env=env or {**os.environ, **GRADIO_ENV})
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 180
-    while True:
-        try:
-            urllib.request.build_opener(urllib.request.ProxyHandler({})).open(url, timeout=5)
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                log.seek(0)
-                pytest.fail(f"app.py did not come up on {url}:\n{log.read()[-3000:]}")
-            time.sleep(1)
-    yield url
-    proc.send_signal(signal.SIGINT)
     try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+        while True:
+            try:
+                urllib.request.build_opener(urllib.request.ProxyHandler({})).open(url, timeout=5)
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    log.seek(0)
+                    pytest.fail(f"app.py did not come up on {url}:\n{log.read()[-3000:]}")
+                time.sleep(1)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, examples, tmp_path_factory):
+    """app.py serving the checkpoint, with examples from a folder of real ImageNet photos; its URL."""
+    with serving([ROOT / "app.py", "--checkpoint", checkpoint, "--examples", examples], ROOT,
+                 tmp_path_factory.mktemp("applog") / "app.log") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -169,30 +192,37 @@ def test_no_checkpoint_and_no_internet_fails_with_one_line(tmp_path):
 
 
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"no browser at {CHROMIUM} (apt-get install -y chromium)")
-def test_in_a_real_browser(server, client, tmp_path):
-    """Chromium loads the page, uploads a JPEG, clicks Classify, reads the top-5, picks another class and reads
-    the new map; the screenshot goes to tmp_path, and to $APP_SCREENSHOT when set (docs/app.png)."""
+def test_in_a_real_browser(server, client, examples, tmp_path):
+    """Chromium loads the page, uploads a JPEG, clicks Classify, sees the photo and the top-5, picks another class
+    and sees the new map, then clicks an example thumbnail; the screenshot goes to tmp_path, and to
+    $APP_SCREENSHOT when set (docs/app.png)."""
     from playwright.sync_api import sync_playwright
     jpeg = sorted(SAMPLES.iterdir())[2]
     expected = classify(client, jpeg)[0]["label"]
+    third_example = sorted(examples.glob("*.JPEG"))[3]  # the examples are files 0, 1, 3, 4, ... of the 12
+    expected_example = classify(client, third_example)[0]["label"]
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu",
                                                                     "--disable-dev-shm-usage", "--no-proxy-server"])
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page = browser.new_page(viewport={"width": 1280, "height": 1100})
             page.goto(server, wait_until="domcontentloaded")  # not "networkidle": the page asks for web fonts
             page.get_by_text("What does the network see?").wait_for(timeout=60_000)
-            page.get_by_text(SAMPLES_FIRST).first.wait_for(timeout=10_000)  # the examples, from --examples
+            page.wait_for_function("document.querySelectorAll('#examples img').length == 8", timeout=30_000)
             page.locator("input[type=file]").first.set_input_files(str(jpeg))
             page.get_by_role("button", name="Classify").click()
             page.wait_for_function("document.querySelector('#status').innerText.includes('Top class')",
                                    timeout=60_000)
-            top = page.locator("#top5").inner_text()
-            assert expected in top, top
+            assert expected in page.locator("#top5").inner_text()
+            page.locator("#photo img").first.wait_for(timeout=30_000)  # the photo itself, as our code decoded it
             first_map = page.locator("#cam img").get_attribute("src")
             page.locator("#pick label").nth(1).click()  # the second class of the top-5
             page.wait_for_function(f"document.querySelector('#cam img') && "
                                    f"document.querySelector('#cam img').src !== {json.dumps(first_map)}",
+                                   timeout=60_000)
+            page.locator("#examples img").nth(2).click()  # an example thumbnail
+            page.wait_for_function(f"document.querySelector('#top5').innerText.includes({json.dumps(expected_example)})"
+                                   f" && document.querySelector('#status').innerText.includes('Top class')",
                                    timeout=60_000)
             page.wait_for_timeout(1500)  # let the new map fade in before the screenshot
             shot = tmp_path / "app.png"
@@ -202,3 +232,136 @@ def test_in_a_real_browser(server, client, tmp_path):
     assert Image.open(shot).size[0] == 1280
     if os.environ.get("APP_SCREENSHOT"):
         shutil.copyfile(shot, os.environ["APP_SCREENSHOT"])
+
+
+def test_only_the_examples_reach_the_page_not_the_folder_beside_them(server, examples):
+    """The example photos go through Gradio's cache; no folder of ours is served: a notes.txt beside them, the
+    examples' own paths and the repository's files are all refused."""
+    import urllib.error
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    for path in (examples / "notes.txt", examples / SAMPLES_FIRST, ROOT / "app.py"):
+        for route in ("gradio_api/file=", "file="):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                opener.open(server + route + str(path), timeout=10)
+            assert refused.value.code in (403, 404), (route, path)
+    config = json.loads(opener.open(server + "config", timeout=10).read())
+    gallery = next(c for c in config["components"] if c.get("props", {}).get("elem_id") == "examples")
+    urls = [item["image"]["url"] for item in gallery["props"]["value"]]
+    assert len(urls) == 8 and all(str(examples) not in u for u in urls)
+    assert all(opener.open(u, timeout=10).status == 200 for u in urls)  # the thumbnails themselves are served
+
+
+def test_the_exported_space_runs_alone_and_classifies_a_photo(checkpoint, examples, tmp_path):
+    """--export-space writes a folder that needs nothing of the repository: copied alone into an empty directory
+    it starts, shows its examples, and classifies a real photo."""
+    out = tmp_path / "space"
+    p = run([sys.executable, str(ROOT / "app.py"), "--checkpoint", str(checkpoint), "--examples", str(examples),
+             "--num-examples", "4", "--export-space", str(out)], env=GRADIO_ENV)
+    assert "wrote" in p.stdout
+    names = {str(f.relative_to(out)) for f in out.rglob("*") if f.is_file()}
+    assert {"app.py", "model.py", "data.py", "gradcam.py", "evaluate.py", "runtime.py", "model.pt",
+            "requirements.txt", "README.md", "curves.png"} <= names
+    assert len([n for n in names if n.startswith("examples/")]) == 4
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\ntitle: resnet50") and "\nsdk: gradio\n" in card and "\napp_file: app.py\n" in card
+    assert "| val top-1 |" in card and "python train.py --data" in card and "](curves.png)" in card
+    import torch
+    weights = torch.load(out / "model.pt", weights_only=True)
+    assert "optimizer" not in weights and weights["args"]["eval_size"] == 224 and len(weights["class_names"]) == 10
+    assert "torch" in (out / "requirements.txt").read_text().split()
+    alone = tmp_path / "empty" / "space"
+    shutil.copytree(out, alone)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "APP_EXAMPLES")}
+    with serving([alone / "app.py"], alone, tmp_path / "space.log", env={**env, **GRADIO_ENV}) as url:
+        from gradio_client import Client
+        label, overlay, status = classify(Client(url, verbose=False), sorted(SAMPLES.iterdir())[5])
+        assert len(label["confidences"]) == 5 and "Top class" in status and overlay is not None
+    log = (tmp_path / "space.log").read_text()
+    assert "from `model.pt`" in log and f"4 examples from {alone / 'examples'}" in log
+
+
+class FakeHub(http.server.BaseHTTPRequestHandler):
+    """The Hub's HTTP API as huggingface_hub uses it to create a Space and commit files to it, on 127.0.0.1: it
+    records what it receives and answers that every file is a regular (not LFS) upload."""
+    created, files, tokens, unknown = [], {}, set(), []
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        FakeHub.tokens.add(self.headers.get("Authorization"))
+        if self.path == "/api/validate-yaml":  # the client checks the README's front matter first
+            return self.reply({"errors": [], "warnings": []})
+        if self.path == "/api/repos/create":
+            FakeHub.created.append(json.loads(body))
+            return self.reply({"url": f"http://{self.headers['Host']}/spaces/someone/resnet-demo"})
+        if re.fullmatch(r"/api/spaces/someone/resnet-demo/preupload/main", self.path):
+            files = json.loads(body)["files"]
+            return self.reply({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                         for f in files]})
+        if re.fullmatch(r"/api/spaces/someone/resnet-demo/commit/main", self.path):
+            for line in body.decode().splitlines():
+                item = json.loads(line)
+                if item["key"] == "file":
+                    FakeHub.files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+            return self.reply({"commitUrl": f"http://{self.headers['Host']}/spaces/someone/resnet-demo/commit/"
+                                            + "0" * 40, "commitOid": "0" * 40})
+        FakeHub.unknown.append(("POST", self.path))
+        self.reply({"error": "not in the stand-in"}, 404)
+
+    def do_GET(self):
+        FakeHub.unknown.append(("GET", self.path))
+        self.reply({"error": "not in the stand-in"}, 404)
+
+    def reply(self, obj, code=200):
+        body = json.dumps(obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_push_uploads_the_space_to_the_hub(checkpoint, examples, tmp_path):
+    """--push USER/NAME creates the Space (sdk gradio) and commits every exported file, through HF_ENDPOINT to a
+    stand-in of the Hub on 127.0.0.1: no traffic leaves this machine."""
+    hub = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
+    threading.Thread(target=hub.serve_forever, daemon=True).start()
+    FakeHub.created, FakeHub.files, FakeHub.tokens, FakeHub.unknown = [], {}, set(), []
+    try:
+        out = tmp_path / "space"
+        p = run([sys.executable, str(ROOT / "app.py"), "--checkpoint", str(checkpoint), "--examples", str(examples),
+                 "--num-examples", "2", "--export-space", str(out), "--push", "someone/resnet-demo"],
+                env={**GRADIO_ENV, "HF_ENDPOINT": f"http://127.0.0.1:{hub.server_port}", "HF_TOKEN": "hf_test_token",
+                     "HF_HUB_DISABLE_XET": "1"})
+        assert f"pushed to http://127.0.0.1:{hub.server_port}/spaces/someone/resnet-demo" in p.stdout, p.stdout
+    finally:
+        hub.shutdown()
+    assert FakeHub.created and FakeHub.created[0]["type"] == "space" and FakeHub.created[0]["sdk"] == "gradio"
+    assert FakeHub.tokens == {"Bearer hf_test_token"}
+    local = {str(f.relative_to(out)): f.read_bytes() for f in out.rglob("*") if f.is_file()}
+    assert FakeHub.files == local, sorted(set(FakeHub.files) ^ set(local))
+    p = run([sys.executable, str(ROOT / "app.py"), "--checkpoint", str(checkpoint), "--export-space",
+             str(tmp_path / "again"), "--push", "someone/resnet-demo"],
+            env={**GRADIO_ENV, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_TOKEN": "x"}, check=False, timeout=300)
+    assert p.returncode == 2 and "could not push" in p.stderr.strip().splitlines()[-1] and "Traceback" not in p.stderr
+
+
+def test_ema_weights_are_served_when_asked_for(tiny_data, tmp_path):
+    import torch
+    import app
+    out = tmp_path / "ema"
+    run(train_cmd("--data", tiny_data, "--out", out, "--arch", "resnet18", "--img-size", "32", "--batch-size", "16",
+                  "--epochs", "1", "--workers", "1", "--ema", "0.5"))
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    model, _, _, about, _ = app.load_model(str(out / "last.pt"), True, True, torch.device("cpu"))
+    ema = {k[len("module."):]: v for k, v in ckpt["ema"].items() if k.startswith("module.")}
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in ema.items()) and "(EMA weights)" in about
+    assert not torch.equal(model.state_dict()["fc.weight"], ckpt["model"]["fc.weight"])
+    no_ema = tmp_path / "plain"
+    run(train_cmd("--data", tiny_data, "--out", no_ema, "--arch", "resnet18", "--img-size", "32", "--batch-size",
+                  "16", "--epochs", "1", "--workers", "1"))
+    p = run([sys.executable, str(ROOT / "app.py"), "--checkpoint", str(no_ema / "last.pt"), "--ema"], check=False,
+            env=GRADIO_ENV)
+    assert p.returncode == 2 and "holds no EMA weights" in p.stderr.strip().splitlines()[-1]

@@ -24,7 +24,8 @@ def trained(tmp_path_factory):
     first = sorted((data_root / "val" / "n01440764").iterdir())[0]
     first.unlink()
     run(train_cmd("--data", data_root, "--arch", "resnet18", "--img-size", "64", "--batch-size", "30",
-                  "--epochs", "2", "--workers", "1", "--ema", "0.9", "--out", root / "run"))
+                  "--epochs", "2", "--workers", "1", "--ema", "0.9", "--eval-size", "64", "--no-tta",
+                  "--no-blurpool", "--out", root / "run"))
     return data_root, root / "run" / "last.pt"
 
 
@@ -169,3 +170,55 @@ def test_gradcam_worst_rows_images_and_csv_equals_recompute(trained, tmp_path):
     not_image.write_text("not a JPEG")
     p = run([*gc, "--image", str(not_image), "--out", str(tmp_path / "one")], check=False)
     assert p.returncode == 2 and "cannot be read as an image" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_classification_report_matches_scikit_learn(trained, tmp_path):
+    """per_class.csv's precision, recall and F1, and the JSON line's macro and weighted means, against
+    scikit-learn's (a test-only dependency) on the same predictions."""
+    metrics = pytest.importorskip("sklearn.metrics")
+    _, ckpt = trained
+    res = last_json(run([sys.executable, str(ROOT / "evaluate.py"), "--checkpoint", str(ckpt),
+                         "--out", str(tmp_path)]).stdout)
+    rows = list(csv.DictReader(open(tmp_path / "predictions.csv")))
+    y, pred = [int(r["true"]) for r in rows], [int(r["pred"]) for r in rows]
+    p, r, f, n = metrics.precision_recall_fscore_support(y, pred, labels=list(range(10)), zero_division=0)
+    per_class = list(csv.DictReader(open(tmp_path / "per_class.csv")))
+    for c, row in enumerate(per_class):
+        assert float(row["precision"]) == pytest.approx(p[c], abs=1e-6)
+        assert float(row["recall"]) == pytest.approx(r[c], abs=1e-6) and int(row["n"]) == n[c]
+        assert float(row["f1"]) == pytest.approx(f[c], abs=1e-6)
+    for avg in ("macro", "weighted"):
+        ref = metrics.precision_recall_fscore_support(y, pred, labels=list(range(10)), average=avg, zero_division=0)
+        assert [res[f"{avg}_{k}"] for k in ("precision", "recall", "f1")] == pytest.approx(ref[:3], abs=1e-9)
+
+
+def test_a_bare_evaluate_agrees_with_the_training_log(tmp_path):
+    """train.py's defaults evaluate at 4/3 of the training size with flip TTA; `python evaluate.py` with nothing
+    but the checkpoint does the same, so its top-1 is the log's."""
+    data_root = link_tree(tmp_path / "data", 16, 5)
+    out = tmp_path / "run"
+    run(train_cmd("--data", data_root, "--arch", "resnet18", "--img-size", "64", "--batch-size", "16",
+                  "--epochs", "1", "--workers", "1", "--out", out))
+    logged = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+    res = last_json(run([sys.executable, str(ROOT / "evaluate.py"), "--checkpoint", str(out / "last.pt"),
+                         "--workers", "1"]).stdout)
+    assert (res["img_size"], res["tta"]) == (80, "flip")
+    assert res["top1"] == pytest.approx(logged["val_top1"]) and res["top5"] == pytest.approx(logged["val_top5"])
+
+
+def test_gradcam_reuses_predictions_only_from_the_same_evaluation(trained, tmp_path):
+    """predictions.csv stands in for an evaluation only when it came from the same checkpoint, data, size, TTA and
+    EMA choice (predictions.json says); otherwise gradcam.py evaluates again and says which setting differs."""
+    _, ckpt = trained
+    gc = [sys.executable, str(ROOT / "gradcam.py"), "--checkpoint", str(ckpt), "--worst", "2", "--out", str(tmp_path)]
+    run([sys.executable, str(ROOT / "evaluate.py"), "--checkpoint", str(ckpt), "--out", str(tmp_path)])
+    assert "reading" in run(gc).stdout
+    for flags, why in ((["--img-size", "96"], "img_size (64, now 96)"), (["--tta", "flip"], "tta (none, now flip)"),
+                       (["--ema"], "ema (False, now True)")):
+        p = run([*gc, *flags])
+        assert f"predictions.csv was made with another {why}" in p.stdout and "evaluating" in p.stdout, p.stdout
+        p = run(gc)  # the last run rewrote it with its own settings: back to the run's, evaluated again
+        assert "evaluating" in p.stdout
+    assert "reading" in run(gc).stdout
+    os.utime(ckpt)  # a newer checkpoint at the same path
+    assert "another checkpoint_mtime_ns" in run(gc).stdout

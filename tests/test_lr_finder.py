@@ -69,17 +69,16 @@ def test_matches_torch_lr_finder_on_real_images(tiny_data):
     grads = torch.tensor(window[:lowest + 1])
     if len(grads) >= 3:
         ref_idx = 10 + int(torch.gradient(grads)[0][:-1].argmin())
-        assert lr_finder.suggest(ours)["steepest_idx"] == ref_idx
+        assert lr_finder.steepest(ours["lr"], ours["loss"]) == ref_idx
 
 
 def test_suggestion_ignores_the_fall_after_divergence():
     # down from 2.3 to 1.0, up to 3.0 (diverged, but under 5x), then down again as a dead network settles
     curve = [2.3] * 10 + [2.3 - 0.13 * i for i in range(11)] + [1.0 + 0.4 * i for i in range(6)] + \
             [3.0 - 0.3 * i for i in range(5)] + [1.8] * 5
-    hist = dict(lr=lr_finder.lr_schedule(1e-5, 10, len(curve)), loss=curve)
-    marks = lr_finder.suggest(hist)
-    assert 10 <= marks["steepest_idx"] <= 20
-    assert marks["min_loss_lr"] == hist["lr"][20]
+    lrs = lr_finder.lr_schedule(1e-5, 10, len(curve))
+    assert 10 <= lr_finder.steepest(lrs, curve) <= 20
+    assert lr_finder.candidates(dict(lr=lrs, loss=curve))["min_loss"] == lrs[20]
 
 
 def test_stops_on_divergence_and_on_nan_at_start():
@@ -106,7 +105,7 @@ def test_real_images_plot_suggestion_and_printed_command(tiny_data, tmp_path):
              "--img-size", "64", "--batch-size", "16", "--iters", "40", "--start-lr", "1e-5", "--end-lr", "10",
              "--workers", "1", "--out", str(out), "--run-batch-size", "64", "--run-gpus", "4"], timeout=600)
     result = json.loads(p.stdout.strip().splitlines()[-1])
-    assert (out / "lr_finder.png").stat().st_size > 20_000
+    assert (out / "lr_finder_resnet18_64px_b16.png").stat().st_size > 20_000
     assert 1e-3 <= result["suggested_lr"] <= 3, result
     assert result["run_global_batch"] == 256
     assert result["run_lr"] == pytest.approx(result["suggested_lr"] * 256 / 16, rel=1e-9)

@@ -1,14 +1,19 @@
 """run_ec2.sh driven as users run it: shellcheck, DRY_RUN output, the restart loop, the spot watcher against a
 local IMDSv2 stand-in, and backup/restore through the real aws CLI against a local S3 (moto). No traffic leaves
 127.0.0.1."""
+import base64
 import http.server
+import json
 import os
+import shlex
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -72,22 +77,32 @@ def test_dry_run_each_subcommand(fake_bin, tmp_path):
 
 
 STAND_IN = """#!/usr/bin/env python3
-# a stand-in for torchrun + train.py: on its k-th run it writes the k-th word of SEQUENCE to OUT/status
-import os, sys
+# a stand-in for torchrun + train.py: on its k-th run it writes the k-th word of SEQUENCE to OUT/status; a word
+# ending in + first writes OUT/last.pt anew (the run made progress), and "error" lines go to stderr like train.py's
+import os, sys, time
 out = sys.argv[sys.argv.index("--out") + 1]
 os.makedirs(out, exist_ok=True)
 runs = os.path.join(out, "runs")
 k = len(open(runs).read().split()) if os.path.exists(runs) else 0
 open(runs, "a").write(f"{k} ")
 status = os.environ["SEQUENCE"].split()[k]
+if status.endswith("+"):
+    status = status[:-1]
+    time.sleep(1.1)  # a new mtime
+    open(os.path.join(out, "last.pt"), "a").write(f"step {k}\\n")
+if status == "crashed":
+    print("torch.OutOfMemoryError: CUDA out of memory (a stand-in)", file=sys.stderr)
 open(os.path.join(out, "status"), "w").write(status + "\\n")
 sys.exit({"done": 0, "preempted": 75, "crashed": 1, "bad_input": 2, "diverged": 3}[status])
 """
 
 
 @pytest.mark.parametrize("sequence,code,runs", [("preempted preempted done", 0, 3), ("bad_input done", 2, 1),
-                                                ("crashed diverged done", 3, 2)])
+                                                ("crashed+ diverged done", 3, 2), ("crashed+ crashed+ done", 0, 3),
+                                                ("crashed done", 1, 1), ("preempted crashed done", 1, 2)])
 def test_restart_loop(tmp_path, sequence, code, runs):
+    """Restarts after a preemption, and after a crash only when last.pt moved on since that start: a crash that
+    made no progress (CUDA out of memory, a broken driver) would fail the same way on every paid restart."""
     trainer = tmp_path / "trainer.py"
     trainer.write_text(STAND_IN)
     trainer.chmod(0o755)
@@ -96,11 +111,14 @@ def test_restart_loop(tmp_path, sequence, code, runs):
                                         "SEQUENCE": sequence}, check=False)
     assert p.returncode == code, p.stderr
     assert len((out / "runs").read_text().split()) == runs  # restarted exactly runs - 1 times
+    if code == 1:  # stopped, with the error line of the log
+        assert "no progress since its start" in p.stderr and "CUDA out of memory (a stand-in)" in p.stderr
 
 
 class IMDS(http.server.BaseHTTPRequestHandler):
-    """IMDSv2 on 127.0.0.1: a token from PUT, then 404 for the spot notice until `notice_at`, then 200."""
-    notice_at, seen = 0.0, []
+    """IMDSv2 on 127.0.0.1: a token from PUT, then 404 for the spot notice until `notice_at`, then 200; the
+    instance identity document with its launch time `pending` (ISO 8601, UTC)."""
+    notice_at, seen, pending = 0.0, [], "2026-11-22T03:00:00Z"
 
     def do_PUT(self):
         assert self.path == "/latest/api/token" and self.headers["X-aws-ec2-metadata-token-ttl-seconds"]
@@ -112,6 +130,9 @@ class IMDS(http.server.BaseHTTPRequestHandler):
             return self.reply(401, b"")
         if self.path == "/latest/meta-data/spot/instance-action" and time.time() >= IMDS.notice_at:
             return self.reply(200, b'{"action": "terminate", "time": "2026-11-22T05:00:00Z"}')
+        if self.path == "/latest/dynamic/instance-identity/document":
+            doc = {"instanceId": "i-0123", "instanceType": "p5.4xlarge", "pendingTime": IMDS.pending}
+            return self.reply(200, json.dumps(doc, indent=2).encode())
         self.reply(404, b"")
 
     def reply(self, code, body):
@@ -139,7 +160,8 @@ def test_watch_spot_sends_sigterm_to_the_trainer(tmp_path):
     threading.Thread(target=trainer.wait, daemon=True).start()  # reap it, as the restart loop's shell would
     try:
         p = sh(["watch-spot"], {"IMDS_URL": f"http://127.0.0.1:{server.server_port}", "SPOT_POLL_S": "0.2",
-                                "OUT": str(out)}, timeout=60)
+                                "OUT": str(out), "S3_RUNS": "s3://runs/ec2", "PATH": recording_aws(tmp_path)},
+               timeout=60)
         assert trainer.wait(timeout=10) == 75 and got.read_text() == "yes"
         assert "spot interruption notice" in p.stderr
         assert len(IMDS.seen) >= 3 and all(token == "TOKEN123" for _, token in IMDS.seen)  # token first, always
@@ -188,3 +210,344 @@ def test_backup_and_restore_round_trip_through_local_s3(tmp_path):
         assert (second / "log.jsonl").read_text() == '{"epoch": 0}\n'
     finally:
         server.kill()
+
+
+# -----------------------------------------------------------------------------
+# EC2, part 2: the defects that wasted money, the budget guard, and launch
+
+def recording_aws(tmp_path):
+    """A PATH whose `aws` records every call to tmp_path/aws.log and succeeds (for tests that need no S3)."""
+    d = tmp_path / "recbin"
+    d.mkdir(exist_ok=True)
+    (d / "aws").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "aws.log"}\nexit 0\n')
+    (d / "aws").chmod(0o755)
+    return f"{d}:{BIN}:{os.environ['PATH']}"
+
+
+@pytest.fixture
+def imds():
+    """The IMDSv2 stand-in on a free port; no spot notice unless a test sets IMDS.notice_at."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), IMDS)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    IMDS.notice_at, IMDS.seen = time.time() + 3600, []
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def moto():
+    """A local S3/EC2/IAM/SSM (moto's server) on 127.0.0.1, and the environment that points the aws CLI at it."""
+    if not (Path(BIN) / "moto_server").exists() or not (Path(BIN) / "aws").exists():
+        pytest.skip("moto[server] and awscli are test dependencies (requirements-dev.txt)")
+    port = free_port()
+    server = subprocess.Popen([str(Path(BIN) / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "REGION": "us-east-1"}
+    for _ in range(100):
+        if aws(env, "s3", "ls", check=False).returncode == 0:
+            break
+        time.sleep(0.2)
+    yield env
+    server.kill()
+
+
+def aws(env, *args, check=True):
+    p = subprocess.run([str(Path(BIN) / "aws"), *args], capture_output=True, text=True, env={**os.environ, **env})
+    assert not check or p.returncode == 0, p.stderr
+    return p
+
+
+PREEMPTIBLE = """#!/usr/bin/env python3
+# a stand-in trainer that checkpoints every 0.2 s and, on SIGTERM, writes its preemption checkpoint and exits 75;
+# it reports epoch 1 of 10 at 10 minutes an epoch in log.jsonl (for the cost projection)
+import json, os, signal, sys, time
+out = sys.argv[sys.argv.index("--out") + 1]
+os.makedirs(out, exist_ok=True)
+row = dict(epoch=0, epochs=10, epoch_s=600, val_top1=12.5)
+open(os.path.join(out, "log.jsonl"), "w").write(json.dumps(row) + "\\n")
+def stop(*a):
+    open(os.path.join(out, "last.pt"), "w").write("the checkpoint written on SIGTERM")
+    open(os.path.join(out, "status"), "w").write("preempted\\n")
+    open(os.path.join(out, "got_sigterm"), "w").write("yes")
+    sys.exit(75)
+signal.signal(signal.SIGTERM, stop)
+for k in range(300):
+    open(os.path.join(out, "last.pt"), "w").write(f"step {k}")
+    time.sleep(0.2)
+open(os.path.join(out, "status"), "w").write("done\\n")
+"""
+
+
+def write_trainer(tmp_path, text):
+    trainer = tmp_path / "trainer.py"
+    trainer.write_text(text)
+    trainer.chmod(0o755)
+    return str(trainer)
+
+
+def test_train_starts_the_spot_watcher_and_the_preemption_checkpoint_reaches_s3(tmp_path, moto, imds):
+    """The README's old line started watch-spot without S3_RUNS, so the checkpoint written on the spot notice never
+    reached S3. Now `train` starts the backup and the watcher itself, with the same settings."""
+    aws(moto, "s3", "mb", "s3://spot-runs")
+    IMDS.notice_at = time.time() + 4
+    out = tmp_path / "run-spot"
+    p = sh(["train"], {**moto, "FOREGROUND": "1", "OUT": str(out), "S3_RUNS": "s3://spot-runs/ec2",
+                       "TRAIN_CMD": write_trainer(tmp_path, PREEMPTIBLE), "IMDS_URL": imds, "SPOT_POLL_S": "0.2"},
+           check=False, timeout=90)
+    assert p.returncode == 0, p.stderr
+    assert (out / "got_sigterm").read_text() == "yes" and "not restarting" in p.stderr
+    got = aws(moto, "s3", "cp", "s3://spot-runs/ec2/run-spot/last.pt", "-").stdout
+    assert got == "the checkpoint written on SIGTERM"
+    assert "spot interruption notice" in (out / "watch-spot.log").read_text()
+
+
+def test_watch_spot_refuses_to_start_without_s3_runs(tmp_path):
+    p = sh(["watch-spot"], {"OUT": str(tmp_path), "S3_RUNS": "", "IMDS_URL": "http://127.0.0.1:9"}, check=False,
+           timeout=20)
+    assert p.returncode == 2 and "watch-spot needs S3_RUNS" in p.stderr.strip().splitlines()[-1]
+
+
+def test_a_running_tmux_server_does_not_lose_the_settings(tmp_path):
+    """A tmux server that already runs gives a new session its own environment, not the caller's: every setting
+    must travel on the command line."""
+    if not shutil.which("tmux"):
+        pytest.skip("tmux is not installed (.ci/run installs it)")
+    sock = tempfile.mkdtemp(prefix="tmux-")  # a short path: tmux's socket name has a length limit
+    base = {k: v for k, v in os.environ.items() if k != "TMUX"}
+    server_env = {"PATH": "/usr/bin:/bin", "TMUX_TMPDIR": sock, "HOME": str(tmp_path)}
+    subprocess.run(["tmux", "new-session", "-d", "-s", "users-own", "sleep 300"], env=server_env, check=True)
+    recorder = write_trainer(tmp_path, """#!/usr/bin/env python3
+import json, os, sys
+out = sys.argv[sys.argv.index("--out") + 1]
+os.makedirs(out, exist_ok=True)
+json.dump(dict(argv=sys.argv[1:], env={k: os.environ.get(k) for k in ("DATA_DIR", "HOURLY_USD", "S3_DATA")}),
+          open(os.path.join(out, "seen.json"), "w"))
+open(os.path.join(out, "status"), "w").write("done\\n")
+""")
+    out = tmp_path / "out"
+    try:
+        env = {**base, "PATH": f"{BIN}:{os.environ['PATH']}", "TMUX_TMPDIR": sock, "SESSION": "pytest-settings",
+               "TRAIN_CMD": recorder, "OUT": str(out), "DATA_DIR": str(tmp_path / "data"), "HOURLY_USD": "3.5",
+               "S3_DATA": "s3://bucket/imagenet", "S3_RUNS": "", "RESTART_DELAY_S": "0"}
+        p = subprocess.run([SCRIPT, "train", "--epochs", "3"], capture_output=True, text=True, env=env, timeout=60)
+        assert p.returncode == 0 and "training in tmux session 'pytest-settings'" in p.stderr, p.stderr
+        for _ in range(150):
+            if (out / "seen.json").exists():
+                break
+            time.sleep(0.2)
+        seen = json.loads((out / "seen.json").read_text())
+        assert seen["env"] == {"DATA_DIR": str(tmp_path / "data"), "HOURLY_USD": "3.5",
+                               "S3_DATA": "s3://bucket/imagenet"}
+        assert seen["argv"][seen["argv"].index("--out") + 1] == str(out) and "--epochs" in seen["argv"]
+    finally:
+        subprocess.run(["tmux", "kill-server"], env=server_env)
+        shutil.rmtree(sock, ignore_errors=True)
+
+
+def test_a_data_dir_under_a_root_owned_mnt_gets_sudo_and_chown():
+    """On Ubuntu and the DLAMI /mnt belongs to root: `data` creates DATA_DIR with sudo and gives it to the user.
+    Run as an unprivileged user (nobody) in DRY_RUN, so the test needs no sudo; as root, no sudo is used."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to run the script as another user")
+    base = Path(tempfile.mkdtemp(prefix="mnt-test-"))
+    try:
+        base.chmod(0o755)
+        (base / "mnt").mkdir(mode=0o755)  # like /mnt: root's, others may not write
+        shutil.copy(SCRIPT, base / "run_ec2.sh")  # where user nobody may read it
+        fake = base / "bin"
+        fake.mkdir(mode=0o755)
+        (fake / "aws").write_text("#!/bin/sh\nexit 0\n")
+        (fake / "aws").chmod(0o755)
+        env = {"PATH": f"{fake}:/usr/bin:/bin", "HOME": str(base), "DRY_RUN": "1", "S3_DATA": "s3://b/imagenet",
+               "DATA_DIR": str(base / "mnt" / "imagenet"), "OUT": str(base / "out")}
+        as_nobody = subprocess.run([str(base / "run_ec2.sh"), "data"], capture_output=True, text=True, env=env,
+                                   user=65534, group=65534, timeout=60)
+        assert as_nobody.returncode == 0, as_nobody.stderr
+        assert f"+ sudo mkdir -p {base}/mnt/imagenet" in as_nobody.stdout
+        assert f"+ sudo chown 65534:65534 {base}/mnt/imagenet" in as_nobody.stdout
+        as_root = subprocess.run([str(base / "run_ec2.sh"), "data"], capture_output=True, text=True, env=env,
+                                 timeout=60)
+        assert f"+ mkdir -p {base}/mnt/imagenet" in as_root.stdout and "sudo" not in as_root.stdout
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_status_counts_the_instance_since_launch_as_the_bill_does(tmp_path, imds):
+    """Not the seconds of the training epochs: the instance's whole time since launch (IMDS), with the projection
+    to the last epoch; uptime when there is no metadata service."""
+    IMDS.pending = (datetime.now(timezone.utc) - timedelta(hours=2)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "log.jsonl").write_text(json.dumps(dict(epoch=0, epochs=10, epoch_s=60, val_top1=30.0)) + "\n")
+    p = sh(["status"], {"IMDS_URL": imds, "OUT": str(out), "HOURLY_USD": "4"})
+    assert "has run 2.00" in p.stdout and "(from IMDS): $8.00 at $4/h" in p.stdout, p.stdout
+    assert "projected $8.60 to the last epoch (9 left at 1.0 min each)" in p.stdout  # 2 h + 9 min, at $4/h
+    p = sh(["status"], {"IMDS_URL": "http://127.0.0.1:9", "OUT": str(out), "HOURLY_USD": "4"})
+    assert "(from uptime)" in p.stdout
+
+
+def test_the_budget_warns_stops_cleanly_and_a_higher_one_continues(tmp_path, imds):
+    """BUDGET_USD: a warning in the log once the projection passes it, then at the budget SIGTERM (the trainer
+    checkpoints), the backup and status `stopped`; the same command with a higher budget continues."""
+    IMDS.pending = (datetime.now(timezone.utc) - timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    out = tmp_path / "out"
+    path = recording_aws(tmp_path)
+    env = {"FOREGROUND": "1", "OUT": str(out), "S3_RUNS": "s3://runs/ec2", "IMDS_URL": imds, "PATH": path,
+           "HOURLY_USD": "360", "BUDGET_USD": "361", "BUDGET_POLL_S": "0.3", "SPOT_POLL_S": "0.3",
+           "TRAIN_CMD": write_trainer(tmp_path, PREEMPTIBLE)}  # $360 spent at launch + $0.10/s: ~10 s to go
+    p = sh(["train"], env, check=False, timeout=90)
+    assert p.returncode == 0, p.stderr
+    log = (out / "train.log").read_text()
+    assert "warning: the projected cost to the last epoch" in log and "budget reached" in log
+    assert (out / "got_sigterm").read_text() == "yes" and (out / "status").read_text() == "stopped\n"
+    assert f"s3 sync {out} s3://runs/ec2/out" in (tmp_path / "aws.log").read_text()  # backed up after the stop
+    again = sh(["train"], env, check=False, timeout=30)  # the same budget: it does not start
+    assert again.returncode == 0 and "not starting" in again.stderr and (out / "status").read_text() == "stopped\n"
+    os.remove(out / "got_sigterm")
+    more = sh(["train"], {**env, "BUDGET_USD": "5000", "TRAIN_CMD": write_trainer(tmp_path, STAND_IN),
+                          "SEQUENCE": "done"}, check=False, timeout=60)
+    assert more.returncode == 0 and (out / "status").read_text() == "done\n", more.stderr
+
+
+def test_bench_on_a_fresh_instance_says_where_its_jpegs_come_from(tmp_path, tiny_data, monkeypatch):
+    """bench.py with no flags on a fresh clone, where there is no ../shared: one line naming --data and DATA_DIR;
+    with --data it times that dataset's own JPEGs; its projection covers every GPU the machine has."""
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    for script in ROOT.glob("*.py"):
+        shutil.copy(script, clone / script.name)
+    env = {k: v for k, v in os.environ.items() if k != "DATA_DIR"}
+    p = subprocess.run([sys.executable, str(clone / "bench.py")], capture_output=True, text=True, cwd=clone,
+                       env=env, timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert "pass --data" in p.stderr.strip().splitlines()[-1] and "DATA_DIR" in p.stderr
+    import bench
+    import torch
+    files = bench.find_images(None, str(tiny_data))
+    assert len(files) == 100 and len({Path(f).parent.name for f in files}) == 10
+    assert all(Path(f).exists() for f in files)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert bench.machine_gpus(torch.device("cuda")) == 8 and bench.machine_gpus(torch.device("cpu")) == 1
+
+
+def git_repo_of_the_working_tree(dst):
+    """What `git clone REPO_URL` gives the instance: this working tree's scripts, committed in a local repo."""
+    dst.mkdir()
+    for path in [*ROOT.glob("*.py"), ROOT / "run_ec2.sh", ROOT / "requirements.txt"]:
+        shutil.copy(path, dst / path.name)
+    git = ["git", "-C", str(dst), "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    for args in (["init", "-q"], ["add", "."], ["commit", "-q", "-m", "the scripts"]):
+        subprocess.run(git + args, check=True, capture_output=True)
+    return dst
+
+
+def test_launch_dry_run_prints_every_aws_call_and_the_user_data(tmp_path):
+    env = {"DRY_RUN": "1", "INSTANCE_TYPE": "g6e.xlarge", "KEY_NAME": "mykey", "S3_DATA": "s3://data/imagenet",
+           "S3_RUNS": "s3://runs/ec2", "REPO_URL": "https://example.com/resnet.git", "MY_IP": "198.51.100.7",
+           "STATE_DIR": str(tmp_path / "state"), "RUN": "run1"}
+    p = sh(["launch"], env)
+    calls = p.stderr
+    for call in ("aws ssm get-parameter --name /aws/service/deeplearning/ami/", "aws iam create-role",
+                 "aws iam put-role-policy", "aws iam create-instance-profile", "aws ec2 create-security-group",
+                 "--cidr 198.51.100.7/32", "aws ec2 run-instances --image-id ami-DRYRUN --instance-type g6e.xlarge",
+                 "MarketType=spot", "VolumeSize=400,VolumeType=gp3", "--- user-data ---", "resnet-run.service"):
+        assert call in calls, call
+    assert not (tmp_path / "state").exists() or not list((tmp_path / "state").iterdir())
+    p = sh(["launch"], {**env, "INSTANCE_TYPE": ""}, check=False)
+    assert p.returncode == 2 and "set INSTANCE_TYPE" in p.stderr
+
+
+def test_launch_creates_what_it_says_its_user_data_trains_and_resume_finds_the_run(tmp_path, moto, imds, tiny_data):
+    """launch against moto's EC2, IAM, SSM and S3: the role may read S3_DATA and write S3_RUNS only, SSH is open
+    to MY_IP only, the spot instance has its gp3 disk; its user-data (shellcheck-clean) run here with stand-ins
+    goes through setup, data and train and leaves the run in S3, where `resume` finds it."""
+    image = aws(moto, "ec2", "describe-images", "--query", "Images[0].ImageId", "--output", "text").stdout.strip()
+    aws(moto, "ssm", "put-parameter", "--name", "/test/dlami", "--value", image, "--type", "String", "--overwrite")
+    for bucket in ("s3://launch-data", "s3://launch-runs"):
+        aws(moto, "s3", "mb", bucket)
+    small = tmp_path / "small"  # 2 classes of real JPEGs, 2 train and 1 val image each
+    for split, n in (("train", 2), ("val", 1)):
+        for cls in sorted((tiny_data / split).iterdir())[:2]:
+            (small / split / cls.name).mkdir(parents=True)
+            for f in sorted(cls.iterdir())[:n]:
+                shutil.copy(f.resolve(), small / split / cls.name / f.name)
+    aws(moto, "s3", "sync", str(small), "s3://launch-data/imagenet")
+    home = tmp_path / "home"
+    env = {**moto, "INSTANCE_TYPE": "g6e.xlarge", "SPOT": "1", "DISK_GB": "300", "KEY_NAME": "mykey",
+           "S3_DATA": "s3://launch-data/imagenet", "S3_RUNS": "s3://launch-runs/ec2", "MY_IP": "198.51.100.7",
+           "REPO_URL": str(git_repo_of_the_working_tree(tmp_path / "repo")), "RUN": "run1", "AMI_PARAM": "/test/dlami",
+           "STATE_DIR": str(tmp_path / "state"), "REMOTE_USER": "root", "REMOTE_HOME": str(home),
+           "DATA_DIR": str(tmp_path / "imagenet"), "TRAIN_ARGS": "--epochs 3", "HOURLY_USD": "1.5"}
+    sh(["launch"], env)
+    first = (tmp_path / "state" / "run1.instance").read_text().strip()
+    inst = json.loads(aws(moto, "ec2", "describe-instances", "--instance-ids", first, "--query",
+                          "Reservations[0].Instances[0]").stdout)
+    assert (inst["InstanceType"], inst["InstanceLifecycle"], inst["KeyName"]) == ("g6e.xlarge", "spot", "mykey")
+    assert inst["IamInstanceProfile"]["Arn"].endswith(":instance-profile/resnet-ec2")
+    volume = json.loads(aws(moto, "ec2", "describe-volumes", "--volume-ids",
+                            inst["BlockDeviceMappings"][0]["Ebs"]["VolumeId"], "--query", "Volumes[0]").stdout)
+    assert (volume["Size"], volume["VolumeType"]) == (300, "gp3")
+    sg = json.loads(aws(moto, "ec2", "describe-security-groups", "--group-ids", inst["SecurityGroups"][0]["GroupId"],
+                        "--query", "SecurityGroups[0].IpPermissions").stdout)
+    assert [(r["FromPort"], r["ToPort"], [c["CidrIp"] for c in r["IpRanges"]]) for r in sg] == \
+        [(22, 22, ["198.51.100.7/32"])]
+    policy = json.loads(aws(moto, "iam", "get-role-policy", "--role-name", "resnet-ec2", "--policy-name",
+                            "resnet-ec2-s3", "--query", "PolicyDocument").stdout)
+    grants = {s["Sid"]: (s["Action"], s["Resource"]) for s in policy["Statement"]}
+    assert grants["ReadData"] == ("s3:GetObject", "arn:aws:s3:::launch-data/imagenet/*")
+    assert grants["ReadWriteRuns"] == (["s3:GetObject", "s3:PutObject"], "arn:aws:s3:::launch-runs/ec2/*")
+    assert {a for a, _ in grants.values() for a in ([a] if isinstance(a, str) else a)} == \
+        {"s3:ListBucket", "s3:GetObject", "s3:PutObject"}  # nothing else: no delete, no other service
+    profile = json.loads(aws(moto, "iam", "get-instance-profile", "--instance-profile-name", "resnet-ec2").stdout)
+    assert [r["RoleName"] for r in profile["InstanceProfile"]["Roles"]] == ["resnet-ec2"]
+
+    # the user-data, as the instance gets it
+    encoded = aws(moto, "ec2", "describe-instance-attribute", "--instance-id", first, "--attribute", "userData",
+                  "--query", "UserData.Value", "--output", "text").stdout.strip()
+    user_data = tmp_path / "user-data.sh"
+    user_data.write_bytes(base64.b64decode(encoded))
+    if shutil.which("shellcheck"):
+        lint = subprocess.run(["shellcheck", str(user_data)], capture_output=True, text=True)
+        assert lint.returncode == 0, lint.stdout
+    boot, calls = tmp_path / "boot", tmp_path / "systemctl.log"
+    fake = tmp_path / "instance-bin"
+    fake.mkdir()
+    (fake / "systemctl").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (fake / "nvidia-smi").write_text('#!/bin/sh\necho "GPU 0: NVIDIA L40S (UUID: GPU-0)"\n')
+    for f in fake.iterdir():
+        f.chmod(0o755)
+    subprocess.run(["bash", str(user_data)], check=True, env={**os.environ, "BOOT_ROOT": str(boot),
+                                                               "SYSTEMCTL": str(fake / "systemctl")})
+    if shutil.which("shellcheck"):  # and the script it installs for systemd
+        lint = subprocess.run(["shellcheck", str(boot / "usr/local/bin/resnet-run")], capture_output=True, text=True)
+        assert lint.returncode == 0, lint.stdout
+    unit = (boot / "etc/systemd/system/resnet-run.service").read_text()
+    assert "User=root" in unit and "ExecStart=/usr/local/bin/resnet-run" in unit and "WantedBy=multi-user" in unit
+    assert calls.read_text().splitlines() == ["daemon-reload", "enable --now resnet-run.service"]
+    # what systemd would run, with the instance's stand-ins: a GPU, a trainer, this machine's venv and IMDS
+    stand_in = write_trainer(tmp_path, STAND_IN)
+    with open(boot / "etc/resnet-run.env", "a") as f:
+        extra = {**moto, "VENV": str(Path(sys.executable).parent.parent), "TRAIN_CMD": stand_in, "SEQUENCE": "done+",
+                 "PATH": f"{fake}:{BIN}:{os.environ['PATH']}", "IMDS_URL": imds, "MIN_FREE_GB": "0"}
+        f.writelines(f"{k}={shlex.quote(v)}\n" for k, v in extra.items())
+    p = subprocess.run([str(boot / "usr/local/bin/resnet-run")], capture_output=True, text=True, timeout=300,
+                       env={k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "TMUX")})
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "GPUs: 1" in p.stderr and "4 train images" in p.stdout + p.stderr  # setup, then data: --check-data ran
+    out = home / "resnet" / "runs" / "run1"
+    assert (out / "status").read_text() == "done\n"
+    assert sorted(p.name for p in (tmp_path / "imagenet" / "train").iterdir()) == sorted(
+        c.name for c in (small / "train").iterdir())
+    assert "step 0" in aws(moto, "s3", "cp", "s3://launch-runs/ec2/run1/last.pt", "-").stdout  # backed up
+
+    # the spot instance is reclaimed; `resume` finds the run in S3 and starts a new one
+    sh(["terminate"], env)
+    state = json.loads(aws(moto, "ec2", "describe-instances", "--instance-ids", first, "--query",
+                           "Reservations[0].Instances[0].State").stdout)
+    assert state["Name"] in ("shutting-down", "terminated")
+    p = sh(["resume"], env)
+    assert "s3://launch-runs/ec2/run1/last.pt found" in p.stderr
+    assert (tmp_path / "state" / "run1.instance").read_text().strip() != first
+    p = sh(["resume"], {**env, "RUN": "no-such-run"}, check=False)
+    assert p.returncode == 2 and "nothing to resume" in p.stderr

@@ -1,5 +1,6 @@
 """Long runs that survive: SIGTERM at random points, kill -9 during a save, a full disk, bad JPEGs, NaN losses.
 Real processes, real signals, real JPEGs."""
+import json
 import os
 import random
 import re
@@ -214,3 +215,45 @@ def test_timed_saves_bound_what_kill_9_loses(tiny_data, tmp_path):
     resumed = run(cmd)
     assert f"resumed from {out / 'last.pt'}: epoch 1, step {ckpt['step']}/10" in resumed.stdout
     assert (out / "status").read_text() == "done\n"
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_with_disks_of_their_own_resume_together(tiny_data, tmp_path):
+    """Two nodes on one machine, each with its own --out (on EC2 each node has its own disk, and only node 0 writes
+    checkpoints). Stopped after epoch 1 of 2, the same commands again: rank 0 decides to resume and sends node 1
+    its state, so both continue at epoch 2 instead of node 1 starting over and the collectives hanging."""
+    port = free_port()
+
+    def node(rank, *extra):
+        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={rank}",
+                                 "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
+                                 str(ROOT / "train.py"), "--data", str(tiny_data), *FAST, "--batch-size", "8",
+                                 "--out", str(tmp_path / f"node{rank}"), *extra],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+
+    def both(*extra):
+        procs = [node(0, *extra), node(1, *extra)]
+        try:
+            outs = [p.communicate(timeout=240)[0] for p in procs]
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                os.killpg(p.pid, signal.SIGKILL)  # torchrun and its ranks
+            pytest.fail("the two nodes hung: " + "".join(p.communicate()[0][-1500:] for p in procs))
+        assert [p.returncode for p in procs] == [0, 0], outs
+        return outs
+
+    both("--stop-epoch", "1")
+    assert (tmp_path / "node0" / "last.pt").exists() and not (tmp_path / "node1" / "last.pt").exists()
+    outs = both()
+    assert "ranks [1] have no copy of" in outs[0] and "resumed from" in outs[0]
+    rows = [json.loads(line) for line in (tmp_path / "node0" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1]  # epoch 2 once, after epoch 1: one schedule on both nodes
+    assert (tmp_path / "node0" / "status").read_text() == "done\n"
+    assert "weights identical on all 2 ranks" in outs[0]
