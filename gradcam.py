@@ -43,9 +43,12 @@ def gradcam(model, x, classes, layer=None):
     layer = layer if layer is not None else model.layer4
     store = {}
 
+    def keep_grad(grad):
+        store["grad"] = grad                                           # (B, K, h, w)
+
     def keep(module, inputs, output):
         store["act"] = output                                          # (B, K, h, w)
-        output.register_hook(lambda grad: store.__setitem__("grad", grad))
+        output.register_hook(keep_grad)
 
     handle = layer.register_forward_hook(keep)
     try:

@@ -52,6 +52,11 @@ def parse_args(argv=None):
                                                                    "default: --batch-size")
     g.add_argument("--run-gpus", type=int, default=None, help="GPUs of the planned run; default: the GPUs visible")
     p.set_defaults(out="runs/lr_finder")
+    run_only = set(train.make_parser()._option_string_actions) - set(p._option_string_actions)
+    for arg in sys.argv[1:] if argv is None else argv:
+        if arg.split("=")[0] in run_only:
+            p.error(f"{arg.split('=')[0]} is a flag of a whole training run, which a range test does not use; "
+                    f"give it to the train.py command this test prints")
     args = train.parse_args(argv, p)
     if not 0 < args.start_lr < args.end_lr:
         p.error(f"need 0 < --start-lr < --end-lr, got {args.start_lr} and {args.end_lr}")
@@ -98,14 +103,15 @@ def range_test(step, lrs, smooth=0.05, diverge=5.0):
 # -----------------------------------------------------------------------------
 # reading the curve: the rule, and the candidates it was measured against (BENCHMARKS.md)
 
-def rise_point(losses, rise=RISE):
+def rise_point(losses, rise=RISE, skip=10):
     """Index of the first step whose smoothed loss is `rise` (a fraction) above the lowest loss before it, or
-    None if the curve never climbs that far."""
-    lowest = math.inf
+    None if the curve never climbs that far. The first `skip` steps only start the smoothing (it begins at the
+    first batch's loss, noise and all), as torch-lr-finder skips them; on a test too short for that, none."""
+    lowest, skip = math.inf, skip if len(losses) >= 5 * skip else 0
     for i, s in enumerate(losses):
         if s > (1 + rise) * lowest:
             return i
-        lowest = min(lowest, s)
+        lowest = min(lowest, s) if i >= skip else lowest
     return None
 
 
@@ -149,12 +155,13 @@ def candidates(hist):
 def suggest(hist, rise=RISE, divisor=DIVISOR):
     """The suggestion: the LR where the smoothed loss first rises `rise` above its lowest value so far, / divisor.
     When the loss never climbs that far (the test ended first), the lowest-loss LR / divisor, and says so."""
-    i = rise_point(hist["loss"], rise)
-    found = i is not None
-    i = i if found else int(np.argmin(hist["loss"]))
+    losses = hist["loss"]
+    i = rise_point(losses, rise)
+    found, i = i is not None, i if i is not None else int(np.argmin(losses))
+    skip = 10 if len(losses) >= 50 and i > 10 else 0  # as rise_point: the first steps only start the smoothing
     return dict(suggested_lr=hist["lr"][i] / divisor, rise_idx=i, rise_found=found,
-                lowest_idx=int(np.argmin(hist["loss"][:i + 1])), steepest_lr=hist["lr"][steepest(hist["lr"],
-                                                                                                   hist["loss"])])
+                lowest_idx=skip + int(np.argmin(losses[skip:i + 1])),
+                steepest_lr=hist["lr"][steepest(hist["lr"], losses)])
 
 
 def plot(hist, marks, path, title):
@@ -232,9 +239,10 @@ def find_lr(args):
     mixer = train.make_mixer(args, num_classes)
     print(f"LR range test: {args.arch} at {args.img_size} px, batch {args.batch_size} x {args.accum_steps} accum, "
           f"{amp} on {device.type}; LR {args.start_lr:g} -> {args.end_lr:g} over {args.iters} steps", flush=True)
-    batches, log_every, done = cycle(loader, args.iters), max(1, args.iters // 10), [0]
+    batches, log_every, done = cycle(loader, args.iters), max(1, args.iters // 10), 0
 
     def step(lr):
+        nonlocal done
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss = 0.0
@@ -245,9 +253,9 @@ def find_lr(args):
                 x, y = mixer(x, y)
             loss += train.forward_backward(model, x, y, criterion, ctx, scaler, args.accum_steps).item()
         train.optimizer_step(optimizer, scaler)
-        done[0] += 1
-        if done[0] % log_every == 0:
-            print(f"step {done[0]}/{args.iters} lr {lr:.3g} loss {loss / args.accum_steps:.4f}", flush=True)
+        done += 1
+        if done % log_every == 0:
+            print(f"step {done}/{args.iters} lr {lr:.3g} loss {loss / args.accum_steps:.4f}", flush=True)
         return loss / args.accum_steps
 
     hist = range_test(step, lr_schedule(args.start_lr, args.end_lr, args.iters), args.smooth, args.diverge)

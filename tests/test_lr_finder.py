@@ -1,6 +1,7 @@
 """lr_finder.py against torch-lr-finder, and on real images as users run it."""
 import copy
 import json
+import math
 import shlex
 import sys
 
@@ -10,7 +11,7 @@ import torch.nn as nn
 
 import lr_finder
 import train
-from conftest import ROOT, run
+from conftest import ROOT, link_tree, needs_imagenette, run
 
 
 def test_lr_schedule_is_exponential_from_start_to_end():
@@ -92,6 +93,17 @@ def test_stops_on_divergence_and_on_nan_at_start():
 @pytest.mark.parametrize("flags,expected", [
     (["--start-lr", "1", "--end-lr", "0.1"], "need 0 < --start-lr < --end-lr"),
     (["--iters", "3"], "--iters must be at least 10"),
+    # the flags of a whole run would be silently ignored by a range test: refused instead
+    (["--epochs", "5"], "--epochs is a flag of a whole training run"),
+    (["--resume", "none"], "--resume is a flag of a whole training run"),
+    (["--ema", "0.999"], "--ema is a flag of a whole training run"),
+    (["--tta"], "--tta is a flag of a whole training run"),
+    (["--eval-size", "256"], "--eval-size is a flag of a whole training run"),
+    (["--stop-epoch", "1"], "--stop-epoch is a flag of a whole training run"),
+    (["--save-every-min", "5"], "--save-every-min is a flag of a whole training run"),
+    (["--check-data"], "--check-data is a flag of a whole training run"),
+    (["--shrink", "/tmp/x"], "--shrink is a flag of a whole training run"),
+    (["--epoch", "5"], "unrecognized arguments: --epoch 5"),  # no abbreviations either
 ])
 def test_bad_flags_one_line(flags, expected, tmp_path):
     p = run([sys.executable, str(ROOT / "lr_finder.py"), "--out", str(tmp_path), *flags], check=False)
@@ -123,3 +135,67 @@ def test_small_data_cycles_and_says_so(tiny_data, tmp_path):
              "--img-size", "32", "--batch-size", "16", "--iters", "25", "--workers", "0", "--out", str(tmp_path)])
     assert "the data gave only 10 batches for 25 steps: cycling" in p.stdout
     assert json.loads(p.stdout.strip().splitlines()[-1])["steps"] >= 10
+
+
+def curve_hist(losses, start=1e-7, end=10):
+    return dict(lr=lr_finder.lr_schedule(start, end, len(losses)), loss=list(losses))
+
+
+def test_the_rule_on_curves_with_a_known_answer():
+    """Three recorded shapes. Flat, then climbing (a network from scratch): the LR where the climb passes the rise
+    the rule reads, not the noise at the start. A clear valley: past its bottom, where it climbs. A noisy flat
+    curve, smoothed as the test smooths it: its wiggles are no climb."""
+    rise, div = lr_finder.RISE, lr_finder.DIVISOR
+    flat_then_up = [2.30] * 60 + [2.30 * 1.02 ** k for k in range(1, 41)]
+    marks = lr_finder.suggest(curve_hist(flat_then_up))
+    first = next(i for i, s in enumerate(flat_then_up) if s > (1 + rise) * 2.30)
+    assert marks["rise_found"] and marks["rise_idx"] == first
+    assert marks["suggested_lr"] == pytest.approx(curve_hist(flat_then_up)["lr"][first] / div)
+    assert lr_finder.steepest(curve_hist(flat_then_up)["lr"], flat_then_up) < 20 < first  # the old rule: noise
+    valley = [2.3 - 0.026 * k for k in range(50)] + [1.0 + 0.05 * k for k in range(50)]
+    marks = lr_finder.suggest(curve_hist(valley))
+    assert 50 < marks["rise_idx"] < 60 and marks["lowest_idx"] == 50
+    torch.manual_seed(0)
+    raw = (2.3 * (1 + 0.04 * torch.randn(70))).tolist() + [2.3 * 1.05 ** k for k in range(1, 31)]  # 4% noise
+    steps = iter(raw)
+    hist = lr_finder.range_test(lambda lr: next(steps), lr_finder.lr_schedule(1e-7, 10, 100), smooth=0.05, diverge=5)
+    marks = lr_finder.suggest(hist)
+    assert marks["rise_idx"] >= 70, "a wiggle of the smoothed noise is taken for the climb"
+    never = lr_finder.suggest(curve_hist([2.3 - 0.01 * k for k in range(100)]))  # still falling at the end
+    assert not never["rise_found"] and never["suggested_lr"] == pytest.approx(curve_hist([0] * 100)["lr"][-1] / div)
+
+
+@needs_imagenette
+def test_the_suggestion_trains_and_beats_the_old_rule(tmp_path):
+    """Real images: the range test on 300 Imagenette photos (ResNet-18, 48 px, batch 32), then the same short run
+    at the new rule's LR and at the old rule's (steepest descent): the new one trains, without diverging, to a
+    better top-1."""
+    data_root = link_tree(tmp_path / "data", 30, 10)
+    common = ["--data", str(data_root), "--arch", "resnet18", "--img-size", "48", "--batch-size", "32",
+              "--workers", "1"]
+    p = run([sys.executable, str(ROOT / "lr_finder.py"), *common, "--out", str(tmp_path / "lr")], timeout=900)
+    result = json.loads(p.stdout.strip().splitlines()[-1])
+    top1 = {}
+    for name, lr in (("new", result["suggested_lr"]), ("old", result["steepest_lr"])):
+        out = tmp_path / name
+        run([sys.executable, str(ROOT / "train.py"), *common, "--epochs", "4", "--lr", str(lr), "--out", str(out),
+             "--log-every", "100"], timeout=900)
+        rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        assert all(math.isfinite(r["train_loss"]) for r in rows) and (out / "status").read_text() == "done\n"
+        top1[name] = rows[-1]["val_top1"]
+    assert top1["new"] > top1["old"], (result, top1)
+
+
+def test_the_printed_command_is_the_run_that_was_meant():
+    """--preset and every recipe flag that differs from train.py's defaults for that preset, the planned batch and
+    the LR scaled to the planned global batch; and the command parses as train.py's."""
+    args = lr_finder.parse_args(["--preset", "long", "--arch", "resnet18", "--img-size", "128", "--batch-size", "32",
+                                 "--label-smoothing", "0.2", "--no-blurpool", "--weight-decay", "5e-5"])
+    command = lr_finder.run_command(args, "/mnt/imagenet", 0.8, gpus=8, run_bs=256)
+    assert command == ("torchrun --nproc_per_node=8 train.py --preset long --arch resnet18 --img-size 128 "
+                       "--no-blurpool --weight-decay 5e-05 --label-smoothing 0.2 --batch-size 256 --lr 0.8")
+    parsed = train.parse_args(shlex.split(command)[shlex.split(command).index("train.py") + 1:])
+    assert (parsed.mixup, parsed.cutmix, parsed.epochs, parsed.blurpool) == (0.2, 1.0, 90, False)
+    plain = lr_finder.parse_args(["--data", "/mnt/imagenet"])
+    assert lr_finder.run_command(plain, "/mnt/imagenet", 0.1, gpus=1, run_bs=256) == \
+        "python train.py --data /mnt/imagenet --batch-size 256 --lr 0.1"

@@ -26,7 +26,7 @@ BIN = str(Path(sys.executable).parent)  # the venv's aws and moto_server come fi
 
 def sh(args, env=None, check=True, timeout=120):
     full = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RESTART_DELAY_S": "0",
-            "SESSION": "pytest-no-such-session", **(env or {})}
+            "SESSION": "pytest-no-such-session", "IMDS_URL": "http://127.0.0.1:9", **(env or {})}  # only 127.0.0.1
     p = subprocess.run([SCRIPT, *args], capture_output=True, text=True, env=full, timeout=timeout)
     if check:
         assert p.returncode == 0, p.stdout + p.stderr
