@@ -125,10 +125,14 @@ def classify(model, names, size, device, path):
     return img, x, top5, paint(x, cam), 1000 * (time.perf_counter() - t0), mode
 
 
-def paint(x, cam):
-    """The (1, h, w) map, upsampled and laid over the uint8 (3, H, W) crop: (H, W, 3) uint8."""
-    heat = gradcam.upsample(cam, x.shape[-2:])[0].cpu().numpy()
-    return gradcam.overlay(x.permute(1, 2, 0).numpy(), heat)
+def paint(x, cam, display=320):
+    """The (1, h, w) map laid over the uint8 (3, H, W) crop, both upsampled to at least `display` px a side (the
+    crop of a 64 or 128 px model would be a thumbnail on the page): (D, D', 3) uint8."""
+    scale = max(1.0, display / min(x.shape[-2:]))
+    size = [round(scale * s) for s in x.shape[-2:]]
+    big = torch.nn.functional.interpolate(x[None].float(), size=size, mode="bilinear", align_corners=False)
+    heat = gradcam.upsample(cam, size)[0].cpu().numpy()
+    return gradcam.overlay(big[0].round().clamp(0, 255).byte().permute(1, 2, 0).numpy(), heat)
 
 
 def explain(model, x, cls, device):

@@ -106,6 +106,17 @@ def classify(client, path):
     return label, overlay, status
 
 
+def test_the_map_is_shown_large_whatever_the_models_size():
+    """A 64 px model's crop and map come out at 320 px a side, not as a thumbnail; a larger crop keeps its size."""
+    import numpy as np
+    import torch
+    import app
+    x = torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8)
+    shown = app.paint(x, torch.rand(1, 2, 2))
+    assert shown.shape == (320, 320, 3) and shown.dtype == np.uint8
+    assert app.paint(torch.zeros(3, 384, 384, dtype=torch.uint8), torch.rand(1, 12, 12)).shape == (384, 384, 3)
+
+
 def test_real_jpegs_get_a_top5_an_overlay_and_a_latency(client):
     ms = []
     for path in sorted(SAMPLES.iterdir())[:3]:
@@ -116,7 +127,7 @@ def test_real_jpegs_get_a_top5_an_overlay_and_a_latency(client):
         assert label["label"] == label["confidences"][0]["label"]
         assert re.fullmatch(r".+ \(\d\)", label["label"])  # "name (index)": a name from the checkpoint
         with Image.open(overlay) as im:
-            assert im.size == (224, 224)
+            assert im.size == (320, 320)  # the 224 px crop, shown at the page's 320 px
             assert len(set(im.convert("RGB").get_flattened_data())) > 100  # a photo under a heat map, not a flat image
         assert "Top class" in status
         ms.append(float(re.search(r"(\d+) ms for the top-5 and Grad-CAM", status).group(1)))

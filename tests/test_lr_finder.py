@@ -165,25 +165,43 @@ def test_the_rule_on_curves_with_a_known_answer():
     assert not never["rise_found"] and never["suggested_lr"] == pytest.approx(curve_hist([0] * 100)["lr"][-1] / div)
 
 
+SWEEP = json.loads((ROOT / "tests" / "data" / "lr_sweep.json").read_text())
+
+
+@pytest.mark.parametrize("setting", sorted(SWEEP["settings"]))
+def test_on_the_sweeps_real_curves_the_rule_lands_in_the_best_band_and_beats_the_old_one(setting):
+    """Recorded real data (BENCHMARKS.md "Picking the LR"): one setting's range test on Imagenette, and the final
+    top-1 of short runs at peak LRs in x2 steps. The rule's LR lies in the best band (the LRs within 1.5 points of
+    the best, widened by half a grid step, sqrt 2, each side), and the run at the rule's LR beat the run at the old
+    rule's."""
+    rec = SWEEP["settings"][setting]
+    best = max(rec["top1_by_lr"].values())
+    band = sorted(float(lr) for lr, top1 in rec["top1_by_lr"].items() if top1 >= best - 1.5)
+    marks = lr_finder.suggest(rec["curve"])
+    assert marks["rise_found"] and band[0] / 2 ** 0.5 <= marks["suggested_lr"] <= band[-1] * 2 ** 0.5, (marks, band)
+    (new_lr, new_top1), (old_lr, old_top1) = rec["at_rule"]["new"], rec["at_rule"]["old"]
+    assert marks["suggested_lr"] == pytest.approx(new_lr, rel=5e-3)  # the run was at this code's suggestion
+    assert marks["steepest_lr"] == pytest.approx(old_lr, rel=5e-2)
+    assert new_top1 > old_top1
+
+
 @needs_imagenette
-def test_the_suggestion_trains_and_beats_the_old_rule(tmp_path):
-    """Real images: the range test on 300 Imagenette photos (ResNet-18, 48 px, batch 32), then the same short run
-    at the new rule's LR and at the old rule's (steepest descent): the new one trains, without diverging, to a
-    better top-1."""
-    data_root = link_tree(tmp_path / "data", 30, 10)
-    common = ["--data", str(data_root), "--arch", "resnet18", "--img-size", "48", "--batch-size", "32",
+def test_the_suggestion_trains_on_real_images(tmp_path):
+    """Real images, end to end as a user runs it: the range test on 1,000 Imagenette photos (ResNet-18, 32 px,
+    batch 32), then six epochs at its suggestion: no divergence, and well above chance (10%) on 200 held-out
+    photos. (At this size the rule's LR does not reliably beat the old rule's: see BENCHMARKS.md.)"""
+    data_root = link_tree(tmp_path / "data", 100, 20)
+    common = ["--data", str(data_root), "--arch", "resnet18", "--img-size", "32", "--batch-size", "32",
               "--workers", "1"]
     p = run([sys.executable, str(ROOT / "lr_finder.py"), *common, "--out", str(tmp_path / "lr")], timeout=900)
     result = json.loads(p.stdout.strip().splitlines()[-1])
-    top1 = {}
-    for name, lr in (("new", result["suggested_lr"]), ("old", result["steepest_lr"])):
-        out = tmp_path / name
-        run([sys.executable, str(ROOT / "train.py"), *common, "--epochs", "4", "--lr", str(lr), "--out", str(out),
-             "--log-every", "100"], timeout=900)
-        rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-        assert all(math.isfinite(r["train_loss"]) for r in rows) and (out / "status").read_text() == "done\n"
-        top1[name] = rows[-1]["val_top1"]
-    assert top1["new"] > top1["old"], (result, top1)
+    assert result["rise_found"]
+    out = tmp_path / "run"
+    run([sys.executable, str(ROOT / "train.py"), *common, "--epochs", "6", "--lr", str(result["suggested_lr"]),
+         "--out", str(out), "--log-every", "100"], timeout=900)
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["train_loss"]) for r in rows) and (out / "status").read_text() == "done\n"
+    assert rows[-1]["val_top1"] >= 25, (result, rows[-1])
 
 
 def test_the_printed_command_is_the_run_that_was_meant():

@@ -1,11 +1,13 @@
 """model.py against torchvision: the same keys and shapes, the same outputs under the same weights."""
 import pickle
+import sys
 
 import pytest
 import torch
 import torchvision
 
 import model as M
+from conftest import ROOT, run
 
 TORCHVISION_ARCHS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
 
@@ -174,3 +176,17 @@ def test_load_checkpoint_rebuilds_blurpool(tmp_path):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), net.eval()(x))
+
+
+def test_summary_matches_torchvisions_own_figures():
+    """python model.py's per-stage table: the totals are torchvision's published parameters and GFLOPS (its
+    weights' metadata, no download) for ResNet-18 and -50 at 224 px, and the stages add up to them."""
+    from torchvision.models import ResNet18_Weights, ResNet50_Weights
+    for arch, weights in (("resnet18", ResNet18_Weights.IMAGENET1K_V1), ("resnet50", ResNet50_Weights.IMAGENET1K_V2)):
+        rows = M.summary(arch, 224)
+        total = rows[-1]
+        assert total[2] == weights.meta["num_params"]
+        assert total[3] / 1e9 == pytest.approx(weights.meta["_ops"], abs=5e-4)
+        assert sum(r[2] for r in rows[:-1]) == total[2] and sum(r[3] for r in rows[:-1]) == total[3]
+    p = run([sys.executable, str(ROOT / "model.py"), "--arch", "resnet50", "--img-size", "224"])
+    assert "25,557,032" in p.stdout and "4,089,184,256" in p.stdout and "layer4" in p.stdout
