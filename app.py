@@ -41,14 +41,15 @@ MIN_SIDE = 32  # px: below this a photo holds too little for a 224 px network to
 # the model and the examples
 
 def load_model(path, explicit, ema, device):
-    """(model in eval mode, class names, eval size, a line saying what the model is, its training data or None)."""
+    """(model in eval mode, class names, eval size, a line saying what the model is, the checkpoint's info: its
+    class folders and args, empty for torchvision's weights)."""
     if os.path.exists(path) or explicit:
         model, meta = load_checkpoint(path, ema=ema)
         ema = ema or bool(meta.get("ema_weights"))  # an exported Space's model.pt may hold the EMA weights
         top1 = (meta.get("metrics") or {}).get("ema_top1" if ema else "val_top1")
         about = (f"{meta['arch']}{' (EMA weights)' if ema else ''} from `{os.path.basename(path)}`"
                  + (f" (val top-1 {top1:.1f}%)" if top1 is not None else ""))
-        return model.to(device), meta["names"], meta["eval_size"], about, (meta.get("args") or {}).get("data")
+        return model.to(device), meta["names"], meta["eval_size"], about, meta
     from torchvision.models import ResNet50_Weights
     weights = ResNet50_Weights.IMAGENET1K_V2
     try:
@@ -61,7 +62,7 @@ def load_model(path, explicit, ema, device):
     model.load_state_dict(sd)  # model.py's keys are torchvision's
     about = (f"torchvision's pretrained ResNet-50 ({weights.name}), since there is no checkpoint at `{path}`: "
              f"not a model you trained")
-    return model.eval().to(device), list(weights.meta["categories"]), 224, about, None
+    return model.eval().to(device), list(weights.meta["categories"]), 224, about, {}
 
 
 def pick_examples(folder, n=8):
@@ -144,12 +145,16 @@ def explain(model, x, cls, device):
 # -----------------------------------------------------------------------------
 # the page
 
-def caption(path):
-    """An example's caption: its file name without the extension and the "NN " that orders exported examples."""
+def caption(path, classes=(), names=()):
+    """An example's caption: its class's name when it lies in one of the run's class folders (a dataset's val
+    split), else its file name without the extension and the "NN " that orders exported examples."""
+    folder = os.path.basename(os.path.dirname(path))
+    if folder in classes:
+        return names[list(classes).index(folder)]
     return re.sub(r"^\d\d ", "", os.path.splitext(os.path.basename(path))[0])
 
 
-def build_page(model, names, size, device, about, examples):
+def build_page(model, names, size, device, about, examples, classes=()):
     """Upload (a file that our code, not Gradio's, decodes: a bomb or a non-image gets our message) or click an
     example thumbnail; the photo, its top-5 and the Grad-CAM map of the class picked."""
     import gradio as gr
@@ -187,7 +192,7 @@ def build_page(model, names, size, device, about, examples):
                 upload = gr.File(label="Photo (JPEG, PNG, WebP)", file_types=["image"], type="filepath")
                 button = gr.Button("Classify", variant="primary")
                 photo = gr.Image(label="The photo", type="pil", interactive=False, height=320, elem_id="photo")
-                gallery = gr.Gallery(value=[(p, caption(p)) for p in examples],
+                gallery = gr.Gallery(value=[(p, caption(p, classes, names)) for p in examples],
                                      label="Examples: click one", columns=4, height="auto", allow_preview=False,
                                      elem_id="examples", visible=bool(examples))
             with gr.Column():
@@ -243,9 +248,7 @@ def export_space(out, checkpoint, ema, examples, num_examples):
     for k, path in enumerate(pick_examples(examples or saved.get("data"), num_examples)):
         img, _ = read_photo(path)
         img.thumbnail((512, 512))  # a copy small enough for the Space's repository
-        folder = os.path.basename(os.path.dirname(path))  # a dataset's class folder names the photo's class
-        stem = os.path.splitext(os.path.basename(path))[0]
-        name = meta["names"][classes.index(folder)] if folder in classes else stem
+        name = caption(path, classes, meta["names"])
         img.save(os.path.join(out, "examples", f"{k:02d} {name.replace('/', '-')}.jpg"), quality=90)
     with open(os.path.join(out, "requirements.txt"), "w") as f:  # Spaces install gradio at sdk_version themselves
         f.write("--extra-index-url https://download.pytorch.org/whl/cpu\ntorch\ntorchvision\nnumpy\npillow\n"
@@ -342,16 +345,17 @@ def main(argv=None):
                 print(f"pushed to {push_space(args.export_space, args.push)}", flush=True)
             return
         device = pick_device(args.device)
-        model, names, size, about, trained_on = load_model(path, args.checkpoint is not None, args.ema, device)
+        model, names, size, about, info = load_model(path, args.checkpoint is not None, args.ema, device)
     except (ValueError, FileNotFoundError) as e:
         print(f"app.py: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    trained_on = (info.get("args") or {}).get("data")
     folder = args.examples or (SPACE_EXAMPLES if os.path.isdir(SPACE_EXAMPLES) else trained_on or data.DEFAULT_DATA)
     examples = pick_examples(folder, args.num_examples)
     print(f"{about}; {len(examples)} examples from {folder if examples else 'nowhere (no data found)'}", flush=True)
     # no allowed_paths: the example images reach the page through Gradio's cache, so no folder of ours is served
-    build_page(model, names, size, device, about, examples).launch(server_name=args.host, server_port=args.port,
-                                                                   share=args.share)
+    page = build_page(model, names, size, device, about, examples, info.get("classes") or ())
+    page.launch(server_name=args.host, server_port=args.port, share=args.share)
 
 
 if __name__ == "__main__":

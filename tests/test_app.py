@@ -117,6 +117,15 @@ def test_the_map_is_shown_large_whatever_the_models_size():
     assert app.paint(torch.zeros(3, 384, 384, dtype=torch.uint8), torch.rand(1, 12, 12)).shape == (384, 384, 3)
 
 
+def test_example_captions_name_the_class():
+    """An example from a dataset's class folder is captioned with its class's name; any other by its file name."""
+    import app
+    classes, names = ["n01440764", "n02102040"], ["tench", "English springer"]
+    assert app.caption("/d/val/n02102040/ILSVRC2012_val_00004650.JPEG", classes, names) == "English springer"
+    assert app.caption("/photos/my dog.jpg", classes, names) == "my dog"
+    assert app.caption("/space/examples/03 chain saw.jpg") == "chain saw"
+
+
 def test_real_jpegs_get_a_top5_an_overlay_and_a_latency(client):
     ms = []
     for path in sorted(SAMPLES.iterdir())[:3]:
