@@ -131,9 +131,9 @@ def paint(x, cam, display=320):
     crop of a 64 or 128 px model would be a thumbnail on the page): (D, D', 3) uint8."""
     scale = max(1.0, display / min(x.shape[-2:]))
     size = [round(scale * s) for s in x.shape[-2:]]
-    big = torch.nn.functional.interpolate(x[None].float(), size=size, mode="bilinear", align_corners=False)
+    big = gradcam.upsample(x.float(), size).round().clamp(0, 255).byte()  # the 3 channels as a batch of maps
     heat = gradcam.upsample(cam, size)[0].cpu().numpy()
-    return gradcam.overlay(big[0].round().clamp(0, 255).byte().permute(1, 2, 0).numpy(), heat)
+    return gradcam.overlay(big.permute(1, 2, 0).numpy(), heat)
 
 
 def explain(model, x, cls, device):
