@@ -103,11 +103,16 @@ def range_test(step, lrs, smooth=0.05, diverge=5.0):
 # -----------------------------------------------------------------------------
 # reading the curve: the rule, and the candidates it was measured against (BENCHMARKS.md)
 
-def rise_point(losses, rise=RISE, skip=10):
-    """Index of the first step whose smoothed loss is `rise` (a fraction) above the lowest loss before it, or
-    None if the curve never climbs that far. The first `skip` steps only start the smoothing (it begins at the
-    first batch's loss, noise and all), as torch-lr-finder skips them; on a test too short for that, none."""
-    lowest, skip = math.inf, skip if len(losses) >= 5 * skip else 0
+def warmup_steps(n, skip=10):
+    """How many of a curve's n first steps only start the smoothing (it begins at the first batch's loss, noise and
+    all), as torch-lr-finder skips them: `skip`, or none on a test too short for that."""
+    return skip if n >= 5 * skip else 0
+
+
+def rise_point(losses, rise=RISE):
+    """Index of the first step whose smoothed loss is `rise` (a fraction) above the lowest loss before it (the
+    smoothing's first steps not counted), or None if the curve never climbs that far."""
+    lowest, skip = math.inf, warmup_steps(len(losses))
     for i, s in enumerate(losses):
         if s > (1 + rise) * lowest:
             return i
@@ -158,7 +163,7 @@ def suggest(hist, rise=RISE, divisor=DIVISOR):
     losses = hist["loss"]
     i = rise_point(losses, rise)
     found, i = i is not None, i if i is not None else int(np.argmin(losses))
-    skip = 10 if len(losses) >= 50 and i > 10 else 0  # as rise_point: the first steps only start the smoothing
+    skip = warmup_steps(len(losses)) if i > warmup_steps(len(losses)) else 0  # rise_point's lowest, not noise
     return dict(suggested_lr=hist["lr"][i] / divisor, rise_idx=i, rise_found=found,
                 lowest_idx=skip + int(np.argmin(losses[skip:i + 1])),
                 steepest_lr=hist["lr"][steepest(hist["lr"], losses)])
