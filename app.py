@@ -13,7 +13,6 @@ says so; with no internet either, it stops with one line that says how to get a 
 untrained weights. An exported Space holds model.pt and examples/ beside app.py, which app.py then serves.
 """
 import argparse
-import ast
 import json
 import os
 import re
@@ -27,7 +26,7 @@ from PIL import Image
 
 import data
 import gradcam
-from model import build_model, load_checkpoint, normalize, save_atomic
+from model import build_model, load_checkpoint, normalize, read_checkpoint, save_weights
 from runtime import pick_device
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -35,6 +34,9 @@ DEFAULT_CHECKPOINT = "runs/default/best.pt"
 SPACE_CHECKPOINT = os.path.join(HERE, "model.pt")      # what --export-space writes beside app.py
 SPACE_EXAMPLES = os.path.join(HERE, "examples")
 MIN_SIDE = 32  # px: below this a photo holds too little for a 224 px network to see
+# what an exported Space copies beside model.pt: app.py and the modules it imports, directly or through each other
+# (tests/test_app.py runs an exported Space alone, so a module missing here fails there)
+SPACE_MODULES = ("app", "data", "evaluate", "gradcam", "model", "runtime")
 
 
 # -----------------------------------------------------------------------------
@@ -45,8 +47,8 @@ def load_model(path, explicit, ema, device):
     class folders and args, empty for torchvision's weights)."""
     if os.path.exists(path) or explicit:
         model, meta = load_checkpoint(path, ema=ema)
-        ema = ema or bool(meta.get("ema_weights"))  # an exported Space's model.pt may hold the EMA weights
-        top1 = (meta.get("metrics") or {}).get("ema_top1" if ema else "val_top1")
+        ema = meta["ema"]  # an exported Space's model.pt may hold the EMA weights without --ema
+        top1 = (meta["metrics"] or {}).get("ema_top1" if ema else "val_top1")
         about = (f"{meta['arch']}{' (EMA weights)' if ema else ''} from `{os.path.basename(path)}`"
                  + (f" (val top-1 {top1:.1f}%)" if top1 is not None else ""))
         return model.to(device), meta["names"], meta["eval_size"], about, meta
@@ -67,7 +69,7 @@ def load_model(path, explicit, ema, device):
 
 def pick_examples(folder, n=8):
     """Up to n images from a folder of images, or from the val split of a dataset root, one class after another."""
-    if not folder or not os.path.isdir(folder):
+    if not folder or not os.path.isdir(folder) or n == 0:
         return []
     try:
         train_dir, val_dir, val_csv, _ = data.find_splits(folder)
@@ -163,25 +165,26 @@ def build_page(model, names, size, device, about, examples, classes=()):
         try:
             img, x, top5, overlay, ms, mode = classify(model, names, size, device, path)
         except ValueError as e:
-            return None, None, gr.update(choices=[], value=None), f"**Cannot classify this:** {e}", None, None
+            return {top5_box: None, cam: None, pick: gr.update(choices=[], value=None), state: None, photo: None,
+                    status: f"**Cannot classify this:** {e}"}
         preview = img.copy()
         preview.thumbnail((768, 768))  # the page shows the photo, not its megapixels
-        label = {f"{n} ({i})": p for n, p, i in top5}
         choices = [f"{n} ({i})" for n, _, i in top5]
-        status = (f"Top class **{top5[0][0]}** at {top5[0][1]:.1%}; {ms:.0f} ms for the top-5 and Grad-CAM on "
-                  f"{device.type}" + (f" (a {mode} image, converted to RGB)." if mode != "RGB" else "."))
-        return label, overlay, gr.update(choices=choices, value=choices[0]), status, (x, [i for _, _, i in top5]), \
-            preview
+        return {top5_box: {f"{n} ({i})": p for n, p, i in top5}, cam: overlay,
+                pick: gr.update(choices=choices, value=choices[0]), state: (x, [i for _, _, i in top5]),
+                photo: preview, status: f"Top class **{top5[0][0]}** at {top5[0][1]:.1%}; {ms:.0f} ms for the top-5 "
+                                        f"and Grad-CAM on {device.type}"
+                                        + (f" (a {mode} image, converted to RGB)." if mode != "RGB" else ".")}
 
     def on_example(evt: gr.SelectData):
         return show(examples[evt.index])  # a path of our own list: the page never names a file to read
 
-    def on_pick(choice, state):
-        if state is None or choice is None:
-            return gr.update()
-        x, indices = state
+    def on_pick(choice, picked):
+        if picked is None or choice is None:
+            return {cam: gr.update()}
+        x, indices = picked
         cls = indices[[f"{names[i]} ({i})" for i in indices].index(choice)]
-        return explain(model, x, cls, device)
+        return {cam: explain(model, x, cls, device)}
 
     with gr.Blocks(title="ResNet: top-5 and Grad-CAM") as page:
         gr.Markdown(f"# What does the network see?\nModel: {about}. Upload a photo or click an example: the page "
@@ -197,12 +200,13 @@ def build_page(model, names, size, device, about, examples, classes=()):
                                      elem_id="examples", visible=bool(examples))
             with gr.Column():
                 status = gr.Markdown("Upload a photo, or click an example.", elem_id="status")
-                top5 = gr.Label(num_top_classes=5, label="Top-5", elem_id="top5")
+                top5_box = gr.Label(num_top_classes=5, label="Top-5", elem_id="top5")
                 pick = gr.Radio(choices=[], label="Grad-CAM for", elem_id="pick")
                 cam = gr.Image(label="Grad-CAM (red: what raised the class's score most)", type="numpy",
                                interactive=False, elem_id="cam")
         state = gr.State(None)
-        outputs = [top5, cam, pick, status, state, photo]
+        # a handler returns a dict keyed by the components it updates; this list is the order of /classify's answer
+        outputs = [top5_box, cam, pick, status, state, photo]
         # Gradio runs one event at a time by default (concurrency_limit=1): Grad-CAM's hooks are not thread-safe
         button.click(show, inputs=[upload], outputs=outputs, api_name="classify")
         upload.change(show, inputs=[upload], outputs=outputs, api_name=False)  # an upload or a clear
@@ -214,38 +218,16 @@ def build_page(model, names, size, device, about, examples, classes=()):
 # -----------------------------------------------------------------------------
 # a Hugging Face Space in one command
 
-def own_modules(script):
-    """The modules of this folder that `script` imports, directly or through each other (for --export-space)."""
-    todo, found = [script], set()
-    while todo:
-        name = todo.pop()
-        if name in found:
-            continue
-        found.add(name)
-        with open(os.path.join(HERE, f"{name}.py")) as f:
-            tree = ast.parse(f.read())
-        for node in ast.walk(tree):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
-            todo += [n for n in names if os.path.exists(os.path.join(HERE, f"{n}.py"))]
-    return sorted(found)
-
-
 def export_space(out, checkpoint, ema, examples, num_examples):
     """--export-space: a folder that runs as a Space (sdk gradio) with nothing else beside it. Returns its files."""
-    model, meta = load_checkpoint(checkpoint, ema=ema)
-    saved = meta.get("args") or {}
+    _, meta = load_checkpoint(checkpoint, ema=ema)  # the names, the eval size and the run's records, checked
     os.makedirs(out, exist_ok=True)
-    modules = own_modules("app")
-    for name in modules:
+    for name in SPACE_MODULES:
         shutil.copyfile(os.path.join(HERE, f"{name}.py"), os.path.join(out, f"{name}.py"))
-    keep = {k: saved.get(k) for k in ("arch", "blurpool", "img_size", "eval_size", "tta", "data", "epochs")}
-    save_atomic(dict(model=model.state_dict(), args={**keep, "arch": meta["arch"], "eval_size": meta["eval_size"]},
-                     classes=meta.get("classes"), class_names=meta["names"], metrics=meta.get("metrics"),
-                     ema_weights=ema), os.path.join(out, "model.pt"))
+    save_weights(read_checkpoint(checkpoint), os.path.join(out, "model.pt"), only="ema" if ema else "model")
     os.makedirs(os.path.join(out, "examples"), exist_ok=True)
-    classes = meta.get("classes") or []
-    for k, path in enumerate(pick_examples(examples or saved.get("data"), num_examples)):
+    classes = meta["classes"] or []
+    for k, path in enumerate(pick_examples(examples or meta["args"].get("data"), num_examples)):
         img, _ = read_photo(path)
         img.thumbnail((512, 512))  # a copy small enough for the Space's repository
         name = caption(path, classes, meta["names"])
@@ -264,12 +246,12 @@ def export_space(out, checkpoint, ema, examples, num_examples):
 def model_card(meta, ema, checkpoint, curves):
     """The Space's README: its front matter (sdk gradio, app_file) and a model card from the run's own records."""
     import gradio as gr
-    saved = meta.get("args") or {}
+    saved = meta["args"]
     log = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "log.jsonl")
     rows = [json.loads(line) for line in open(log) if line.strip()] if os.path.exists(log) else []
     key = "ema_top1" if ema and rows and "ema_top1" in rows[-1] else "val_top1"
     best = max(rows, key=lambda r: r[key]) if rows else None
-    argv = meta.get("argv")
+    argv = meta["argv"]
     command = ("python train.py " + " ".join(argv)) if argv is not None else "(not recorded in this checkpoint)"
     data_name = os.path.basename(os.path.normpath(saved["data"])) if saved.get("data") else "the default data"
     lines = ["---", f"title: {meta['arch']} from scratch", "sdk: gradio", f"sdk_version: {gr.__version__}",
@@ -349,7 +331,7 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as e:
         print(f"app.py: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
-    trained_on = (info.get("args") or {}).get("data")
+    trained_on = info.get("args", {}).get("data")
     folder = args.examples or (SPACE_EXAMPLES if os.path.isdir(SPACE_EXAMPLES) else trained_on or data.DEFAULT_DATA)
     examples = pick_examples(folder, args.num_examples)
     print(f"{about}; {len(examples)} examples from {folder if examples else 'nowhere (no data found)'}", flush=True)

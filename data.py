@@ -322,7 +322,7 @@ def inspect_image(path):
         return None, None, f"{type(e).__name__}: {e}"
 
 
-def check_data(root, workers=4):
+def check_data(root, workers):
     """--check-data: the layout found, image counts per split and class, and every file decoded once."""
     import multiprocessing
     import time
@@ -380,7 +380,7 @@ def shrink_image(job):
     return result
 
 
-def shrink_dataset(root, out, max_side, workers=4):
+def shrink_dataset(root, out, max_side, workers):
     """--shrink: a copy of the dataset whose training images have a shorter side of at most max_side px, in the same
     layout (the Kaggle CSV files too). Decoding then costs less on every epoch; an interrupted run picks up where it
     was. Validation images are copied as they are, so that evaluation at a high resolution (FixRes) loses nothing."""

@@ -17,17 +17,17 @@ and weighted precision/recall/F1, n, img/s and the settings.
 import argparse
 import csv
 import json
+import math
 import os
 import sys
 import time
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import data
 from model import load_checkpoint
-from runtime import autocast_for, close_distributed, init_distributed, probabilities, to_device
+from runtime import autocast_for, close_distributed, init_distributed, to_device
 
 
 def add_common_args(p):
@@ -53,7 +53,7 @@ def load_model(args, device):
     """(model on device, checkpoint info, data root, settings): the settings say how to evaluate, the given flags
     over the way the run evaluated, and what predictions.csv is made from (gradcam.py compares them)."""
     model, meta = load_checkpoint(args.checkpoint, arch=args.arch, ema=args.ema)
-    root = str(args.data or (meta.get("args") or {}).get("data") or data.default_data())
+    root = str(args.data or meta["args"].get("data") or data.default_data())
     img_size = args.img_size or meta["eval_size"]
     path = os.path.abspath(args.checkpoint)
     settings = dict(checkpoint=path, checkpoint_mtime_ns=os.stat(path).st_mtime_ns, data=os.path.abspath(root),
@@ -62,57 +62,62 @@ def load_model(args, device):
     return model.to(device).eval(), meta, root, settings
 
 
-@torch.no_grad()
-def predict(model, loader, device, ctx, tta="none"):
-    """Softmax top-5 (indices, probabilities) and labels for the loader's images, in its order."""
-    top_i, top_p, labels = [], [], []
-    t0, done, total = time.time(), 0, len(loader.sampler)
-    for step, (images, y, _) in enumerate(loader):
-        x, y = to_device(images, y, device, channels_last=True)
-        with ctx:
-            probs = probabilities(model, x, tta == "flip")
-        p, i = probs.topk(min(5, probs.shape[1]), dim=1)
-        top_i.append(i.cpu()), top_p.append(p.cpu()), labels.append(y.cpu())
-        done += len(y)
-        if (step + 1) % 20 == 0 and (not dist.is_initialized() or dist.get_rank() == 0):
-            ips = done / (time.time() - t0)
-            hits = sum((a[:, 0] == b).sum().item() for a, b in zip(top_i, labels))
-            print(f"{done}/{total} images on this rank, {ips:.0f} img/s, ETA {(total - done) / ips:.0f}s, "
-                  f"top-1 so far {100 * hits / done:.2f}%", flush=True)
-    return torch.cat(top_i), torch.cat(top_p), torch.cat(labels)
-
+# -----------------------------------------------------------------------------
+# the one evaluation loop, and what train.py's log and this script's reports make of it
 
 @torch.no_grad()
-def accuracy(model, loader, device, ctx, channels_last=True, tta=False):
-    """train.py's evaluation: exact top-1/top-5 and the loss over the whole val set; every rank runs its shard (the
-    indices rank, rank + world, ...: each image once) and the counts are all-reduced."""
+def log_probabilities(model, loader, device, ctx, tta=False, channels_last=True):
+    """For each batch of the loader: (log-probabilities (B, C), float32, and labels (B,)), on the device.
+
+    tta: the log of the mean of the probabilities of each image and its mirror image (FFCV's lr_tta), taken with
+    logaddexp so that a confident class cannot round to log(0). train.py's log (accuracy) and this script's reports
+    (predict) both read their top-1, top-5 and loss off these, so they agree by construction."""
     model.eval()
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, images
     for images, labels, _ in loader:
         x, y = to_device(images, labels, device, channels_last)
-        with ctx:  # with tta, the log of the mean probability: cross_entropy of it is the averaged prediction's NLL
-            logits = probabilities(model, x, tta=True).log() if tta else model(x)
-        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]  # (B, 5)
-        loss = F.cross_entropy(logits.float(), y, reduction="sum")
-        totals += torch.stack([loss, hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(y), device=device)]).double()
+        with ctx:
+            logits = model(x)
+            mirrored = model(x.flip(3)) if tta else None
+        logp = logits.float().log_softmax(1)
+        if tta:
+            logp = torch.logaddexp(logp, mirrored.float().log_softmax(1)) - math.log(2)
+        yield logp, y
+
+
+def hits(top_i, labels):
+    """(top-1 hits, top-5 hits), one bool per image, from each image's top-5 class indices (B, 5)."""
+    match = top_i == labels[:, None]
+    return match[:, 0], match.any(1)
+
+
+def accuracy(model, loader, device, ctx, tta=False, channels_last=True):
+    """Exact top-1/top-5 and the loss over the whole val set (train.py's log): every rank runs its shard (the
+    indices rank, rank + world, ...: each image once) and the counts are all-reduced."""
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, images
+    for logp, y in log_probabilities(model, loader, device, ctx, tta, channels_last):
+        top1, top5 = hits(logp.topk(min(5, logp.shape[1]), dim=1).indices, y)
+        loss = -logp.gather(1, y[:, None]).sum()  # the NLL of the prediction, the averaged one with tta
+        totals += torch.stack([loss.double(), top1.sum().double(), top5.sum().double(),
+                               torch.tensor(len(y), dtype=torch.float64, device=device)])
     if dist.is_initialized():
         dist.all_reduce(totals)
     loss, top1, top5, n = totals.tolist()
     return dict(val_loss=loss / n, val_top1=100 * top1 / n, val_top5=100 * top5 / n, val_n=int(n))
 
 
-def epoch_metrics(train_loss, hits, counted, model, ema, val_loader, device, ctx, args):
-    """A training epoch's metrics (train.py's log): its mean loss and top-1 on its unmixed images, over all ranks;
-    then the val loss, top-1 and top-5 of the model, and the EMA's top-1, at --eval-size with --tta."""
-    sums = torch.stack([train_loss, hits, torch.tensor(counted, device=device)]).double()
-    if dist.is_initialized():
-        dist.all_reduce(sums)
-    loss = sums[0].item() / (dist.get_world_size() if dist.is_initialized() else 1)  # the last step checked it
-    metrics = dict(train_loss=loss, train_top1=100 * sums[1].item() / sums[2].item() if sums[2] > 0 else None,
-                   **accuracy(model, val_loader, device, ctx, args.channels_last, args.tta))
-    if ema is not None:
-        metrics["ema_top1"] = accuracy(ema.module, val_loader, device, ctx, args.channels_last, args.tta)["val_top1"]
-    return metrics
+def predict(model, loader, device, ctx, tta=False):
+    """Top-5 (class indices, probabilities) and labels for the loader's images, in its order, with progress."""
+    top_i, top_p, labels = [], [], []
+    t0, done, total, correct = time.time(), 0, len(loader.sampler), 0
+    for step, (logp, y) in enumerate(log_probabilities(model, loader, device, ctx, tta)):
+        p, i = logp.topk(min(5, logp.shape[1]), dim=1)
+        top_i.append(i.cpu()), top_p.append(p.exp().cpu()), labels.append(y.cpu())
+        done, correct = done + len(y), correct + hits(top_i[-1], labels[-1])[0].sum().item()
+        if (step + 1) % 20 == 0 and (not dist.is_initialized() or dist.get_rank() == 0):
+            ips = done / (time.time() - t0)
+            print(f"{done}/{total} images on this rank, {ips:.0f} img/s, ETA {(total - done) / ips:.0f}s, "
+                  f"top-1 so far {100 * correct / done:.2f}%", flush=True)
+    return torch.cat(top_i), torch.cat(top_p), torch.cat(labels)
 
 
 def evaluate_all(model, val_set, args, tta, device, rank=0, world=1):
@@ -148,11 +153,11 @@ def write_reports(out, samples, names, top_i, top_p, labels, settings):
     k = len(names)
     confusion = torch.zeros(k, k, dtype=torch.long)  # rows: true class, columns: predicted
     confusion.index_put_((labels, top_i[:, 0]), torch.ones(len(labels), dtype=torch.long), accumulate=True)
-    top5_hits = (top_i == labels[:, None]).any(1)
+    top5_hits = hits(top_i, labels)[1]
     # the classification report: precision = hits / predicted as c, recall = hits / truly c (= top-1 of the class),
     # F1 their harmonic mean; 0 where a denominator is 0 (scikit-learn's zero_division=0)
-    hits, support, predicted = confusion.diag().double(), confusion.sum(1).double(), confusion.sum(0).double()
-    precision, recall = hits / predicted.clamp(min=1), hits / support.clamp(min=1)
+    right, support, predicted = confusion.diag().double(), confusion.sum(1).double(), confusion.sum(0).double()
+    precision, recall = right / predicted.clamp(min=1), right / support.clamp(min=1)
     f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
     with open(os.path.join(out, "per_class.csv"), "w", newline="") as f:
         w = csv.writer(f)
@@ -176,47 +181,6 @@ def write_reports(out, samples, names, top_i, top_p, labels, settings):
     if k <= 100:
         plot_confusion(confusion, names, os.path.join(out, "confusion.png"))
     return pairs, report
-
-
-def trend(rows, epoch, top1, n=5):
-    """Least-squares slope of val top-1 over the last n epochs of a run's log, points per epoch: still improving?"""
-    points = {r["epoch"]: r["val_top1"] for r in rows if r["epoch"] < epoch} | {epoch: top1}
-    xs = sorted(points)[-n:]
-    mx, my = sum(xs) / len(xs), sum(points[x] for x in xs) / len(xs)
-    return sum((x - mx) * (points[x] - my) for x in xs) / sum((x - mx) ** 2 for x in xs) if len(xs) > 1 else None
-
-
-def read_log(path):
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def plot_curves(rows, png_path):
-    """A run's curves.png (train.py writes it every epoch): loss, accuracy and the LR of every logged step, from the
-    rows of its log.jsonl."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    ep, steps = [r["epoch"] + 1 for r in rows], [s for r in rows for s in r.get("lr_steps", [])]
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4))
-    ax1.plot(ep, [r["train_loss"] for r in rows], "o-", label="train (label smoothed)")
-    ax1.plot(ep, [r["val_loss"] for r in rows], "o-", label="val")
-    for key, style, label in (("val_top1", "o-", "val top-1"), ("val_top5", "o-", "val top-5"),
-                              ("train_top1", "o:", "train top-1 (unmixed batches)"), ("ema_top1", "o--", "EMA top-1")):
-        if key in rows[-1]:
-            ax2.plot(ep, [r.get(key) for r in rows], style, label=label)
-    ax3.plot([s[0] for s in steps], [s[1] for s in steps], "-", color="tab:purple", label="LR (OneCycle)")
-    ax1.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
-    ax2.set(xlabel="epoch", ylabel="accuracy (%)", title=f"best top-1 {max(r['val_top1'] for r in rows):.2f}%")
-    ax3.set(xlabel="epoch", ylabel="learning rate", title="LR per logged step")
-    for ax in (ax1, ax2, ax3):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=110)
-    plt.close(fig)
 
 
 def plot_confusion(confusion, names, path):
@@ -259,20 +223,19 @@ def run(args):
     model, meta, root, settings = load_model(args, device)
     model, img_size = model.to(memory_format=torch.channels_last), settings["img_size"]
     _, val_set, info = data.build_datasets(root, img_size, eval_size=img_size, resize_size=args.resize_size)
-    if meta.get("classes") and meta["classes"] != info["classes"]:
+    if meta["classes"] and meta["classes"] != info["classes"]:
         raise ValueError(f"{args.checkpoint} was trained on other classes than {root} holds; pass the --data it "
                          f"was trained on")
     if model.fc.out_features != len(info["classes"]):
         raise ValueError(f"{args.checkpoint} predicts {model.fc.out_features} classes but {root} has "
                          f"{len(info['classes'])}; pass a matching --data")
     names = meta["names"]
-    top_i, top_p, labels, seconds = evaluate_all(model, val_set, args, settings["tta"], device, rank, world)
+    top_i, top_p, labels, seconds = evaluate_all(model, val_set, args, settings["tta"] == "flip", device, rank, world)
     if rank == 0:
         out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
         pairs, report = write_reports(out, val_set.samples, names, top_i, top_p, labels, settings)
-        n = len(labels)
-        result = dict(top1=100 * (top_i[:, 0] == labels).sum().item() / n,
-                      top5=100 * (top_i == labels[:, None]).any(1).sum().item() / n, **report, n=n,
+        n, (top1, top5) = len(labels), hits(top_i, labels)
+        result = dict(top1=100 * top1.sum().item() / n, top5=100 * top5.sum().item() / n, **report, n=n,
                       img_per_s=n / seconds, checkpoint=args.checkpoint, arch=meta["arch"], data=str(root),
                       img_size=img_size, resize_size=settings["resize_size"], tta=settings["tta"], ema=args.ema,
                       world=world, out=out)

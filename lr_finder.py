@@ -21,6 +21,7 @@ Writes OUT/lr_finder_<arch>_<size>px_b<batch>.png (the loss, the rise the rule r
 beside it with the whole curve; prints a ready-to-paste train.py command with the peak LR scaled to the planned
 global batch (--run-batch-size x --run-gpus), then one JSON line with the numbers.
 """
+import argparse
 import json
 import math
 import os
@@ -28,20 +29,21 @@ import sys
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 import data
 import train
+from model import load_weights
 from runtime import autocast_for, pick_device, to_device
 
 RISE, DIVISOR = 0.1, 1.5  # the rule's constants, picked on the sweep; see suggest()
-# the flags that define a recipe: the printed command carries those that differ from train.py's defaults
-RECIPE = ("arch", "img_size", "subset", "trivial_augment", "random_erase", "blurpool", "weight_decay",
-          "decay_norm_bias", "label_smoothing", "mixup", "cutmix", "amp", "channels_last", "seed")
+# step flags that the printed command does not copy: it names the data and the batch itself, and the test's machine,
+# workers and output folder are not the run's; every other step flag that differs from its default is copied
+NOT_COPIED = ("data", "preset", "batch_size", "accum_steps", "workers", "device", "out")
 
 
-def parse_args(argv=None):
-    p = train.make_parser(__doc__, run=False)
+def make_parser():
+    p = train.add_step_args(argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
+                                                    formatter_class=argparse.RawDescriptionHelpFormatter))
     g = p.add_argument_group("LR range test")
     g.add_argument("--start-lr", type=float, default=1e-7, help="first LR")
     g.add_argument("--end-lr", type=float, default=10.0, help="last LR, if the loss has not diverged before")
@@ -52,12 +54,22 @@ def parse_args(argv=None):
                                                                    "default: --batch-size")
     g.add_argument("--run-gpus", type=int, default=None, help="GPUs of the planned run; default: the GPUs visible")
     p.set_defaults(out="runs/lr_finder")
-    run_only = set(train.make_parser()._option_string_actions) - set(p._option_string_actions)
-    for arg in sys.argv[1:] if argv is None else argv:
-        if arg.split("=")[0] in run_only:
+    return p
+
+
+def parse_args(argv=None):
+    p = make_parser()
+    args, unknown = train.with_preset(p, argv)
+    # a flag of a whole run would be silently ignored by a range test: refused by name instead
+    run_parser = train.add_run_args(argparse.ArgumentParser(allow_abbrev=False, add_help=False))
+    not_run = run_parser.parse_known_args(unknown)[1]
+    for arg in unknown:
+        if arg.startswith("--") and arg not in not_run:
             p.error(f"{arg.split('=')[0]} is a flag of a whole training run, which a range test does not use; "
                     f"give it to the train.py command this test prints")
-    args = train.parse_args(argv, p)
+    if unknown:
+        p.error(f"unrecognized arguments: {' '.join(unknown)}")
+    train.check_step_args(p, args)
     if not 0 < args.start_lr < args.end_lr:
         p.error(f"need 0 < --start-lr < --end-lr, got {args.start_lr} and {args.end_lr}")
     if args.iters < 10:
@@ -210,15 +222,18 @@ def cycle(loader, iters):
 
 
 def run_command(args, root, run_lr, gpus, run_bs):
-    """The train.py command of the planned run: its launcher, --preset, every recipe flag that differs from
-    train.py's defaults for that preset, the batch, and the scaled LR."""
-    defaults = train.parse_args(["--preset", args.preset], train.make_parser(run=False))
+    """The train.py command of the planned run: its launcher, --preset, every step flag that differs from
+    train.py's defaults for that preset (the flags come from train.add_step_args, so a new one is copied with no
+    edit here), the batch, and the scaled LR."""
+    names = vars(train.add_step_args(argparse.ArgumentParser()).parse_args([]))  # the step flags, by dest
+    defaults = vars(train.with_preset(train.add_step_args(argparse.ArgumentParser()), ["--preset", args.preset])[0])
     flags = [f"--data {root}"] if args.data else []
     flags += [f"--preset {args.preset}"] if args.preset != "default" else []
-    for name in RECIPE:
+    for name in names:
         value, flag = getattr(args, name), "--" + name.replace("_", "-")
-        if value != getattr(defaults, name):
-            flags.append(flag if value is True else f"--no-{flag[2:]}" if value is False else f"{flag} {value}")
+        if name in NOT_COPIED or value == defaults[name]:
+            continue
+        flags.append(flag if value is True else f"--no-{flag[2:]}" if value is False else f"{flag} {value}")
     flags += [f"--batch-size {run_bs}"] + ([f"--accum-steps {args.accum_steps}"] if args.accum_steps > 1 else [])
     launch = f"torchrun --nproc_per_node={gpus} train.py" if gpus > 1 else "python train.py"
     return " ".join([launch, *flags, f"--lr {run_lr:.3g}"])
@@ -230,8 +245,7 @@ def find_lr(args):
         print(f"{torch.cuda.device_count()} GPUs visible: the test runs on one; the command below scales its LR "
               f"to the global batch of all of them", flush=True)
     root = args.data if args.data is not None else str(data.default_data())
-    train_set, _, info = data.build_datasets(root, args.img_size, args.subset, args.seed,
-                                             args.trivial_augment, args.random_erase)
+    train_set, _, info = train.make_datasets(args, root, args.img_size)
     loader = data.make_loader(train_set, args.batch_size, True, seed=args.seed, workers=data.default_workers(
         args.workers), pin_memory=device.type == "cuda")
     if len(loader) == 0:
@@ -239,8 +253,10 @@ def find_lr(args):
     num_classes = len(info["classes"])
     amp, ctx, scaler = autocast_for(args.amp, device)
     model = train.make_model(args, num_classes, device).train()  # the run's own initial weights (same seed)
+    if args.init_from:  # the LR of a fine-tuning phase: the test starts from the weights that phase starts from
+        print(load_weights(model, args.init_from, info["classes"]), flush=True)
     optimizer = train.make_optimizer(model, args, args.start_lr)
-    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    criterion = train.make_criterion(args)
     mixer = train.make_mixer(args, num_classes)
     print(f"LR range test: {args.arch} at {args.img_size} px, batch {args.batch_size} x {args.accum_steps} accum, "
           f"{amp} on {device.type}; LR {args.start_lr:g} -> {args.end_lr:g} over {args.iters} steps", flush=True)

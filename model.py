@@ -206,6 +206,58 @@ def resnet50d(**kw): return build_model("resnet50d", **kw)
 
 # -----------------------------------------------------------------------------
 # checkpoints: the contract between train.py and every script after it
+#
+# A checkpoint is one dict, saved with torch.save and read back with weights_only=True (tensors, numbers, strings and
+# plain containers only, so a file cannot run code). Every key, its type, and who writes it:
+#
+#   format       int          FORMAT: the version of this layout; a file without it is version 1 (before 2026-12-03)
+#   model        dict         the bare network's state_dict: torchvision's keys, no 'module.' or '_orig_mod.' prefix
+#   weights      str          which weights `model` holds: "model", or "ema" (app.py --export-space --ema)
+#   ema          dict | None  AveragedModel's state_dict with --ema ('module.'-prefixed weights, 'n_averaged'), else None
+#   args         dict         vars(args) of the train.py run: arch, blurpool and eval_size rebuild the network and its
+#                             evaluation; RESUME_MUST_MATCH in train.py checks the rest on a resume
+#   argv         list[str]    train.py's command line
+#   classes      list[str]    the class folders (wnids), in label order
+#   class_names  list[str]    readable names, in label order
+#   metrics      dict | None  log.jsonl's row of the last finished epoch (None in a mid-epoch save)
+# and the state of the run, only in a file that can be resumed (train.py's last.pt, best.pt, the newest epoch_NNN.pt):
+#   optimizer, scheduler, scaler   dict | None   their state_dicts (the scaler's is None unless --amp fp16)
+#   rng          dict         {"torch": ByteTensor, "python": tuple}: the generators of rank 0
+#   world        int          the processes of the run
+#   progress     dict         epochs_done: whole epochs finished (so the epoch to run next, 0-based); step: optimizer
+#                             steps done in that next epoch (0 at an epoch's end); best_top1; sums: the epoch's running
+#                             [loss sum, top-1 hits, images counted for top-1, mixed batches] so far; lr_steps: the
+#                             [epoch, LR] of each logged step of that epoch
+#
+# A key of the first group that a file lacks reads as its OPTIONAL default.
+# Writers: train.py (through save_checkpoint) writes whole checkpoints; save_weights writes the weights-only files
+# (slimmed epoch_NNN.pt, the Space's model.pt). The reader: read_checkpoint, which upgrades any older format step by
+# step (UPGRADES), and on top of it load_checkpoint (a network and what to run it with) and load_weights (--init-from).
+# A new field: add it here, then to its writer; a changed field: bump FORMAT and add its step to UPGRADES.
+
+FORMAT = 2
+RESUME_KEYS = ("optimizer", "scheduler", "scaler", "rng", "world", "progress")
+OPTIONAL = dict(weights="model", ema=None, args={}, argv=None, classes=None, class_names=None, metrics=None)
+KEYS = {"format", "model", *OPTIONAL, *RESUME_KEYS}
+
+
+def upgrade_1_to_2(ckpt):
+    """Version 1 spread the run's progress over the top level ('epoch' was the next epoch, while metrics['epoch']
+    was the one just done), and app.py's model.pt said 'ema_weights' where the others said nothing."""
+    if "epoch" in ckpt:  # a whole or slimmed train.py checkpoint (a v1 model.pt has no progress)
+        sums = [float(ckpt.pop("loss_sum", 0.0)), float(ckpt.pop("hits", 0)), float(ckpt.pop("counted", 0)),
+                float(ckpt.pop("mixed_batches", 0))]
+        progress = dict(epochs_done=ckpt.pop("epoch"), step=ckpt.pop("step", 0), best_top1=ckpt.pop("best_top1", 0.0),
+                        sums=sums, lr_steps=ckpt.pop("lr_steps", []))
+        if "optimizer" in ckpt:  # a slimmed file keeps no state of the run
+            ckpt["progress"] = progress
+    ckpt["weights"] = "ema" if ckpt.pop("ema_weights", False) else "model"
+    return ckpt
+
+
+UPGRADES = [upgrade_1_to_2]  # UPGRADES[v - 1] turns version v into v + 1
+assert len(UPGRADES) == FORMAT - 1, "one upgrade step per version"
+
 
 def clean_state_dict(sd):
     """Drop the prefixes that DDP ('module.') and torch.compile ('_orig_mod.') put on keys."""
@@ -218,15 +270,28 @@ def clean_state_dict(sd):
 
 
 def read_checkpoint(path, map_location="cpu"):
-    """torch.load with weights_only=True: only tensors and plain containers are unpickled, so a checkpoint cannot
-    run code. Failures become one-line errors that name the file."""
+    """The one reader: a checkpoint of this project, of any version, as a dict of today's FORMAT; or a bare
+    torchvision state_dict, as such a dict with only `model` (and `weights`). torch.load runs with weights_only=True:
+    only tensors and plain containers are unpickled, so a checkpoint cannot run code. Failures are one-line errors
+    that name the file."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"checkpoint {path} does not exist; train one with train.py or pass another path")
     except Exception as e:  # the unpickler refuses anything but tensors and containers; truncated files land here
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"checkpoint {path} cannot be loaded safely (weights_only=True): {first}") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a state_dict or checkpoint dict")
+    if not isinstance(ckpt.get("model"), dict):  # a bare state_dict (torchvision's, or anyone's): tensors by name
+        return {**OPTIONAL, "format": FORMAT, "model": clean_state_dict(ckpt)}
+    version = ckpt.get("format", 1)
+    if version > FORMAT:
+        raise ValueError(f"checkpoint {path} has format {version}, newer than this code reads ({FORMAT}); update the "
+                         f"code (git pull)")
+    for step in UPGRADES[version - 1:]:
+        ckpt = step(ckpt)
+    return {**OPTIONAL, **ckpt, "format": FORMAT, "model": clean_state_dict(ckpt["model"])}
 
 
 def save_atomic(obj, path):
@@ -251,14 +316,41 @@ def save_atomic(obj, path):
         os.close(fd)
 
 
+def save_checkpoint(ckpt, path):
+    """The writer of every checkpoint: the keys above and no others, stamped with FORMAT, written atomically."""
+    unknown = set(ckpt) - KEYS
+    assert not unknown, f"keys {sorted(unknown)} are not in the checkpoint format: document them above KEYS first"
+    save_atomic({**ckpt, "format": FORMAT}, path)
+
+
+def save_weights(ckpt, path, only=None):
+    """A weights-only file of a checkpoint: everything but the state of the run (RESUME_KEYS), about half the size
+    of a whole one, since SGD's momentum is as large as the weights. only=None keeps the weights and the EMA's (a
+    slimmed epoch_NNN.pt, which evaluate.py --ema still reads); "model" keeps the weights alone; "ema" keeps the EMA's
+    alone, as `model` (an app.py Space that serves them)."""
+    slim = {k: v for k, v in ckpt.items() if k not in RESUME_KEYS}
+    if only == "ema":
+        slim["model"], slim["weights"] = ema_state_dict(ckpt, path), "ema"
+    if only is not None:
+        slim["ema"] = None
+    save_checkpoint(slim, path)
+
+
+def ema_state_dict(ckpt, path):
+    """The EMA's weights as a state_dict of the network, from AveragedModel's ('module.'-prefixed, 'n_averaged')."""
+    if ckpt["weights"] == "ema":
+        return ckpt["model"]
+    if not ckpt.get("ema"):
+        raise ValueError(f"--ema, but {path} holds no EMA weights; train with --ema 0.9999 or drop --ema")
+    return {k[len("module."):]: v for k, v in ckpt["ema"].items() if k.startswith("module.")}
+
+
 def load_weights(model, path, classes):
-    """Only the weights of a train.py checkpoint or a torchvision state_dict into `model` (train.py --init-from).
-    A head trained on other classes than `classes` stays at its fresh initialization. Returns a line to print."""
+    """Only the weights of a checkpoint (or a torchvision state_dict) into `model` (train.py --init-from). A head
+    trained on other classes than `classes` stays at its fresh initialization. Returns a line to print."""
     ckpt = read_checkpoint(path)
-    ours = isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict)
-    sd = clean_state_dict(ckpt["model"] if ours else ckpt if isinstance(ckpt, dict) else {})
-    theirs, fc = ckpt.get("classes") if ours else None, sd.get("fc.weight")
-    note = ""
+    sd, theirs = ckpt["model"], ckpt["classes"]
+    fc, note = sd.get("fc.weight"), ""
     if fc is None or fc.shape != model.fc.weight.shape or (theirs is not None and theirs != classes):
         sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
         note = (f"; its head predicts {0 if fc is None else fc.shape[0]} other classes than the {len(classes)} of "
@@ -274,38 +366,31 @@ def load_weights(model, path, classes):
 
 
 def load_checkpoint(path, arch=None, ema=False, map_location="cpu"):
-    """The one checkpoint reader: train.py's dict (also the weights-only one app.py exports) or a bare torchvision
-    state_dict. Returns (model in eval mode, info), where info is the checkpoint dict plus what every consumer
-    needs, worked out here once: 'arch', 'names' (readable class names), 'eval_size' and 'tta' (how the run
-    evaluated), 'ema' (whether the model holds the EMA weights). For a bare state_dict pass `arch`; the class
-    count is read off the fc weight."""
+    """A network to run, from any checkpoint or a bare torchvision state_dict (then pass `arch`; the class count is
+    read off the fc weight). Returns (model in eval mode, info), info holding what every consumer needs, worked out
+    here once: arch, names (readable class names), classes (folders, or None), eval_size and tta (how the run
+    evaluated), ema (whether the model holds the EMA weights), and the run's args, argv and metrics."""
     ckpt = read_checkpoint(path, map_location)
-    if not isinstance(ckpt, dict):
-        raise ValueError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a state_dict or checkpoint dict")
-    ours = isinstance(ckpt.get("model"), dict)  # train.py's dict, else a bare state_dict
-    saved = (ckpt.get("args") or {}) if ours else {}
-    sd = clean_state_dict(ckpt["model"] if ours else ckpt)
+    saved = ckpt["args"]
     arch = saved.get("arch", arch)
     if arch is None:
         raise ValueError(f"checkpoint {path} is a bare state_dict; say which network it is with --arch")
+    sd = ema_state_dict(ckpt, path) if ema else ckpt["model"]
     if "fc.weight" not in sd:
         raise ValueError(f"checkpoint {path} has no fc.weight; it is not a ResNet classifier state_dict")
-    if ema:
-        if not ckpt.get("ema"):
-            raise ValueError(f"--ema, but {path} holds no EMA weights; train with --ema 0.9999 or drop --ema")
-        sd = {k[len("module."):]: v for k, v in ckpt["ema"].items() if k.startswith("module.")}  # AveragedModel's
     model = build_model(arch, num_classes=sd["fc.weight"].shape[0], blurpool=bool(saved.get("blurpool")))
     try:
         model.load_state_dict(sd)
     except RuntimeError as e:
         raise ValueError(f"checkpoint {path} does not fit --arch {arch}: {str(e).splitlines()[1].strip()}") from None
     n = model.fc.out_features
-    names = ckpt.get("class_names") or ckpt.get("classes") if ours else None
+    names = ckpt["class_names"] or ckpt["classes"]
     if not names and n == 1000:  # a torchvision ImageNet state_dict: its categories are in sorted-wnid order
         from torchvision.models import ResNet50_Weights
         names = list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
-    info = {**(ckpt if ours else {}), "arch": arch, "names": list(names or map(str, range(n))), "ema": ema,
-            "eval_size": saved.get("eval_size") or saved.get("img_size") or 224, "tta": bool(saved.get("tta"))}
+    info = dict(arch=arch, names=list(names or map(str, range(n))), classes=ckpt["classes"],
+                eval_size=saved.get("eval_size") or saved.get("img_size") or 224, tta=bool(saved.get("tta")),
+                ema=ema or ckpt["weights"] == "ema", args=saved, argv=ckpt["argv"], metrics=ckpt["metrics"])
     return model.eval(), info
 
 

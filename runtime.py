@@ -1,10 +1,11 @@
 """
-The small runtime pieces that every script needs, on the ground floor beside model.py and data.py: pick the
-device, AMP as data, start and end the process group, move a uint8 batch onto the device, and the flip-TTA
-probabilities. It imports model.py only (for the normalization); nothing here knows about training.
+What several scripts need to run a network, on the ground floor beside model.py and data.py, and nothing else:
+pick the device (train.py, lr_finder.py, evaluate.py, gradcam.py, app.py, bench.py), AMP as data (train.py,
+lr_finder.py, evaluate.py, bench.py), start and end the process group (train.py, evaluate.py), and move a uint8
+batch onto the device (train.py, lr_finder.py, evaluate.py). A helper that one script alone uses lives in that
+script. It imports model.py only, for the normalization.
 """
 import os
-import time
 
 import torch
 import torch.distributed as dist
@@ -59,64 +60,9 @@ def close_distributed():
         dist.destroy_process_group()
 
 
-def fmt_time(seconds):
-    return time.strftime("%H:%M:%S", time.gmtime(max(0, seconds))) if seconds < 86400 else f"{seconds / 86400:.1f}d"
-
-
 def to_device(images, labels, device, channels_last=True):
     """uint8 batch from the loader -> normalized float on the device, in the training memory layout."""
     images = images.to(device, non_blocking=True)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return normalize(images), labels.to(device, non_blocking=True)
-
-
-def probabilities(model, x, tta=False):
-    """Softmax probabilities; tta: their mean over each image and its mirror image (FFCV's lr_tta)."""
-    probs = model(x).float().softmax(1)
-    return (probs + model(x.flip(3)).float().softmax(1)) / 2 if tta else probs
-
-
-def agreed(flag, group=None):
-    """True on every rank if `flag` is True on any, so that all stop after the same step. The flag travels as a CPU
-    tensor (over gloo: `group`, under NCCL): a CUDA tensor and .item() here would make the CPU wait for every step's
-    kernels before it could queue the next one, on every step of every GPU run."""
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor([float(flag)])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return t.item() > 0
-
-
-def check_ranks_agree(model, device):
-    """An invariant worth one all-gather at the end of a run: DDP must have kept every rank's weights identical.
-    Returns the checksum."""
-    flat = torch.cat([p.detach().flatten().double() for p in model.parameters()])
-    sums = [torch.zeros(2, dtype=torch.float64, device=device) for _ in range(dist.get_world_size())]
-    dist.all_gather(sums, torch.stack([flat.sum(), (flat * flat).sum()]))
-    assert all(torch.equal(s, sums[0]) for s in sums), f"ranks' weights diverged: {sums}"
-    return sums[0][0].item()
-
-
-def broadcast0(obj):
-    """Rank 0's picklable `obj` on every rank (itself when there is no process group)."""
-    box = [obj]
-    if dist.is_initialized():
-        dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def load_shared(path, local, obj, read):
-    """On every rank, the object that rank 0 read from `path` (`obj` there): each rank reads its own copy (`local`)
-    when every rank has that very file (same size and mtime), else rank 0 sends its object to all, in one broadcast.
-    Returns (object, the ranks that had no copy)."""
-    if not dist.is_initialized():
-        return obj, []
-    stamp = broadcast0([os.stat(path).st_size, os.stat(path).st_mtime_ns] if dist.get_rank() == 0 else None)
-    have = dist.get_rank() == 0 or (os.path.exists(local) and [os.stat(local).st_size, os.stat(local).st_mtime_ns]
-                                     == stamp)
-    has = [None] * dist.get_world_size()
-    dist.all_gather_object(has, have)
-    if all(has):
-        return (obj if dist.get_rank() == 0 else read(local)), []
-    return broadcast0(obj), [r for r, h in enumerate(has) if not h]

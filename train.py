@@ -36,10 +36,9 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchvision.transforms import v2
 
 import data
-from evaluate import epoch_metrics, plot_curves, read_log, trend
-from model import ARCHS, build_model, load_weights, read_checkpoint, save_atomic, write_summary
-from runtime import (agreed, autocast_for, broadcast0, check_ranks_agree, close_distributed, fmt_time,
-                     init_distributed, load_shared, to_device)
+from evaluate import accuracy
+from model import ARCHS, build_model, load_weights, read_checkpoint, save_checkpoint, save_weights, write_summary
+from runtime import autocast_for, close_distributed, init_distributed, to_device
 
 # Exit status, for restart loops (run_ec2.sh): resume after preempted (and after a crash that made progress), stop
 # otherwise. Under torchrun the agent's own exit status does not carry these, so OUT/status holds the same word.
@@ -61,11 +60,13 @@ PRESETS = dict(
 )
 
 
-def make_parser(doc=__doc__, run=True):
-    """train.py's flags. lr_finder.py takes the same parser without the `run` group: the flags of a whole run (its
-    length, schedule, evaluation and checkpoints), which a range test has no use for."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+# -----------------------------------------------------------------------------
+# flags: those of the step (train.py and lr_finder.py), then those of a whole run (train.py only)
+
+def add_step_args(p):
+    """The flags that shape one training step: the data and its augmentation, the network, the batch, the loss, the
+    optimizer, the machine. lr_finder.py runs the same step, so it takes exactly these (and prints them back in the
+    train.py command it suggests): a flag added here reaches both scripts."""
     flag = argparse.BooleanOptionalAction
     # data
     p.add_argument("--data", help=f"dataset root (README 'Data layouts'); default: Imagenette in {data.DEFAULT_DATA}")
@@ -78,6 +79,7 @@ def make_parser(doc=__doc__, run=True):
     # model
     p.add_argument("--arch", default="resnet50", choices=list(ARCHS), help="network")
     p.add_argument("--blurpool", action=flag, default=True, help="blur before strided convs (Zhang 2019; FFCV)")
+    p.add_argument("--init-from", metavar="PATH", help="weights to start from; fresh optimizer, schedule, epochs")
     # optimization
     p.add_argument("--batch-size", type=int, default=256, help="images per process per step (per GPU)")
     p.add_argument("--accum-steps", type=int, default=1, help="micro-batches per optimizer step")
@@ -93,8 +95,12 @@ def make_parser(doc=__doc__, run=True):
     p.add_argument("--channels-last", action=flag, default=True, help="NHWC memory layout")
     p.add_argument("--seed", type=int, default=0, help="seeds init, data order, augmentation and mixing")
     p.add_argument("--out", default="runs/default", help="output folder")
-    if not run:
-        return p
+    return p
+
+
+def add_run_args(p):
+    """The flags of a whole run: its length and schedule, evaluation, checkpoints and the dataset tools."""
+    flag = argparse.BooleanOptionalAction
     g = p.add_argument_group("the run (train.py only)")
     g.add_argument("--epochs", type=int, default=24, help="epochs; OneCycle spans all of them")
     g.add_argument("--lr", type=float, help="peak LR; default 1.7 x global batch / 4096 (FFCV rn50)")
@@ -108,7 +114,6 @@ def make_parser(doc=__doc__, run=True):
     g.add_argument("--compile", action=flag, default=False, help="torch.compile the step (minutes; faster on GPUs)")
     g.add_argument("--hourly-usd", type=float, help="the machine's price per hour, for costs in the log")
     g.add_argument("--resume", default="auto", help="auto (OUT/last.pt if present), none, or a checkpoint path")
-    g.add_argument("--init-from", metavar="PATH", help="weights to start from; fresh optimizer, schedule, epochs")
     g.add_argument("--stop-epoch", type=int, help="stop after this many epochs, schedule unchanged")
     g.add_argument("--log-every", type=int, default=50, help="optimizer steps between progress lines")
     g.add_argument("--save-every-min", type=float, default=10, help="also checkpoint inside an epoch this often, min")
@@ -119,38 +124,54 @@ def make_parser(doc=__doc__, run=True):
     return p
 
 
-def check_args(p, args):
-    """What argparse cannot check by type, as argparse reports (one line, exit 2); then the sizes that follow."""
-    for name in ("epochs", "batch_size", "accum_steps", "img_size", "log_every", "min_img_size", "eval_size",
-                 "max_side", "keep_every", "stop_epoch"):
-        if getattr(args, name, None) is not None and getattr(args, name) < 1:
+def at_least_one(p, args, names):
+    for name in names:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    # lr_finder.py's parser has no run flags: these defaults pass their checks
-    v = dict(save_every_min=1, warmup_pct=0.1, ema=0, min_img_size=None, init_from=None, resume="auto") | vars(args)
-    for bad, message in ((not 0 < v["subset"] <= 1, f"--subset must be in (0, 1], got {v['subset']}"),
-                         ((v["workers"] or 0) < 0, f"--workers must be 0 or more, got {v['workers']}"),
-                         (v["save_every_min"] <= 0, f"--save-every-min must be above 0, got {v['save_every_min']}"),
-                         (not 0 < v["warmup_pct"] < 1, f"--warmup-pct must be in (0, 1), got {v['warmup_pct']}"),
-                         (not 0 <= v["ema"] < 1, f"--ema must be in [0, 1), got {v['ema']}"),
-                         ((v["min_img_size"] or 0) > v["img_size"], f"--min-img-size {v['min_img_size']} is above "
-                          f"--img-size {v['img_size']}; progressive resizing grows"),
-                         (v["init_from"] and v["resume"] not in ("auto", "none"), "--init-from starts a new run; "
+
+
+def check_step_args(p, args):
+    """What argparse cannot check by type, reported as argparse reports (one line, exit 2)."""
+    at_least_one(p, args, ("batch_size", "accum_steps", "img_size"))
+    if not 0 < args.subset <= 1:
+        p.error(f"--subset must be in (0, 1], got {args.subset}")
+    if (args.workers or 0) < 0:
+        p.error(f"--workers must be 0 or more, got {args.workers}")
+    return args
+
+
+def check_run_args(p, args):
+    """The same for the run's flags; then the sizes that follow from --img-size."""
+    at_least_one(p, args, ("epochs", "log_every", "min_img_size", "eval_size", "max_side", "keep_every", "stop_epoch"))
+    for bad, message in ((args.save_every_min <= 0, f"--save-every-min must be above 0, got {args.save_every_min}"),
+                         (not 0 < args.warmup_pct < 1, f"--warmup-pct must be in (0, 1), got {args.warmup_pct}"),
+                         (not 0 <= args.ema < 1, f"--ema must be in [0, 1), got {args.ema}"),
+                         ((args.min_img_size or 0) > args.img_size, f"--min-img-size {args.min_img_size} is above "
+                          f"--img-size {args.img_size}; progressive resizing grows"),
+                         (args.init_from and args.resume not in ("auto", "none"), "--init-from starts a new run; "
                           "--resume PATH continues one: give one of them")):
         if bad:
             p.error(message)
-    if not hasattr(args, "resume"):
-        return args
     # FFCV's 160 -> 192 px, evaluated at 256: 5/6 and 4/3 of --img-size, in multiples of 16 px as FFCV's sizes are
     args.min_img_size = args.min_img_size or min(args.img_size, max(16, 16 * round(args.img_size * 5 / 96)))
     args.eval_size = args.eval_size or max(16, 16 * round(args.img_size / 12))
     return args
 
 
-def parse_args(argv=None, p=None):
-    """Flags on top of the --preset's defaults, so `--preset long --epochs 120` is the long recipe in 120 epochs."""
-    p = p or make_parser()
+def with_preset(p, argv):
+    """Parse argv over the --preset's defaults, so that `--preset long --epochs 120` is the long recipe in 120
+    epochs; returns (args, the words that p does not know)."""
     p.set_defaults(**PRESETS[p.parse_known_args(argv)[0].preset])
-    return check_args(p, p.parse_args(argv))
+    return p.parse_known_args(argv)
+
+
+def parse_args(argv=None):
+    p = add_run_args(add_step_args(argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)))
+    args, unknown = with_preset(p, argv)
+    if unknown:
+        p.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return check_run_args(p, check_step_args(p, args))
 
 
 def epoch_sizes(args):
@@ -165,7 +186,13 @@ def epoch_sizes(args):
 
 
 # -----------------------------------------------------------------------------
-# the pieces lr_finder.py reuses, so the range test runs the exact training step
+# the pieces lr_finder.py reuses, so that the range test runs the exact training step
+
+def make_datasets(args, root, img_size, eval_size=None):
+    """(train set, val set, info) of --data with the step's augmentation; img_size: one size, or one per epoch."""
+    return data.build_datasets(root, img_size, args.subset, args.seed, args.trivial_augment, args.random_erase,
+                               eval_size=eval_size)
+
 
 def make_model(args, num_classes, device):
     torch.manual_seed(args.seed)  # the same init on every rank
@@ -192,6 +219,10 @@ def make_scheduler(optimizer, args, peak_lr, steps_per_epoch):
                                                pct_start=max(args.warmup_pct, 1.5 / total), max_momentum=0.95)
 
 
+def make_criterion(args):
+    return nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+
+
 def make_mixer(args, num_classes):
     """Mixup or cutmix, one of them per batch, on the device; None when both are off."""
     mixers = [v2.MixUp(alpha=args.mixup, num_classes=num_classes)] if args.mixup > 0 else []
@@ -199,16 +230,25 @@ def make_mixer(args, num_classes):
     return v2.RandomChoice(mixers) if mixers else None
 
 
-def forward_backward(model, x, y, criterion, ctx, scaler, accum_steps, hits=None):
-    """One micro-batch under autocast, the loss scaled for fp16 and accumulation; `hits` (on the device, so no
-    sync) gains the batch's top-1 hits unless its targets are mixed."""
+def forward_backward(model, x, y, criterion, ctx, scaler, accum_steps, sums=None):
+    """One micro-batch under autocast, its loss scaled for fp16 and for accumulation; returns the loss. `sums`, the
+    epoch's running sums (SUMS), gains this batch's: they stay on the device, so adding to them never waits for it."""
     with ctx:
         logits = model(x)
         loss = criterion(logits, y)
     scaler.scale(loss / accum_steps).backward()
-    if hits is not None and y.ndim == 1:
-        hits += (logits.detach().argmax(1) == y).sum()
-    return loss.detach()
+    loss = loss.detach()
+    if sums is not None:
+        sums[0] += loss
+        if y.ndim == 1:
+            sums[1] += (logits.detach().argmax(1) == y).sum()
+            sums[2] += len(y)
+        else:  # soft targets: mixup or cutmix mixed this batch, so it has no top-1 to count
+            sums[3] += 1
+    return loss
+
+
+SUMS = ("loss sum", "top-1 hits", "images counted for top-1", "mixed batches")  # an epoch's running sums, in order
 
 
 def optimizer_step(optimizer, scaler):
@@ -218,7 +258,55 @@ def optimizer_step(optimizer, scaler):
 
 
 # -----------------------------------------------------------------------------
-# the run's state: where it starts, what it saves
+# what the ranks agree on
+
+def agreed(flag, group=None):
+    """True on every rank if `flag` is True on any, so that all stop after the same step. The flag travels as a CPU
+    tensor (over gloo: `group`, under NCCL): a CUDA tensor and .item() here would make the CPU wait for every step's
+    kernels before it could queue the next one, on every step of every GPU run."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([float(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t.item() > 0
+
+
+def check_ranks_agree(model, device):
+    """An invariant worth one all-gather at the end of a run: DDP must have kept every rank's weights identical.
+    Returns the checksum."""
+    flat = torch.cat([p.detach().flatten().double() for p in model.parameters()])
+    sums = [torch.zeros(2, dtype=torch.float64, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sums, torch.stack([flat.sum(), (flat * flat).sum()]))
+    assert all(torch.equal(s, sums[0]) for s in sums), f"ranks' weights diverged: {sums}"
+    return sums[0][0].item()
+
+
+def broadcast0(obj):
+    """Rank 0's picklable `obj` on every rank (itself when there is no process group)."""
+    box = [obj]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def load_shared(path, local, obj):
+    """On every rank, the checkpoint that rank 0 read from `path` (`obj` there): each rank reads its own copy
+    (`local`) when every rank has that very file (same size and mtime), else rank 0 sends its object to all, in one
+    broadcast (nodes with disks of their own). Returns (checkpoint, the ranks that had no copy)."""
+    if not dist.is_initialized():
+        return obj, []
+    stamp = broadcast0([os.stat(path).st_size, os.stat(path).st_mtime_ns] if dist.get_rank() == 0 else None)
+    have = dist.get_rank() == 0 or (os.path.exists(local) and [os.stat(local).st_size, os.stat(local).st_mtime_ns]
+                                     == stamp)
+    has = [None] * dist.get_world_size()
+    dist.all_gather_object(has, have)
+    if all(has):
+        return (obj if dist.get_rank() == 0 else read_checkpoint(local)), []
+    return broadcast0(obj), [r for r, h in enumerate(has) if not h]
+
+
+# -----------------------------------------------------------------------------
+# the run's state: where it starts, what it saves (model.py states the checkpoint's format)
 
 def find_resume(args, rank, print0):
     """(checkpoint dict, path) to resume from, or (None, None). Rank 0 decides and every rank follows: on nodes with
@@ -228,7 +316,7 @@ def find_resume(args, rank, print0):
         decision[0] = {"auto": last if os.path.exists(last) else None, "none": None}.get(args.resume, args.resume)
         try:
             ckpt = read_checkpoint(decision[0]) if decision[0] else None
-            if ckpt is not None and not (isinstance(ckpt, dict) and "optimizer" in ckpt):
+            if ckpt is not None and "optimizer" not in ckpt:
                 raise ValueError(f"--resume {decision[0]} is not a train.py checkpoint (no optimizer state); resume "
                                  f"from OUT/last.pt, start from its weights with --init-from, or use --resume none")
         except (ValueError, FileNotFoundError) as e:
@@ -237,14 +325,15 @@ def find_resume(args, rank, print0):
     if error:
         raise ValueError(error)  # on every rank, so that none is left waiting
     mine = last if args.resume == "auto" else path  # this node's copy, if it has one
-    ckpt, sent = load_shared(path, mine, ckpt, read_checkpoint) if path else (None, [])
+    ckpt, sent = load_shared(path, mine, ckpt) if path else (None, [])
     if sent:
         print0(f"ranks {sent} have no copy of {path} (another node's disk): they resume from rank 0's, sent to them")
     return ckpt, path
 
 
 def resume(ckpt, path, args, classes, world, parts, steps_per_epoch, print0):
-    """Check that the checkpoint continues this very run, load every part of it, and say what changed."""
+    """Check that the checkpoint continues this very run, load every part of it, and say what changed. Returns
+    the run's progress."""
     saved = ckpt["args"]
     if ckpt["classes"] != classes:
         raise ValueError(f"{path} was trained on other classes than --data has ({len(ckpt['classes'])} vs "
@@ -262,49 +351,117 @@ def resume(ckpt, path, args, classes, world, parts, steps_per_epoch, print0):
             part.load_state_dict(ckpt[name])
     torch.set_rng_state(ckpt["rng"]["torch"])
     random.setstate(ckpt["rng"]["python"])
+    progress = ckpt["progress"]
     changed = "".join(f"; --{k.replace('_', '-')} {v} -> {getattr(args, k)}" for k, v in saved.items()
                       if getattr(args, k, v) != v)
-    print0(f"resumed from {path}: epoch {ckpt['epoch'] + 1}, step {ckpt['step']}/{steps_per_epoch}, best top-1 "
-           f"{ckpt['best_top1']:.2f}%{changed}")
-    return {k: ckpt.get(k, v) for k, v in fresh_progress().items()}
+    print0(f"resumed from {path}: epoch {progress['epochs_done'] + 1}, step {progress['step']}/{steps_per_epoch}, "
+           f"best top-1 {progress['best_top1']:.2f}%{changed}")
+    return progress
 
 
-def fresh_progress(epoch=0, best_top1=0.0):
-    """Where the run stands: the epoch, the optimizer steps done in it, and the epoch's running sums."""
-    return dict(epoch=epoch, step=0, best_top1=best_top1, loss_sum=0.0, mixed_batches=0, hits=0, counted=0,
-                lr_steps=[])
+def fresh_progress(epochs_done=0, best_top1=0.0):
+    """Where a run stands at the start of an epoch (model.py's checkpoint format says what each field means)."""
+    return dict(epochs_done=epochs_done, step=0, best_top1=best_top1, sums=[0.0] * len(SUMS), lr_steps=[])
 
 
 def snapshot(parts, progress, args, world, info, row=None):
-    """Everything needed to resume, in one dict, written by rank 0."""
-    return dict({k: v.state_dict() if v is not None else None for k, v in parts.items()}, **progress, world=world,
-                args=vars(args), argv=sys.argv[1:], classes=info["classes"], class_names=info["names"], metrics=row,
-                rng=dict(torch=torch.get_rng_state(), python=random.getstate()))
+    """Everything needed to resume, in one dict (the format of model.py), written by rank 0."""
+    return dict({k: v.state_dict() if v is not None else None for k, v in parts.items()}, weights="model",
+                progress=progress, world=world, args=vars(args), argv=sys.argv[1:], classes=info["classes"],
+                class_names=info["names"], metrics=row, rng=dict(torch=torch.get_rng_state(), python=random.getstate()))
 
 
-def save_epoch(ckpt, args, is_best):
-    """Rank 0, after each epoch: its line (with the trend of the last 5 epochs), log.jsonl, curves.png, last.pt,
-    best.pt, and with --keep-every epoch_NNN.pt. SGD's momentum is as large as the weights, so only the newest
-    epoch_NNN.pt keeps the optimizer state; older ones keep what evaluate.py, app.py and --init-from read."""
-    out, row, every = args.out, ckpt["metrics"], args.keep_every or 0
-    rows = read_log(os.path.join(out, "log.jsonl"))
-    row["trend"] = trend(rows, row["epoch"], row["val_top1"])  # in the checkpoint's metrics too: the same dict
-    print(f"epoch {row['epoch'] + 1}/{args.epochs} done: train loss {row['train_loss']:.4f} val loss "
-          f"{row['val_loss']:.4f} top-1 {row['val_top1']:.2f}% top-5 {row['val_top5']:.2f}% ({row['val_n']} images)"
-          + (f", trend {row['trend']:+.2f} points/epoch" if row["trend"] is not None else "") + f" in "
-          f"{fmt_time(row['epoch_s'])}, {row['img_per_s']:.0f} img/s"
-          + (f"; {row['bad_images']} unreadable images replaced" if row["bad_images"] else ""), flush=True)
-    kept = every and ckpt["epoch"] % every == 0
-    for name in ["last.pt"] + (["best.pt"] if is_best else []) + ([f"epoch_{ckpt['epoch']:03d}.pt"] if kept else []):
-        save_atomic(ckpt, os.path.join(out, name))
-    previous = os.path.join(out, f"epoch_{ckpt['epoch'] - every:03d}.pt")
+def save_mid_epoch(parts, progress, args, world, info, preempted):
+    """Rank 0, inside an epoch (a preemption, or --save-every-min): last.pt with the steps done and the epoch's
+    running sums, so that a resume continues this epoch at the next step and logs it as if never stopped."""
+    if not math.isfinite(progress["sums"][0]):
+        raise FloatingPointError(f"the training loss is not finite at epoch {progress['epochs_done'] + 1}")
+    path = os.path.join(args.out, "last.pt")
+    save_checkpoint(snapshot(parts, progress, args, world, info), path)
+    print(f"saved {path} at epoch {progress['epochs_done'] + 1} step {progress['step']}"
+          + (" (preempted)" if preempted else ""), flush=True)
+
+
+def save_epoch(ckpt, args, is_best, rows):
+    """Rank 0, after each epoch: last.pt, best.pt on a new best, epoch_NNN.pt every --keep-every epochs, log.jsonl
+    and curves.png. SGD's momentum is as large as the weights, so only the newest epoch_NNN.pt keeps the state of
+    the run; the one before it is slimmed to what evaluate.py, app.py and --init-from read."""
+    out, done, every = args.out, ckpt["progress"]["epochs_done"], args.keep_every or 0
+    kept = every and done % every == 0
+    for name in ["last.pt"] + (["best.pt"] if is_best else []) + ([f"epoch_{done:03d}.pt"] if kept else []):
+        save_checkpoint(ckpt, os.path.join(out, name))
+    previous = os.path.join(out, f"epoch_{done - every:03d}.pt")
     if kept and os.path.exists(previous):
-        only_to_resume = ("optimizer", "scheduler", "scaler", "rng")
-        save_atomic({k: v for k, v in read_checkpoint(previous).items() if k not in only_to_resume}, previous)
+        save_weights(read_checkpoint(previous), previous)
     with open(os.path.join(out, "log.jsonl"), "a") as f:
-        f.write(json.dumps(row) + "\n")
-    plot_curves(rows + [row], os.path.join(out, "curves.png"))
+        f.write(json.dumps(ckpt["metrics"]) + "\n")
+    plot_curves(rows, os.path.join(out, "curves.png"))
 
+
+# -----------------------------------------------------------------------------
+# the epoch's metrics, its log and its curves
+
+def epoch_metrics(sums, micro_batches, model, ema, val_loader, device, ctx, args):
+    """A training epoch's metrics: its mean loss and its top-1 on the unmixed images, over all ranks; then the val
+    loss, top-1 and top-5 of the model, and the EMA's top-1, at --eval-size with --tta (evaluate.py's loop)."""
+    totals = sums.double()
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    loss, hits, counted, _ = totals.tolist()
+    metrics = dict(train_loss=loss / (micro_batches * world), train_top1=100 * hits / counted if counted else None,
+                   **accuracy(model, val_loader, device, ctx, args.tta, args.channels_last))
+    if ema is not None:
+        metrics["ema_top1"] = accuracy(ema.module, val_loader, device, ctx, args.tta, args.channels_last)["val_top1"]
+    return metrics
+
+
+def read_log(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def trend(rows, epoch, top1, n=5):
+    """Least-squares slope of val top-1 over the last n epochs of a run's log, points per epoch: still improving?"""
+    points = {r["epoch"]: r["val_top1"] for r in rows if r["epoch"] < epoch} | {epoch: top1}
+    xs = sorted(points)[-n:]
+    mx, my = sum(xs) / len(xs), sum(points[x] for x in xs) / len(xs)
+    return sum((x - mx) * (points[x] - my) for x in xs) / sum((x - mx) ** 2 for x in xs) if len(xs) > 1 else None
+
+
+def fmt_time(seconds):
+    return time.strftime("%H:%M:%S", time.gmtime(max(0, seconds))) if seconds < 86400 else f"{seconds / 86400:.1f}d"
+
+
+def plot_curves(rows, png_path):
+    """curves.png: loss, accuracy and the LR of every logged step, from the rows of log.jsonl."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ep, steps = [r["epoch"] + 1 for r in rows], [s for r in rows for s in r.get("lr_steps", [])]
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4))
+    ax1.plot(ep, [r["train_loss"] for r in rows], "o-", label="train (label smoothed)")
+    ax1.plot(ep, [r["val_loss"] for r in rows], "o-", label="val")
+    for key, style, label in (("val_top1", "o-", "val top-1"), ("val_top5", "o-", "val top-5"),
+                              ("train_top1", "o:", "train top-1 (unmixed batches)"), ("ema_top1", "o--", "EMA top-1")):
+        if key in rows[-1]:
+            ax2.plot(ep, [r.get(key) for r in rows], style, label=label)
+    ax3.plot([s[0] for s in steps], [s[1] for s in steps], "-", color="tab:purple", label="LR (OneCycle)")
+    ax1.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    ax2.set(xlabel="epoch", ylabel="accuracy (%)", title=f"best top-1 {max(r['val_top1'] for r in rows):.2f}%")
+    ax3.set(xlabel="epoch", ylabel="learning rate", title="LR per logged step")
+    for ax in (ax1, ax2, ax3):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# the run
 
 def train(args):
     ddp, rank, world, device = init_distributed(args.device)
@@ -314,8 +471,7 @@ def train(args):
     if ddp and args.data is None:
         dist.barrier()  # the download, on rank 0
     sizes = epoch_sizes(args)
-    train_set, val_set, info = data.build_datasets(root, sizes, args.subset, args.seed, args.trivial_augment,
-                                                   args.random_erase, eval_size=args.eval_size)
+    train_set, val_set, info = make_datasets(args, root, sizes, args.eval_size)
     classes, workers = info["classes"], data.default_workers(args.workers, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     loader = partial(data.make_loader, batch_size=args.batch_size, rank=rank, world=world, seed=args.seed,
                      workers=workers, pin_memory=device.type == "cuda")
@@ -337,7 +493,6 @@ def train(args):
            f"{args.batch_size} x {world} ranks x {args.accum_steps} accum; {steps_per_epoch} steps/epoch; peak lr "
            f"{peak_lr:.4g}" + (f"; mixup/cutmix off from epoch {mix_off}" if args.mixup or args.cutmix else ""))
     os.makedirs(args.out, exist_ok=True)
-    last_path = os.path.join(args.out, "last.pt")
     if master:
         print0(write_summary(os.path.join(args.out, "model_summary.txt"), args.arch, args.img_size, len(classes),
                              args.blurpool) + " (model_summary.txt)")
@@ -354,13 +509,14 @@ def train(args):
     ema = AveragedModel(raw_model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None
     optimizer = make_optimizer(raw_model, args, peak_lr)
     scheduler = make_scheduler(optimizer, args, peak_lr, steps_per_epoch)
-    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    criterion = make_criterion(args)
     mixer = make_mixer(args, len(classes))
     step_model = torch.compile(model) if args.compile else model  # compiles on the first step of each image size
     parts = dict(model=raw_model, ema=ema, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
     progress = resume(ckpt, resume_path, args, classes, world, parts, steps_per_epoch, print0) if ckpt else \
         fresh_progress()
     del ckpt
+    rows = read_log(os.path.join(args.out, "log.jsonl")) if master else []  # for the trend and the curves
 
     # SIGTERM (a spot reclaim; torchrun forwards it): finish the step, checkpoint, exit with preempted
     signals = []
@@ -368,13 +524,13 @@ def train(args):
     group = dist.new_group(backend="gloo") if ddp and device.type == "cuda" else None  # for agreed()
     stop_epoch = min(args.epochs, args.stop_epoch or args.epochs)
     eval_s, t_saved, bad_seen = 0.0, time.time(), set()  # last eval's duration for the ETA; last save; named files
-    for epoch in range(progress["epoch"], stop_epoch):
+    for epoch in range(progress["epochs_done"], stop_epoch):
         first = progress["step"]  # optimizer steps of this epoch already done (a mid-epoch resume)
         # the sampler skips the images of the steps done: micro-batches x images each, on this rank
         train_loader.sampler.set_epoch(epoch, start=first * args.accum_steps * args.batch_size)
         mixing = mixer is not None and epoch < mix_off
         model.train()
-        loss_sum, hits = (torch.tensor(progress[k], device=device) for k in ("loss_sum", "hits"))
+        sums = torch.tensor(progress["sums"], device=device)  # SUMS: restored in a resumed epoch, else zeros
         bad_count, t_epoch = 0, time.time()
         batches = itertools.islice(train_loader, (steps_per_epoch - first) * args.accum_steps)  # drop a ragged end
         for i, (images, labels, bad) in enumerate(batches, start=first * args.accum_steps):
@@ -384,11 +540,9 @@ def train(args):
             if mixing:  # seeded per (seed, epoch, batch, rank): the same mix on resume, whatever happened before
                 torch.manual_seed(data.seed_for(args.seed, epoch, i, f"mix{rank}"))
                 x, y = mixer(x, y)
-                progress["mixed_batches"] += y.ndim == 2  # soft targets: this batch really was mixed
             # forward/backward/update; DDP all-reduces gradients only on the last micro-batch
             with model.no_sync() if ddp and not last_micro else nullcontext():
-                loss_sum += forward_backward(step_model, x, y, criterion, ctx, scaler, args.accum_steps, hits)
-            progress["counted"] += len(y) if y.ndim == 1 else 0  # the images whose hits count towards train top-1
+                forward_backward(step_model, x, y, criterion, ctx, scaler, args.accum_steps, sums)
             if not last_micro:
                 continue
             optimizer_step(optimizer, scaler)
@@ -398,7 +552,7 @@ def train(args):
 
             # log; .item() syncs with the device, so only every --log-every steps
             if (step + 1) % args.log_every == 0 or step + 1 == steps_per_epoch:
-                now, avg, lr = time.time(), loss_sum.item() / (i + 1), scheduler.get_last_lr()[0]
+                now, avg, lr = time.time(), sums[0].item() / (i + 1), scheduler.get_last_lr()[0]
                 if not math.isfinite(avg):
                     raise FloatingPointError(f"the training loss is {avg} at epoch {epoch + 1} step {step + 1}")
                 progress["lr_steps"].append([epoch + (step + 1) / steps_per_epoch, lr])
@@ -411,34 +565,39 @@ def train(args):
                        + (f" (${eta / 3600 * args.hourly_usd:.2f})" if args.hourly_usd else "")
                        + (f" mem {mem:.1f}GiB" if mem else ""))
 
-            # a preemption, or --save-every-min: a mid-epoch checkpoint (not after the last step: the epoch's own)
-            preempted, timed = agreed(bool(signals), group), master and time.time() - t_saved > 60 * args.save_every_min
-            if (preempted or timed) and step + 1 < steps_per_epoch:
-                if master:
-                    if not math.isfinite(loss_sum.item()):
-                        raise FloatingPointError(f"the training loss is not finite at epoch {epoch + 1}")
-                    progress.update(epoch=epoch, step=step + 1, loss_sum=loss_sum.item(), hits=int(hits.item()))
-                    save_atomic(snapshot(parts, progress, args, world, info), last_path)
-                    print0(f"saved {last_path} at epoch {epoch + 1} step {step + 1}"
-                           + (" (preempted)" if preempted else ""))
-                t_saved = time.time()
-                if preempted:
-                    return "preempted"
+            # a preemption, or --save-every-min: a mid-epoch checkpoint; not after the last step, where the epoch's
+            # own checkpoint follows. Every rank asks every step, so that all stop after the same one.
+            preempted = agreed(bool(signals), group)
+            timed = master and time.time() - t_saved > 60 * args.save_every_min  # rank 0 alone writes it
+            if not (preempted or timed) or step + 1 == steps_per_epoch:
+                continue
+            if master:
+                progress.update(epochs_done=epoch, step=step + 1, sums=sums.tolist())
+                save_mid_epoch(parts, progress, args, world, info, preempted)
+            t_saved = time.time()
+            if preempted:
+                return "preempted"
         train_s = time.time() - t_epoch
 
         # eval: on every rank, the bare module (a DDP forward would need all ranks in step)
-        metrics = epoch_metrics(loss_sum / (steps_per_epoch * args.accum_steps), hits, progress["counted"], raw_model,
-                                ema, val_loader, device, ctx, args)
+        metrics = epoch_metrics(sums, steps_per_epoch * args.accum_steps, raw_model, ema, val_loader, device, ctx, args)
         eval_s = time.time() - t_epoch - train_s
         row = dict(epoch=epoch, epochs=args.epochs, img_size=sizes[epoch], lr=scheduler.get_last_lr()[0], **metrics,
                    img_per_s=global_batch * (steps_per_epoch - first) / train_s, epoch_s=time.time() - t_epoch,
-                   mixed=progress["mixed_batches"] > 0, bad_images=bad_count,
-                   best_top1=max(progress["best_top1"], metrics["val_top1"]), lr_steps=progress["lr_steps"])
-
-        # the epoch's line, log, plot and checkpoints, on rank 0
+                   mixed=sums[3].item() > 0, bad_images=bad_count,
+                   best_top1=max(progress["best_top1"], metrics["val_top1"]), lr_steps=progress["lr_steps"],
+                   trend=trend(rows, epoch, metrics["val_top1"]) if master else None)
         is_best, progress = row["val_top1"] > progress["best_top1"], fresh_progress(epoch + 1, row["best_top1"])
+
+        # the epoch's line, then on rank 0 its checkpoints, log and curves
+        print0(f"epoch {epoch + 1}/{args.epochs} done: train loss {row['train_loss']:.4f} val loss "
+               f"{row['val_loss']:.4f} top-1 {row['val_top1']:.2f}% top-5 {row['val_top5']:.2f}% ({row['val_n']} "
+               f"images)" + (f", trend {row['trend']:+.2f} points/epoch" if row["trend"] is not None else "")
+               + f" in {fmt_time(row['epoch_s'])}, {row['img_per_s']:.0f} img/s"
+               + (f"; {row['bad_images']} unreadable images replaced" if row["bad_images"] else ""))
         if master:
-            save_epoch(snapshot(parts, progress, args, world, info, row), args, is_best)
+            rows.append(row)
+            save_epoch(snapshot(parts, progress, args, world, info, row), args, is_best, rows)
             t_saved = time.time()
         score = metrics.get("ema_top1", metrics["val_top1"])
         if args.target_top1 is not None and score >= args.target_top1 and epoch + 1 < args.epochs:
@@ -476,7 +635,7 @@ def main(argv=None):
     status, error, tool = "bad_input", None, args.check_data or args.shrink
     try:
         if tool:  # dataset tools, not training: no process group, and no OUT/status
-            root, workers = args.data or str(data.default_data()), args.workers or os.cpu_count() or 1
+            root, workers = args.data or str(data.default_data()), data.default_workers(args.workers)
             if args.check_data:
                 return data.check_data(root, workers)
             return data.shrink_dataset(root, args.shrink, args.max_side, workers)

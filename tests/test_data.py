@@ -228,4 +228,4 @@ def test_shrink_copies_the_layout_with_short_sides_capped(tmp_path):
     train_set, val_set, info = data.build_datasets(out, 64)
     assert len(train_set) == 2 * 10 + 1 and info["classes"] == sorted(os.listdir(root / "train"))
     with pytest.raises(ValueError, match="inside --data"):
-        data.shrink_dataset(root, root / "copy", 120)
+        data.shrink_dataset(root, root / "copy", 120, workers=1)

@@ -210,7 +210,7 @@ def test_the_printed_command_is_the_run_that_was_meant():
     args = lr_finder.parse_args(["--preset", "long", "--arch", "resnet18", "--img-size", "128", "--batch-size", "32",
                                  "--label-smoothing", "0.2", "--no-blurpool", "--weight-decay", "5e-5"])
     command = lr_finder.run_command(args, "/mnt/imagenet", 0.8, gpus=8, run_bs=256)
-    assert command == ("torchrun --nproc_per_node=8 train.py --preset long --arch resnet18 --img-size 128 "
+    assert command == ("torchrun --nproc_per_node=8 train.py --preset long --img-size 128 --arch resnet18 "
                        "--no-blurpool --weight-decay 5e-05 --label-smoothing 0.2 --batch-size 256 --lr 0.8")
     parsed = train.parse_args(shlex.split(command)[shlex.split(command).index("train.py") + 1:])
     assert (parsed.mixup, parsed.cutmix, parsed.epochs, parsed.blurpool) == (0.2, 1.0, 90, False)

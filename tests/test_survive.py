@@ -82,17 +82,17 @@ def test_torchrun_two_ranks_interrupted_once(tiny_data, tmp_path):
     code, log = run_until(torchrun_cmd(2, *common, "--out", out), 6, env=env)
     assert code != 0 and (out / "status").read_text() == "preempted\n", log  # torchrun's own status is not 75
     ckpt = torch.load(out / "last.pt", weights_only=True)
-    assert ckpt["epoch"] == 0 and 6 <= ckpt["step"] < 10, "a mid-epoch checkpoint"
+    assert ckpt["progress"]["epochs_done"] == 0 and 6 <= ckpt["progress"]["step"] < 10, "a mid-epoch checkpoint"
     run(torchrun_cmd(2, *common, "--out", out), env=env)
     assert_same_weights(final_state(tmp_path / "full")[0], final_state(out)[0])
 
 
 SAVER = """
-import sys, torch, train
+import sys, torch, model
 path, i = sys.argv[1], 0
 while True:
     i += 1
-    train.save_atomic({"version": i, "w": torch.full((4_000_000,), float(i))}, path)  # 16 MB a save
+    model.save_atomic({"version": i, "w": torch.full((4_000_000,), float(i))}, path)  # 16 MB a save
     print(i, flush=True)
 """
 
@@ -111,12 +111,12 @@ def test_kill_9_during_saves_never_tears_the_checkpoint(tmp_path):
 
 
 FULL_DISK = """
-import resource, signal, sys, torch, train
+import resource, signal, sys, torch, model
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # writes past the limit fail with EFBIG, as on a full disk
-train.save_atomic({"w": torch.zeros(10)}, sys.argv[1])
+model.save_atomic({"w": torch.zeros(10)}, sys.argv[1])
 resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
 try:
-    train.save_atomic({"w": torch.ones(1_000_000)}, sys.argv[1])
+    model.save_atomic({"w": torch.ones(1_000_000)}, sys.argv[1])
 except OSError as e:
     print(e)
 """
@@ -211,9 +211,9 @@ def test_timed_saves_bound_what_kill_9_loses(tiny_data, tmp_path):
             break
     p.wait()
     ckpt = torch.load(out / "last.pt", weights_only=True)
-    assert ckpt["epoch"] == 0 and 4 <= ckpt["step"] < 10
+    assert ckpt["progress"]["epochs_done"] == 0 and 4 <= ckpt["progress"]["step"] < 10
     resumed = run(cmd)
-    assert f"resumed from {out / 'last.pt'}: epoch 1, step {ckpt['step']}/10" in resumed.stdout
+    assert f"resumed from {out / 'last.pt'}: epoch 1, step {ckpt['progress']['step']}/10" in resumed.stdout
     assert (out / "status").read_text() == "done\n"
 
 

@@ -45,7 +45,7 @@ def test_onecycle_lr_follows_torch_reference_every_step(tiny_data, tmp_path):
     assert rows[0]["val_n"] == 80  # every validation image, once
     assert (out / "curves.png").stat().st_size > 10_000
     ckpt = torch.load(out / "last.pt", weights_only=True)
-    assert ckpt["epoch"] == 2 and ckpt["args"]["arch"] == "resnet18" and len(ckpt["classes"]) == 10
+    assert ckpt["progress"]["epochs_done"] == 2 and ckpt["args"]["arch"] == "resnet18" and len(ckpt["classes"]) == 10
     assert (out / "best.pt").exists()
 
 
@@ -258,7 +258,7 @@ def test_init_from_runs_the_phased_plan_with_a_fresh_optimizer(tiny_data, tmp_pa
     torch.testing.assert_close(p2["model"]["conv1.weight"], p1["model"]["conv1.weight"], atol=1e-6, rtol=0)
     fresh = train.make_model(train.parse_args(["--arch", "resnet18"]), 10, torch.device("cpu"))
     assert not torch.allclose(fresh.conv1.weight, p1["model"]["conv1.weight"].float(), atol=1e-3)
-    assert p2["epoch"] == 1 and p2["scheduler"]["last_epoch"] == 5 == p1["scheduler"]["last_epoch"]
+    assert p2["progress"]["epochs_done"] == 1 and p2["scheduler"]["last_epoch"] == 5 == p1["scheduler"]["last_epoch"]
     run(train_cmd(*common, "--init-from", tmp_path / "p2" / "best.pt", "--out", tmp_path / "p3"))
     assert read_log(tmp_path / "p3")[-1]["val_n"] == 80
     # other classes: 5 of the 10 folders
@@ -313,4 +313,4 @@ def test_keep_every_target_top1_summary_and_the_log(tiny_data, tmp_path):
     line = [line for line in p.stdout.splitlines() if line.startswith("reached")][0]
     assert f"reached top-1 {rows[0]['ema_top1']:.2f}% >= --target-top1 1.0 after epoch 1 of 3" in line
     assert "saves about 00:0" in line and "at $3.0/h)" in line
-    assert torch.load(tmp_path / "target" / "last.pt", weights_only=True)["epoch"] == 1
+    assert torch.load(tmp_path / "target" / "last.pt", weights_only=True)["progress"]["epochs_done"] == 1
