@@ -53,3 +53,14 @@ def train_cmd(*args):
 def torchrun_cmd(nproc, *args, script="train.py"):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
             str(ROOT / script), *map(str, args)]
+
+
+def error_line(main, argv, capsys, code=2):
+    """Run a script's main(argv) in this process and return the one line it printed on its way out with `code`
+    (argparse's errors and the scripts' own both exit so); no traceback. The same check as a real process, without
+    its seconds of start-up: tests that need the process itself (signals, exit status, the environment) run one."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == code and "Traceback" not in err, err
+    return [line for line in err.splitlines() if line.strip()][-1]

@@ -206,19 +206,25 @@ def test_a_bare_evaluate_agrees_with_the_training_log(tmp_path):
     assert res["top1"] == pytest.approx(logged["val_top1"]) and res["top5"] == pytest.approx(logged["val_top5"])
 
 
-def test_gradcam_reuses_predictions_only_from_the_same_evaluation(trained, tmp_path):
+def test_gradcam_reuses_predictions_only_from_the_same_evaluation(trained, tmp_path, capsys):
     """predictions.csv stands in for an evaluation only when it came from the same checkpoint, data, size, TTA and
-    EMA choice (predictions.json says); otherwise gradcam.py evaluates again and says which setting differs."""
+    EMA choice (predictions.json says); otherwise gradcam.py evaluates again and says which setting differs. (Both
+    scripts run in this process: their start-up is what the other tests time.)"""
+    import evaluate
     _, ckpt = trained
-    gc = [sys.executable, str(ROOT / "gradcam.py"), "--checkpoint", str(ckpt), "--worst", "2", "--out", str(tmp_path)]
-    run([sys.executable, str(ROOT / "evaluate.py"), "--checkpoint", str(ckpt), "--out", str(tmp_path)])
-    assert "reading" in run(gc).stdout
+    base = ["--checkpoint", str(ckpt), "--out", str(tmp_path), "--workers", "0"]
+
+    def gc(*flags):
+        gradcam.main([*base, "--worst", "2", *flags])
+        return capsys.readouterr().out
+
+    evaluate.main(base)
+    assert "reading" in gc()
     for flags, why in ((["--img-size", "96"], "img_size (64, now 96)"), (["--tta", "flip"], "tta (none, now flip)"),
                        (["--ema"], "ema (False, now True)")):
-        p = run([*gc, *flags])
-        assert f"predictions.csv was made with another {why}" in p.stdout and "evaluating" in p.stdout, p.stdout
-        p = run(gc)  # the last run rewrote it with its own settings: back to the run's, evaluated again
-        assert "evaluating" in p.stdout
-    assert "reading" in run(gc).stdout
+        out = gc(*flags)
+        assert f"predictions.csv was made with another {why}" in out and "evaluating" in out, out
+        assert "evaluating" in gc()  # the last run rewrote it with its own settings: back to the run's, evaluated again
+    assert "reading" in gc()
     os.utime(ckpt)  # a newer checkpoint at the same path
-    assert "another checkpoint_mtime_ns" in run(gc).stdout
+    assert "another checkpoint_mtime_ns" in gc()

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 import lr_finder
 import train
-from conftest import ROOT, link_tree, needs_imagenette, run
+from conftest import ROOT, error_line, link_tree, needs_imagenette, run
 
 
 def test_lr_schedule_is_exponential_from_start_to_end():
@@ -105,9 +105,14 @@ def test_stops_on_divergence_and_on_nan_at_start():
     (["--shrink", "/tmp/x"], "--shrink is a flag of a whole training run"),
     (["--epoch", "5"], "unrecognized arguments: --epoch 5"),  # no abbreviations either
 ])
-def test_bad_flags_one_line(flags, expected, tmp_path):
-    p = run([sys.executable, str(ROOT / "lr_finder.py"), "--out", str(tmp_path), *flags], check=False)
-    assert p.returncode == 2 and "Traceback" not in p.stderr and expected in p.stderr.splitlines()[-1]
+def test_bad_flags_one_line(flags, expected, tmp_path, capsys):
+    assert expected in error_line(lr_finder.main, ["--out", str(tmp_path), *flags], capsys)
+
+
+def test_bad_flags_in_a_real_process(tmp_path):
+    p = run([sys.executable, str(ROOT / "lr_finder.py"), "--out", str(tmp_path), "--epochs", "5"], check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "--epochs is a flag of a whole training run" in p.stderr.splitlines()[-1]
 
 
 def test_real_images_plot_suggestion_and_printed_command(tiny_data, tmp_path):

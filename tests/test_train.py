@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import train
-from conftest import IMAGENETTE, ROOT, needs_imagenette, run, torchrun_cmd, train_cmd
+from conftest import IMAGENETTE, ROOT, error_line, needs_imagenette, run, torchrun_cmd, train_cmd
 
 # small and fast: ResNet-18 at 32 px, batches of 16, on 160 real training images (10 steps per epoch)
 FAST = ["--arch", "resnet18", "--img-size", "32", "--batch-size", "16", "--workers", "1", "--log-every", "1"]
@@ -118,11 +118,11 @@ def test_gradient_accumulation_keeps_the_global_batch(tiny_data, tmp_path):
 
 @needs_imagenette
 def test_learns_real_images(tmp_path):
-    """ResNet-18 at 64 px on half of real Imagenette for 2 epochs (all 3,925 val images): well above the 10%
-    of chance."""
+    """ResNet-18 at 64 px on 30% of real Imagenette for 2 epochs (all 3,925 val images, no TTA): well above the 10%
+    of chance (38.6% when this test was sized, VM-B, 2026-12-03)."""
     out = tmp_path / "learn"
-    run(train_cmd("--data", IMAGENETTE, "--out", out, "--arch", "resnet18", "--img-size", "64",
-                  "--batch-size", "64", "--epochs", "2", "--workers", "2", "--log-every", "50", "--subset", "0.5"),
+    run(train_cmd("--data", IMAGENETTE, "--out", out, "--arch", "resnet18", "--img-size", "64", "--no-tta",
+                  "--batch-size", "64", "--epochs", "2", "--workers", "2", "--log-every", "50", "--subset", "0.3"),
         timeout=900)
     rows = read_log(out)
     assert rows[-1]["val_n"] == 3925
@@ -145,9 +145,14 @@ def one_line_error(p):
     (["--eval-size", "0"], "--eval-size must be at least 1"),
     (["--preset", "faster"], "invalid choice: 'faster'"),
 ])
-def test_bad_input_gets_one_clear_line(tmp_path, flags, expected):
-    p = run(train_cmd("--out", tmp_path / "x", *flags), check=False, timeout=120)
-    assert expected in one_line_error(p)
+def test_bad_input_gets_one_clear_line(tmp_path, flags, expected, capsys):
+    assert expected in error_line(train.main, ["--out", str(tmp_path / "x"), *flags], capsys)
+
+
+def test_bad_input_in_a_real_process(tmp_path):
+    """The same as a user sees it: exit status 2, one line, no traceback."""
+    p = run(train_cmd("--out", tmp_path / "x", "--data", "/does/not/exist"), check=False, timeout=120)
+    assert "is not a folder" in one_line_error(p)
 
 
 def test_no_network_for_default_data_says_pass_data(tmp_path):
