@@ -60,6 +60,11 @@ def our_pipeline(path, size):
     return data.random_resized_crop(Image.open(path), size)
 
 
+def eval_pipeline(path, size):
+    """The evaluation's: a full decode, the shorter side resized to size / 0.875, a center crop, uint8."""
+    return data.eval_transform(size)(data.load_rgb(path))
+
+
 def per_core_rate(fn, files, size, passes):
     """images/s of one pipeline in this process, on one thread, after one warm pass over 10 files."""
     for path in files[:10]:
@@ -177,23 +182,158 @@ def train_script(arch, size, batch, amp, device, workers, root):
 
 
 # -----------------------------------------------------------------------------
-# 3. the projection
+# 3. the projection: one table of EC2 facts, prices and published rates, and one function for every projection
 
-def project(step_rate, per_core, eval_rate, args, gpus, cores, hourly_usd):
-    """Hours and dollars of a run of `args` (train.py's flags). step_rate / per_core: {size: img/s} of one GPU /
-    one core; eval_rate: forward img/s at the eval size."""
-    epochs, seconds, bound = [], 0.0, {}
-    for size in epoch_sizes(args):
-        gpu, loader = gpus * step_rate[size], (cores - gpus) * per_core[size]  # a core per GPU runs its process
-        rate = min(gpu, loader)
-        bound[size] = "training step" if gpu <= loader else "loader (CPU cores)"
-        epoch_s = IMAGENET_TRAIN / rate + IMAGENET_VAL * (2 if args.tta else 1) / (gpus * eval_rate)
-        epochs.append(epoch_s)
-        seconds += epoch_s
-    hours = seconds / 3600
-    return dict(preset=args.preset, epochs=len(epochs), gpus=gpus, cores=cores, first_epoch_min=epochs[0] / 60,
-                last_epoch_min=epochs[-1] / 60, hours=hours, hourly_usd=hourly_usd,
-                usd=None if hourly_usd is None else hours * hourly_usd, bottleneck=bound)
+# Prices, USD an hour, Linux, us-east-1: the SkyPilot catalog (skypilot-org/skypilot-catalog, catalogs/v9/aws/vms.csv
+# at commit 2c3d7ea7d76bf84cf80d382e946c1609571485fd, a snapshot taken after AWS's June 2025 P5 price cut; its date is
+# not recorded). Spot: that snapshot's range over the zones of us-east-1; spot prices move all the time. "list": no
+# row in the catalog, so AWS's list price, as factualminds.com (2026-06-17) and cloudurable.com (2025-06-28) give it.
+# Facts: AWS's DescribeInstanceTypes as moto ships it (moto/ec2/resources/instance_types.json.gz): vCPUs, RAM in GiB,
+# instance store (disks, GB each), network baseline in Gbit/s (all cards), EBS link baseline in MB/s. Plan on the
+# baselines: an "up to" figure is a burst.
+INSTANCES = {
+    "g4dn.xlarge": dict(gpus=1, gpu="T4", vcpus=4, ram_gib=16, store=(1, 125), net_gbps=5, ebs_mbps=118.75,
+                        on_demand=0.526, list_price=True, spot=None, no_spot="not in the snapshot"),
+    "g5.xlarge": dict(gpus=1, gpu="A10G", vcpus=4, ram_gib=16, store=(1, 250), net_gbps=2.5, ebs_mbps=87.5,
+                      on_demand=1.006, spot=(0.43, 0.45)),
+    "g5.2xlarge": dict(gpus=1, gpu="A10G", vcpus=8, ram_gib=32, store=(1, 450), net_gbps=5, ebs_mbps=106.25,
+                       on_demand=1.212, list_price=True, spot=None, no_spot="not in the snapshot"),
+    "g5.12xlarge": dict(gpus=4, gpu="A10G", vcpus=48, ram_gib=192, store=(1, 3800), net_gbps=40, ebs_mbps=2000,
+                        on_demand=5.672, spot=(2.05, 2.79)),
+    "g6e.xlarge": dict(gpus=1, gpu="L40S", vcpus=4, ram_gib=32, store=(1, 250), net_gbps=2.5, ebs_mbps=125,
+                       on_demand=1.861, spot=(0.88, 1.33)),
+    "p4d.24xlarge": dict(gpus=8, gpu="A100", vcpus=96, ram_gib=1152, store=(8, 1000), net_gbps=400, ebs_mbps=2375,
+                         on_demand=21.96, spot=(6.53, 13.99)),
+    "p5.4xlarge": dict(gpus=1, gpu="H100", vcpus=16, ram_gib=256, store=(1, 3800), net_gbps=100, ebs_mbps=1250,
+                       on_demand=6.88, spot=(5.40, 6.60)),
+    "p5.48xlarge": dict(gpus=8, gpu="H100", vcpus=192, ram_gib=2048, store=(8, 3800), net_gbps=3200,
+                        ebs_mbps=10000, on_demand=55.04, spot=(16.95, 18.73)),
+}
+# Published ResNet-50 training rates, images/s per GPU, mixed precision, 224 px, plain PyTorch. MLPerf's stacks (GPU
+# JPEG decoding, fused kernels: about 7,160 on an H100, 1,850 on an L40S) are a ceiling, not what train.py does.
+GPU_RATES = {
+    "A100": dict(one=2470, eight=2078, source="NVIDIA DeepLearningExamples resnet50v1.5 (pytorch-21.03), A100 80 GB"),
+    "H100": dict(one=2616, source="Lambda deeplearning-benchmark, pytorch-train-throughput-fp16.csv: 2,616-2,800 "
+                                  "on one H100 SXM; the low end"),
+    "A10G": dict(one=638, source="Lambda, the same file: the A10, the A10G's sibling"),
+    "L40S": dict(one=1146, source="Lambda, the same file: the RTX 6000 Ada, the L40S's die"),
+    "T4": None,  # no published training rate found
+}
+SCALING = 2078 / 2470  # a GPU's rate among 8 against alone (DeepLearningExamples' A100s), assumed for the other GPUs
+
+# Measured here, VM-B (2-core AMD EPYC Zen 4, one thread a core), torch 2.14.1, 2026-12-03: the mean of two runs of
+# `python bench.py --images ../shared/data/imagenet-samples --loader-sizes 192 176 160 --shrink-side 320 --passes 10
+#  --sizes 128 --batch-size 32 --steps 5 --workers 1`, which differed by up to 17% (BENCHMARKS.md "What will it cost?")
+LOADER_PER_CORE = dict(full={160: 474.5, 176: 449.8, 192: 392.1},    # images/s of one core, our training crop, on
+                       shrunk={160: 695.1, 176: 668.5, 192: 631.2})  # the 100 full-size JPEGs and at a 320 px side
+EVAL_PER_CORE = 310.5   # images/s of one core: the evaluation's full decode, resize to 292 px, center crop to 256
+FORWARD_PER_STEP = 3.4  # ResNet-50's forward pass against its training step, images/s, 128 px, bf16: the lower of the
+                        # two runs (3.40, 4.41), carried over to GPUs as the eval's speed
+VCPU = 0.6  # an EC2 vCPU is one hyperthread (2 threads a core); assumed: two threads of one core decode 1.2x what
+            # one does alone, so a vCPU counts as 0.6 of a VM-B core
+JPEG_KB = dict(full=110, shrunk=42)  # mean file, KB: 900 full-size ImageNet JPEGs, and at a 320 px shorter side, q90
+IMAGENET_TRAIN, IMAGENET_VAL, VAL_KB = 1_281_167, 50_000, 110  # the val images stay full size in a shrunk copy
+GP3_MBPS = 125  # a gp3 volume as launch makes it: its included 125 MB/s, which reads and writes share
+# Today's way to the first step (run_ec2.sh data): the 155 GB Kaggle zip copied onto the gp3 root volume, unzipped
+# there, then --check-data decodes every file once. Boot, setup and the first step itself are assumed, not measured.
+ZIP_GB, BOOT_MIN, SETUP_MIN, FIRST_STEP_MIN = 155, 3, 2, 1
+
+
+def gpu_rate(inst, size):
+    """One GPU's published training images/s at `size` px among the instance's GPUs (None: none is published),
+    carried from 224 px by the ratio of pixels."""
+    spec = GPU_RATES.get(inst["gpu"])
+    if spec is None:
+        return None
+    per_gpu = spec.get("eight", spec["one"] * SCALING) if inst["gpus"] > 1 else spec["one"]
+    return per_gpu * (224 / size) ** 2
+
+
+def fits_in_cache(inst, gb):
+    """Whether the page cache can hold `gb` of files beside the processes' own memory (a quarter of the RAM)."""
+    return gb <= 0.75 * inst["ram_gib"] * 1.074
+
+
+def first_step_minutes(inst, kind, decode_per_core=None):
+    """Minutes from launch to the first step, paid again at every start: boot, setup, the data, the first step.
+    Today the data is the zip (run_ec2.sh data): copied at the slower of the network and the volume; unzipped through
+    the volume, which reads the zip unless the page cache still holds it, and writes the images; then every file
+    decoded once by --check-data, or read, when the volume is the slower and the cache does not hold them."""
+    net_mbps = inst["net_gbps"] * 1000 / 8
+    train_gb = IMAGENET_TRAIN * JPEG_KB["full"] / 1e6
+    copy = ZIP_GB * 1000 / min(net_mbps, GP3_MBPS)
+    unzip = ((0 if fits_in_cache(inst, ZIP_GB) else ZIP_GB) + train_gb) * 1000 / GP3_MBPS
+    decode = (inst["vcpus"] - 1) * inst.get("vcpu", VCPU) * (decode_per_core or EVAL_PER_CORE)  # a full decode
+    read = 0 if fits_in_cache(inst, train_gb) else train_gb * 1000 / GP3_MBPS
+    check = max((IMAGENET_TRAIN + IMAGENET_VAL) / decode, read)
+    return BOOT_MIN + SETUP_MIN + (copy + unzip + check) / 60 + FIRST_STEP_MIN
+
+
+def project(inst, preset, kind="full", measured=None):
+    """Hours and dollars of --preset `preset` (train.py's args) on ImageNet-1k on one instance (a row of INSTANCES,
+    or this machine as bench.py measured it), from the published rates, or from `measured` where it has them:
+    {"gpu": {px: a GPU's training img/s}, "eval": a GPU's forward img/s at the eval size, "loader": {px: img/s of one
+    core}, "eval_loader": img/s of one core}. kind: the training JPEGs, "full" or "shrunk".
+
+    Each epoch trains at the slowest of the GPUs (GPUs x a GPU's rate at that epoch's size), the loader (the vCPUs
+    left to workers x a core's rate x VCPU) and the disk (its MB/s / the JPEGs' size, for the first epoch, and for
+    every epoch when the data does not fit the page cache), then evaluates the 50,000 val images at the slower of the
+    GPUs' forward pass (halved by flip TTA) and the val loader; the time to the first step is added once."""
+    measured = measured or {}
+    cores = (inst["vcpus"] - inst["gpus"]) * inst.get("vcpu", VCPU)  # a vCPU per GPU runs its training process
+    data_gb = (IMAGENET_TRAIN * JPEG_KB[kind] + IMAGENET_VAL * VAL_KB) / 1e6
+    cached = fits_in_cache(inst, data_gb)
+    per_core = measured.get("loader", LOADER_PER_CORE[kind])
+    eval_core = measured.get("eval_loader", EVAL_PER_CORE)
+    train_s, eval_s, bound = 0.0, 0.0, {}
+    for epoch, size in enumerate(epoch_sizes(preset)):
+        gpu = measured["gpu"][size] if "gpu" in measured else gpu_rate(inst, size)
+        rates = {"GPU": inst["gpus"] * gpu if gpu else math.inf, "loader": cores * per_core[size],
+                 "disk": GP3_MBPS * 1000 / JPEG_KB[kind] if epoch == 0 or not cached else math.inf}
+        slowest = min(rates, key=rates.get)
+        bound[slowest] = bound.get(slowest, 0.0) + IMAGENET_TRAIN / rates[slowest]
+        train_s += IMAGENET_TRAIN / rates[slowest]
+        forward = measured.get("eval") or (gpu_rate(inst, preset.eval_size) or math.inf) * FORWARD_PER_STEP
+        eval_s += IMAGENET_VAL / min(inst["gpus"] * forward / (2 if preset.tta else 1), cores * eval_core)
+    first = first_step_minutes(inst, kind, eval_core)
+    hours = (train_s + eval_s) / 3600 + first / 60
+    spot = inst.get("spot")
+    return dict(preset=preset.preset, epochs=preset.epochs, kind=kind, hours=hours, train_h=train_s / 3600,
+                eval_h=eval_s / 3600, first_step_min=first, cached=cached, usd=hours * inst["on_demand"],
+                usd_spot=[hours * spot[0], hours * spot[1]] if spot else None,
+                bottleneck=max(bound, key=bound.get), gpu_known=gpu_rate(inst, 224) is not None or "gpu" in measured,
+                measured=sorted(measured))
+
+
+def money(usd):
+    return f"${usd:,.0f}" if usd >= 100 else f"${usd:.2f}"
+
+
+def cost_table(names=None, measured=None, kind="full"):
+    """The README's cost table, as markdown: the facts, both presets' projected hours and dollars, the bottleneck."""
+    fast, default = train_args(["--preset", "fast"]), train_args([])
+    lines = ["| instance | GPUs | vCPUs | on-demand $/h | spot $/h | a GPU's img/s at 160 / 192 px | loader img/s at "
+             "160 / 192 px | first step | `--preset fast` (16 epochs) | default (24 epochs) | bound by |",
+             "| --- | --- | ---: | ---: | --- | --- | --- | ---: | --- | --- | --- |"]
+    for name in names or INSTANCES:
+        inst = INSTANCES[name]
+        gpu = [measured["gpu"][s] if measured else gpu_rate(inst, s) for s in (160, 192)]
+        cores = (inst["vcpus"] - inst["gpus"]) * inst.get("vcpu", VCPU)
+        per_core = (measured or {}).get("loader", LOADER_PER_CORE[kind])
+        cells = []
+        for preset in (fast, default):
+            p = project(inst, preset, kind, measured)
+            lead = "" if p["gpu_known"] else "at least "
+            spot = f", spot {money(p['usd_spot'][0])}-{money(p['usd_spot'][1])}" if p["usd_spot"] else ""
+            cells.append(f"{lead}{p['hours']:.1f} h: {lead}{money(p['usd'])}{spot}")
+        price = f"{inst['on_demand']:.3f}".rstrip("0").rstrip(".") + (" (list)" if inst.get("list_price") else "")
+        spot = f"{inst['spot'][0]:.2f}-{inst['spot'][1]:.2f}" if inst["spot"] else f"({inst['no_spot']})"
+        rates = "none published" if gpu[0] is None else f"{gpu[0]:,.0f} / {gpu[1]:,.0f}"
+        bound = p["bottleneck"] if p["gpu_known"] else "loader, at least (no GPU rate)"
+        lines.append(f"| {name} | {inst['gpus']} x {inst['gpu']} | {inst['vcpus']} | {price} | {spot} | {rates} | "
+                     f"{cores * per_core[160]:,.0f} / {cores * per_core[192]:,.0f} | {p['first_step_min']:.0f} min | "
+                     f"{cells[0]} | {cells[1]} | {bound} |")
+    return "\n".join(lines)
 
 
 # -----------------------------------------------------------------------------
@@ -220,9 +360,10 @@ def find_images(images, root, n=100):
     return files
 
 
-def measure_loader(files, sizes, shrink_sides, passes, workers, batch, n, tmp):
-    """Section 1: per-core images/s of the standard pipeline, ours, and ours on shrunk copies; then both in a
-    DataLoader of `workers` processes at 176 px. Returns (rows per size, DataLoader row)."""
+def measure_loader(files, sizes, shrink_sides, passes, workers, batch, n, tmp, eval_size):
+    """Section 1: per-core images/s of the standard pipeline, ours, and ours on shrunk copies; the evaluation's at
+    eval_size; then both training pipelines in a DataLoader of `workers` processes at 176 px. Returns (rows per size,
+    the evaluation's per-core rate, DataLoader row)."""
     small = {side: [os.path.join(tmp, str(side), os.path.basename(f)) for f in files] for side in shrink_sides}
     for side, copies in small.items():
         for src, dst in zip(files, copies):
@@ -242,13 +383,16 @@ def measure_loader(files, sizes, shrink_sides, passes, workers, batch, n, tmp):
           [[r["px"], r["standard"], f"{r['ours']:.1f} ({r['speedup']:.2f}x)"] +
            [f"{r[f'ours_shrunk_{side}']:.1f} ({r[f'ours_shrunk_{side}'] / r['standard']:.2f}x)" for side in small]
            for r in rows])
+    evaluation = per_core_rate(eval_pipeline, files, eval_size, passes)
+    print(f"\nEvaluation, images/s per core: {evaluation:.1f} (full decode, resize to {round(eval_size / 0.875)}, "
+          f"center crop {eval_size})")
     dl = dict(px=176, workers=workers, batch=batch, standard=loader_rate(standard_pipeline, files, 176, workers,
                                                                          batch, n),
               ours=loader_rate(our_pipeline, files, 176, workers, batch, n))
     table(f"DataLoader, {workers} worker processes, batch {batch}, 176 px, {n} images", ["pipeline", "images/s",
           "per worker"], [(k, dl[k], dl[k] / workers) for k in ("standard", "ours")])
     torch.set_num_threads(threads)
-    return rows, dl
+    return rows, evaluation, dl
 
 
 def measure_steps(arch, sizes, batch, steps, amp, low, compile_mode, device):
@@ -286,22 +430,15 @@ def measure_train_py(arch, files, size, amp, batch, workers, bare, device, tmp):
     return versus
 
 
-def report_projection(proj, step_rate, per_core, eval_rate, eval_size, preset_sizes, device, hourly_usd):
-    gpu_rates = ", ".join(f"{s} px {step_rate[s]:.0f}" for s in preset_sizes)
-    core_rates = ", ".join(f"{s} px {per_core[s]:.0f}" for s in preset_sizes)
-    dollars = f", ${proj['usd']:.2f} at ${hourly_usd}/h" if proj["usd"] is not None else \
-        " (pass --hourly-usd for dollars)"
-    print(f"\nProjection, not a measurement: --preset {proj['preset']} on ImageNet-1k, {proj['epochs']} epochs on "
-          f"{proj['gpus']} x {device.type} at the measured step rates ({gpu_rates} img/s) and a loader of "
-          f"{proj['cores'] - proj['gpus']} cores x ({core_rates} img/s per core), eval {eval_rate:.0f} img/s at "
-          f"{eval_size} px: epochs of {proj['first_epoch_min']:.1f} to {proj['last_epoch_min']:.1f} min, "
-          f"{proj['hours']:.2f} h{dollars}; bottleneck: "
-          + ", ".join(f"{s} px {b}" for s, b in proj["bottleneck"].items()))
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--project-only", action="store_true", help="print the projected cost table (README) from the "
+                   "published rates and exit, measuring nothing; with --instance, that instance's row")
+    p.add_argument("--instance", help=f"the EC2 instance to project for ({', '.join(INSTANCES)}); after measuring, "
+                   f"with this machine's rates in place of the published ones (./run_ec2.sh bench passes its own)")
+    p.add_argument("--kind", default="full", choices=["full", "shrunk"], help="the training JPEGs to project with: "
+                   "full size, or a copy at a 320 px shorter side (train.py --shrink)")
     p.add_argument("--data", default=os.environ.get("DATA_DIR"), help="a dataset root whose training JPEGs to time "
                                                                       "(100 of them); default: $DATA_DIR")
     p.add_argument("--images", default=None, help="instead: a folder of real full-size JPEGs")
@@ -320,15 +457,23 @@ def parse_args(argv=None):
                         "default: off on the CPU, on on a GPU")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--preset", default="default", choices=list(PRESETS), help="recipe to project")
-    p.add_argument("--gpus", type=int, default=None, help="GPUs to project for (step rate x GPUs); default: the "
-                                                          "GPUs this machine has")
-    p.add_argument("--cores", type=int, default=None, help="CPU cores to project for; default: this machine's")
-    p.add_argument("--hourly-usd", type=float, default=None, help="price of the whole machine per hour, for dollars")
+    p.add_argument("--hourly-usd", type=float, default=None, help="this machine's price per hour, for dollars; "
+                   "default with --instance: its on-demand price")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.instance and args.instance not in INSTANCES:
+        if args.project_only:
+            print(f"bench.py: error: --instance {args.instance} is not in bench.py's table; pick one of "
+                  f"{', '.join(INSTANCES)}", file=sys.stderr)
+            sys.exit(2)
+        print(f"{args.instance} is not in bench.py's table (no price, no facts): projecting for this machine")
+        args.instance = None
+    if args.project_only:
+        print(cost_table([args.instance] if args.instance else None, kind=args.kind))
+        return
     try:
         files = find_images(args.images, args.data)
         device = pick_device(args.device)
@@ -340,8 +485,6 @@ def main(argv=None):
     batch = args.batch_size or (256 if gpu else 32)
     steps = args.steps or (30 if gpu else 3)
     workers = data.default_workers(args.workers)
-    cores = args.cores or len(os.sched_getaffinity(0))
-    gpus = args.gpus or machine_gpus(device)
     amp = autocast_for("auto", device)[0]  # what train.py would use here: bf16/fp16 on GPUs, fp32 on most CPUs
     low = "fp16" if gpu and not torch.cuda.is_bf16_supported() else "bf16"  # the low precision to set against fp32
     preset = train_args(["--preset", args.preset])
@@ -349,9 +492,9 @@ def main(argv=None):
     tmp = tempfile.mkdtemp()
     try:
         loader_sizes = sorted(set(args.loader_sizes) | set(preset_sizes) | set(sizes), reverse=True)
-        loader_rows, dl = measure_loader(files, loader_sizes, args.shrink_side, args.passes, workers, batch,
-                                         max(20 * batch, 1000) if gpu else 640, tmp)
-        per_core = {r["px"]: r["ours"] for r in loader_rows}
+        loader_rows, eval_core, dl = measure_loader(files, loader_sizes, args.shrink_side, args.passes, workers,
+                                                    batch, max(20 * batch, 1000) if gpu else 640, tmp,
+                                                    preset.eval_size)
         step_rows = measure_steps(args.arch, sizes, batch, steps, amp, low, args.compile or ("on" if gpu else "off"),
                                   device)
         best = {}
@@ -360,17 +503,34 @@ def main(argv=None):
         bare = next(r["img_s"] for r in step_rows if (r["px"], r["amp"], r["channels_last"], r["compile"]) ==
                     (sizes[0], amp, True, False))
         versus = measure_train_py(args.arch, files, sizes[0], amp, batch, workers, bare, device, tmp)
+        forward_step = forward_rate(args.arch, sizes[0], batch, amp, device, steps) / bare  # eval's speed, relatively
+        print(f"\nForward pass against the training step at {sizes[0]} px, {amp}: {forward_step:.2f}x the images/s")
 
-        # 3. the projection
-        eval_rate = forward_rate(args.arch, preset.eval_size, batch, amp, device, steps)
-        step_rate = {s: best[s] if s in best else interpolate(best, s) for s in preset_sizes}
-        proj = project(step_rate, per_core, eval_rate, preset, gpus, cores, args.hourly_usd)
-        report_projection(proj, step_rate, per_core, eval_rate, preset.eval_size, preset_sizes, device,
-                          args.hourly_usd)
+        # 3. the projection, with what was measured here in place of the published rates
+        measured = dict(gpu={s: best[s] if s in best else interpolate(best, s) for s in preset_sizes},
+                        eval=forward_rate(args.arch, preset.eval_size, batch, amp, device, steps),
+                        loader={r["px"]: r["ours" if args.kind == "full" else "ours_shrunk_320"] for r in loader_rows},
+                        eval_loader=eval_core)
+        if args.instance:
+            inst = INSTANCES[args.instance]
+        else:  # this machine: its cores as measured (no hyperthread factor), its GPUs, the price given
+            inst = dict(gpus=machine_gpus(device), gpu=None, vcpus=len(os.sched_getaffinity(0)), vcpu=1.0,
+                        ram_gib=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30,
+                        net_gbps=10, on_demand=args.hourly_usd or 0.0, spot=None)
+        if args.hourly_usd:
+            inst = {**inst, "on_demand": args.hourly_usd}
+        proj = project(inst, preset, args.kind, measured)
+        where = args.instance or f"this machine ({inst['gpus']} x {device.type}, {inst['vcpus']} cores)"
+        print(f"\nProjection, not a measurement: --preset {preset.preset} ({preset.epochs} epochs) on ImageNet-1k on "
+              f"{where}, from the rates measured here ({', '.join(proj['measured'])}; prices, disk and the time to "
+              f"the first step from bench.py's table): {proj['hours']:.2f} h"
+              + (f", ${proj['usd']:.2f} at ${inst['on_demand']}/h" if inst["on_demand"] else
+                 " (pass --hourly-usd for dollars)") + f"; bound by the {proj['bottleneck']}")
         speed176 = next((r["speedup"] for r in loader_rows if r["px"] == 176), None)
         print(json.dumps(dict(device=torch.cuda.get_device_name() if gpu else "cpu", torch=torch.__version__,
-                              cores=cores, gpus=gpus, loader_speedup_176=speed176, loader=loader_rows, dataloader=dl,
-                              steps=step_rows, train_vs_bare=versus, eval_img_s=eval_rate, projection=proj)))
+                              cores=inst["vcpus"], gpus=inst["gpus"], loader_speedup_176=speed176, loader=loader_rows,
+                              eval_loader_per_core=eval_core, dataloader=dl, steps=step_rows, train_vs_bare=versus,
+                              forward_per_step=forward_step, eval_img_s=measured["eval"], projection=proj)))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

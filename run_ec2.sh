@@ -75,7 +75,7 @@ usage() {
         backup) echo "backup: aws s3 sync OUT to S3_RUNS/<name of OUT> every BACKUP_MIN minutes while training runs, and once more at the end (train starts it)." ;;
         watch-spot) echo "watch-spot: poll IMDS_URL (IMDSv2) every SPOT_POLL_S seconds; on a spot interruption notice, SIGTERM the trainer (train.py checkpoints) and back up to S3_RUNS, which it requires (train starts it)." ;;
         budget) echo "budget: every BUDGET_POLL_S seconds, the money spent since launch (HOURLY_USD) against BUDGET_USD: a warning in the log when the projection to the last epoch passes it, a clean stop when the spending reaches it (train starts it)." ;;
-        bench) echo "bench: python bench.py --device cuda on the JPEGs of DATA_DIR, with HOURLY_USD: this GPU's and this machine's loader's rates, and the projected hours and dollars." ;;
+        bench) echo "bench: python bench.py --device cuda on the JPEGs of DATA_DIR for this instance's type (IMDS), with HOURLY_USD: this GPU's and this machine's loader's rates, and the projected hours and dollars with them in place of the published rates." ;;
         status) echo "status: GPU use, the last log line, epoch and top-1, and the cost since the instance's launch (IMDS; uptime as the fallback) with the projection to the last epoch and BUDGET_USD." ;;
         stop) echo "stop: SIGTERM the trainer (it checkpoints) and end the tmux session." ;;
         launch) echo "launch: from INSTANCE_TYPE, SPOT, DISK_GB, S3_DATA, S3_RUNS, REPO_URL, KEY_NAME, REGION (and RUN, TRAIN_ARGS, HOURLY_USD, BUDGET_USD): the Deep Learning AMI from SSM (AMI_PARAM), an IAM role that reads S3_DATA and writes S3_RUNS, a security group open to MY_IP's SSH only, the instance, and user-data that runs setup, data and train on every boot (systemd)." ;;
@@ -161,8 +161,10 @@ cmd_data() {
     run "$(python_bin)" "$REPO_DIR/train.py" --check-data --data "$DATA_DIR"
 }
 
-cmd_bench() {
-    local flags=(--device cuda --data "$DATA_DIR")
+cmd_bench() {  # this instance's measured rates in place of the published ones, for its own type (IMDS)
+    local flags=(--device cuda --data "$DATA_DIR") type
+    type=$(imds_get meta-data/instance-type)
+    [[ -z $type ]] || flags+=(--instance "$type")
     [[ $HOURLY_USD == 0 ]] || flags+=(--hourly-usd "$HOURLY_USD")
     run "$(python_bin)" "$REPO_DIR/bench.py" "${flags[@]}" "$@"
 }

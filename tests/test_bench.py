@@ -1,26 +1,113 @@
-"""bench.py end to end on the CPU, at toy sizes: every section runs, and its numbers hang together."""
+"""bench.py: the measurements end to end on the CPU at toy sizes, and the cost projection against its sources:
+AWS's instance facts as moto ships them, the price snapshot in ../shared, and the README's table."""
+import gzip
 import json
+import math
+import re
 import sys
+from pathlib import Path
 
-from conftest import ROOT, SAMPLES, needs_samples, run
+import pytest
 
-pytestmark = needs_samples
+import bench
+import train
+from conftest import ROOT, SAMPLES, SHARED, needs_samples, run
 
 
+@needs_samples
 def test_bench_measures_the_loader_the_step_and_projects(tmp_path):
     p = run([sys.executable, str(ROOT / "bench.py"), "--images", SAMPLES, "--passes", "2", "--loader-sizes", "128",
              "--shrink-side", "256", "--sizes", "32", "--batch-size", "4", "--steps", "2", "--workers", "1",
-             "--hourly-usd", "2.5"], timeout=600)
+             "--instance", "g5.xlarge", "--hourly-usd", "2.5"], timeout=600)
     res = json.loads(p.stdout.strip().splitlines()[-1])
     loader = {r["px"]: r for r in res["loader"]}
-    assert sorted(loader) == [32, 128, 160, 176, 192]  # --loader-sizes, --sizes and the fast preset's sizes
+    assert sorted(loader) == [32, 128, 160, 176, 192]  # --loader-sizes, --sizes and the default preset's sizes
     assert res["loader_speedup_176"] == loader[176]["ours"] / loader[176]["standard"]
     # draft decoding and a uint8 pipeline beat ToTensor + Normalize on the full decode, and a shrunk copy beats both
     assert res["loader_speedup_176"] > 1.0
     assert loader[176]["ours_shrunk_256"] > loader[176]["ours"]
+    assert res["eval_loader_per_core"] > 0 and res["forward_per_step"] > 1  # a forward is cheaper than a step
     assert {(r["amp"], r["channels_last"]) for r in res["steps"]} >= {("fp32", True), ("fp32", False)}
     assert res["train_vs_bare"]["train_py"] > 0 and res["train_vs_bare"]["bare"] > 0
     proj = res["projection"]
-    assert proj["epochs"] == 24 and proj["usd"] == proj["hours"] * 2.5 and proj["hours"] > 0  # the default recipe
-    assert set(proj["bottleneck"].values()) <= {"training step", "loader (CPU cores)"}
-    assert "Projection, not a measurement" in p.stdout
+    assert proj["epochs"] == 24 and proj["usd"] == pytest.approx(proj["hours"] * 2.5)  # the default recipe
+    assert proj["measured"] == ["eval", "eval_loader", "gpu", "loader"] and proj["bottleneck"] in ("GPU", "loader")
+    assert "Projection, not a measurement" in p.stdout and "on g5.xlarge, from the rates measured here" in p.stdout
+
+
+MOTO_TYPES = Path(sys.executable).parent.parent / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / \
+    "site-packages" / "moto" / "ec2" / "resources" / "instance_types.json.gz"
+
+
+def test_instance_facts_are_aws_describe_instance_types_as_moto_ships_it():
+    """vCPUs, RAM, GPUs, instance store, the baseline network (all cards) and EBS link of every row."""
+    moto = pytest.importorskip("moto")
+    path = Path(moto.__file__).parent / "ec2" / "resources" / "instance_types.json.gz"
+    aws = json.load(gzip.open(path))
+    for name, inst in bench.INSTANCES.items():
+        t = aws[name]
+        gpus = t["GpuInfo"]["Gpus"][0]
+        disks = t["InstanceStorageInfo"]["Disks"][0]
+        assert (inst["vcpus"], inst["ram_gib"] * 1024, inst["gpus"], inst["gpu"]) == \
+            (t["VCpuInfo"]["DefaultVCpus"], t["MemoryInfo"]["SizeInMiB"], gpus["Count"], gpus["Name"]), name
+        assert inst["store"] == (disks["Count"], disks["SizeInGB"]), name
+        assert inst["net_gbps"] == sum(c["BaselineBandwidthInGbps"] for c in t["NetworkInfo"]["NetworkCards"]), name
+        assert inst["ebs_mbps"] == t["EbsInfo"]["EbsOptimizedInfo"]["BaselineThroughputInMBps"], name
+        assert t["VCpuInfo"]["DefaultThreadsPerCore"] == 2  # a vCPU is a hyperthread: bench.VCPU
+
+
+PRICES = SHARED.parent / "ec2-prices.md"
+
+
+@pytest.mark.skipif(not PRICES.is_file(), reason=f"the price snapshot is not at {PRICES}")
+def test_prices_are_the_snapshots():
+    """On-demand and spot prices equal ../shared/ec2-prices.md, which cites the catalog's commit; a price the
+    snapshot lacks is empty here too, and a list price is marked as one."""
+    rows = {}
+    for line in PRICES.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 9 and cells[0] in bench.INSTANCES:
+            rows[cells[0]] = cells
+    assert sorted(rows) == sorted(bench.INSTANCES)
+    for name, inst in bench.INSTANCES.items():
+        on_demand, spot = rows[name][7], rows[name][8]
+        assert float(on_demand.split()[0]) == inst["on_demand"] and ("(list)" in on_demand) == bool(
+            inst.get("list_price")), name
+        if inst["spot"] is None:
+            assert spot == inst["no_spot"], name
+        else:
+            low, high = re.match(r"([0-9.]+)-([0-9.]+)", spot).groups()
+            assert (float(low), float(high)) == inst["spot"], name
+    assert "2c3d7ea7d76bf84cf80d382e946c1609571485fd" in PRICES.read_text()
+
+
+def test_the_readme_table_is_what_bench_prints(capsys):
+    """Updating a price is one edit in bench.py and `python bench.py --project-only` pasted into the README."""
+    bench.main(["--project-only"])
+    table = capsys.readouterr().out.strip()
+    readme = (ROOT / "README.md").read_text()
+    assert table in readme, "README.md's cost table is stale: paste `python bench.py --project-only` into it"
+    assert len(table.splitlines()) == 2 + len(bench.INSTANCES)
+    bench.main(["--project-only", "--instance", "p4d.24xlarge"])
+    row = capsys.readouterr().out.strip().splitlines()
+    assert len(row) == 3 and row[2].startswith("| p4d.24xlarge |") and row[2] in table
+
+
+def test_the_projection_is_the_formula():
+    """project() against the formula written out here: a GPU-bound instance (many cores, data in the page cache)
+    runs its first epoch at the disk's rate and the others at the GPUs' rate at each size, plus the evaluations at
+    the GPUs' forward rate and the time to the first step; a GPU without a published rate gives a lower bound."""
+    inst = dict(gpus=2, gpu="A10G", vcpus=4000, ram_gib=10_000, net_gbps=100, on_demand=3.0, spot=(1.0, 2.0))
+    args = train.parse_args(["--preset", "fast"])
+    proj = bench.project(inst, args)
+    per_gpu = 638 * bench.SCALING
+    disk = bench.GP3_MBPS * 1000 / bench.JPEG_KB["full"]
+    sizes = train.epoch_sizes(args)
+    train_s = bench.IMAGENET_TRAIN / disk + sum(bench.IMAGENET_TRAIN / (2 * per_gpu * (224 / s) ** 2)
+                                               for s in sizes[1:])
+    eval_s = args.epochs * bench.IMAGENET_VAL / (2 * per_gpu * bench.FORWARD_PER_STEP * (224 / 256) ** 2 / 2)
+    hours = (train_s + eval_s) / 3600 + bench.first_step_minutes(inst, "full") / 60
+    assert proj["hours"] == pytest.approx(hours, rel=1e-9) and proj["bottleneck"] == "GPU"
+    assert proj["usd"] == pytest.approx(3 * hours) and proj["usd_spot"] == pytest.approx([hours, 2 * hours])
+    t4 = bench.project(bench.INSTANCES["g4dn.xlarge"], args)
+    assert not t4["gpu_known"] and t4["bottleneck"] in ("loader", "disk") and math.isfinite(t4["hours"])
