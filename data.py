@@ -9,8 +9,9 @@ Turns `--data` into datasets and loaders, for every layout users have on disk:
 The class index is the sorted folder name, which for wnids is the standard ImageNet-1k order.
 Loaders hand out uint8 images; train.py normalizes them on the device (model.normalize). The training crop
 decodes JPEGs at reduced scale where its box allows (random_resized_crop); --shrink writes a smaller copy.
-Augmentation randomness is a pure function of (seed, epoch, image index), so a run gives the same images
-whatever the number of workers or ranks, and a resumed run sees exactly what an uninterrupted one would.
+Augmentation randomness is a pure function of (seed, epoch, image index), and the images of each step a function
+of (seed, epoch, step) (StepSampler), so a run gives the same images whatever the number of workers or ranks, and a
+resumed run, on as many GPUs or on others, sees exactly what an uninterrupted one would.
 """
 import csv
 import hashlib
@@ -253,39 +254,59 @@ def report_bad(bad, dataset, seen):
     return len(indices)
 
 
-class ShardSampler(Sampler):
-    """This rank's share of the (index, epoch) items of one epoch.
+def epoch_order(seed, epoch, n):
+    """The order of an epoch's n training images: a permutation seeded by (seed, epoch) alone."""
+    g = torch.Generator().manual_seed(seed_for(seed, epoch, stream="order"))
+    return torch.randperm(n, generator=g).tolist()
 
-    train (shuffle=True): a permutation seeded by (seed, epoch), padded so every rank gets the same count, as
-        DistributedSampler does; `start` skips the first items (for resuming inside an epoch).
-    eval (shuffle=False): indices rank, rank + world, ...; no padding, so every image is counted exactly once.
-    """
 
-    def __init__(self, n, rank=0, world=1, shuffle=True, seed=0):
-        self.n, self.rank, self.world, self.shuffle, self.seed = n, rank, world, shuffle, seed
+def micro_batch(order, step, k, batch, global_batch):
+    """The image indices of micro-batch k of optimizer step `step`: the step takes the next `global_batch` images of
+    the epoch's order, cut into micro-batches of `batch`. Nothing here depends on the number of ranks."""
+    start = step * global_batch + k * batch
+    return order[start:start + batch]
+
+
+class StepSampler(Sampler):
+    """This rank's (index, epoch) items of one training epoch, whatever the number of ranks W.
+
+    An epoch is epoch_order() cut into steps of the global batch G, its remainder (n mod G images) dropped; step s
+    has G / b micro-batches of b images (micro_batch), and rank r loads the micro-batches k = r, r + W, r + 2W, ...,
+    A = G / (b W) of them a step. So with the same b a step sees the same images, in the same micro-batches (the
+    same BatchNorm groups), on any W: a run stopped on 8 GPUs continues on 4. `start` skips the steps done."""
+
+    def __init__(self, n, batch, global_batch, rank=0, world=1, seed=0):
+        assert global_batch % (batch * world) == 0, f"a global batch of {global_batch} is no whole number of " \
+                                                    f"micro-batches of {batch} on each of {world} ranks"
+        self.n, self.batch, self.global_batch, self.rank, self.world, self.seed = n, batch, global_batch, rank, world, seed
+        self.steps, self.per_step = n // global_batch, global_batch // batch  # steps an epoch, micro-batches a step
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch, start=0):
         self.epoch, self.start = epoch, start
 
-    def indices(self):
-        if not self.shuffle:
-            return list(range(self.rank, self.n, self.world))
-        g = torch.Generator().manual_seed(seed_for(self.seed, self.epoch, stream="order"))
-        order = torch.randperm(self.n, generator=g).tolist()
-        total = math.ceil(self.n / self.world) * self.world
-        order += order[:total - self.n]
-        return order[self.rank::self.world]
-
     def __len__(self):
-        # what __iter__ yields, without drawing the permutation: a shuffled epoch is padded to the same count on
-        # every rank (ceil(n / world)), an eval shard is not; minus the items a resumed epoch skips
-        if self.shuffle:
-            return math.ceil(self.n / self.world) - self.start
-        return len(range(self.rank, self.n, self.world)) - self.start
+        return (self.steps - self.start) * (self.per_step // self.world) * self.batch
 
     def __iter__(self):
-        return iter([(i, self.epoch) for i in self.indices()[self.start:]])
+        order = epoch_order(self.seed, self.epoch, self.n)
+        for step in range(self.start, self.steps):
+            for k in range(self.rank, self.per_step, self.world):
+                yield from ((i, self.epoch) for i in micro_batch(order, step, k, self.batch, self.global_batch))
+
+
+class ShardSampler(Sampler):
+    """Evaluation: this rank's indices rank, rank + world, ..., in order, with no padding, so that the ranks together
+    count every image exactly once."""
+
+    def __init__(self, n, rank=0, world=1):
+        self.n, self.rank, self.world = n, rank, world
+
+    def __len__(self):
+        return len(range(self.rank, self.n, self.world))
+
+    def __iter__(self):
+        return iter([(i, 0) for i in range(self.rank, self.n, self.world)])
 
 
 # -----------------------------------------------------------------------------
@@ -426,8 +447,12 @@ def own_session(worker_id):
     os.setsid()
 
 
-def make_loader(dataset, batch_size, shuffle, rank=0, world=1, seed=0, workers=4, pin_memory=False):
-    sampler = ShardSampler(len(dataset), rank, world, shuffle=shuffle, seed=seed)
+def make_loader(dataset, batch_size, shuffle, rank=0, world=1, seed=0, workers=4, pin_memory=False,
+                global_batch=None):
+    """Training (shuffle): the StepSampler's micro-batches of batch_size, steps of global_batch (default: one
+    micro-batch per rank). Evaluation: this rank's shard, in order."""
+    sampler = StepSampler(len(dataset), batch_size, global_batch or batch_size * world, rank, world, seed) \
+        if shuffle else ShardSampler(len(dataset), rank, world)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin_memory,
-                      drop_last=shuffle, persistent_workers=workers > 0, worker_init_fn=own_session,
+                      persistent_workers=workers > 0, worker_init_fn=own_session,
                       prefetch_factor=2 if workers > 0 else None)  # batches ready per worker

@@ -223,11 +223,15 @@ def resnet50d(**kw): return build_model("resnet50d", **kw)
 # and the state of the run, only in a file that can be resumed (train.py's last.pt, best.pt, the newest epoch_NNN.pt):
 #   optimizer, scheduler, scaler   dict | None   their state_dicts (the scaler's is None unless --amp fp16)
 #   rng          dict         {"torch": ByteTensor, "python": tuple}: the generators of rank 0
-#   world        int          the processes of the run
+#   world        int          the processes of the session that wrote it (a resume may have others)
+#   global_batch int          images per optimizer step: the run's constant, on any number of processes
+#   amp          str | None   the precision it trained in, "bf16", "fp16" or "fp32" (None: unknown, a version 2 file
+#                             without a loss scaler's state)
 #   progress     dict         epochs_done: whole epochs finished (so the epoch to run next, 0-based); step: optimizer
 #                             steps done in that next epoch (0 at an epoch's end); best_top1; sums: the epoch's running
-#                             [loss sum, top-1 hits, images counted for top-1, mixed batches] so far; lr_steps: the
-#                             [epoch, LR] of each logged step of that epoch
+#                             sums so far over all processes, train.SUMS: [loss sum, micro-batches, top-1 hits,
+#                             images counted for top-1, mixed micro-batches]; lr_steps: the [epoch, LR] of each logged
+#                             step of that epoch
 #
 # A key of the first group that a file lacks reads as its OPTIONAL default.
 # Writers: train.py (through save_checkpoint) writes whole checkpoints; save_weights writes the weights-only files
@@ -235,8 +239,8 @@ def resnet50d(**kw): return build_model("resnet50d", **kw)
 # step (UPGRADES), and on top of it load_checkpoint (a network and what to run it with) and load_weights (--init-from).
 # A new field: add it here, then to its writer; a changed field: bump FORMAT and add its step to UPGRADES.
 
-FORMAT = 2
-RESUME_KEYS = ("optimizer", "scheduler", "scaler", "rng", "world", "progress")
+FORMAT = 3
+RESUME_KEYS = ("optimizer", "scheduler", "scaler", "rng", "world", "global_batch", "amp", "progress")
 OPTIONAL = dict(weights="model", ema=None, args={}, argv=None, classes=None, class_names=None, metrics=None)
 KEYS = {"format", "model", *OPTIONAL, *RESUME_KEYS}
 
@@ -255,7 +259,21 @@ def upgrade_1_to_2(ckpt):
     return ckpt
 
 
-UPGRADES = [upgrade_1_to_2]  # UPGRADES[v - 1] turns version v into v + 1
+def upgrade_2_to_3(ckpt):
+    """Version 3 (the run continued on any number of GPUs) records the global batch and the precision, and sums the
+    epoch's running sums over all processes, with the micro-batches counted. Version 2 held rank 0's sums alone: the
+    other ranks' are estimated as equal to them, which only a mid-epoch file of a multi-GPU run needs."""
+    if "progress" in ckpt:
+        args, world = ckpt["args"], ckpt["world"]
+        ckpt["global_batch"] = args["batch_size"] * world * args["accum_steps"]
+        ckpt["amp"] = "fp16" if ckpt.get("scaler") else None  # only fp16 keeps a scaler's state
+        loss, hits, counted, mixed = ckpt["progress"]["sums"]
+        micro = ckpt["progress"]["step"] * args["accum_steps"]
+        ckpt["progress"]["sums"] = [world * v for v in (loss, micro, hits, counted, mixed)]
+    return ckpt
+
+
+UPGRADES = [upgrade_1_to_2, upgrade_2_to_3]  # UPGRADES[v - 1] turns version v into v + 1
 assert len(UPGRADES) == FORMAT - 1, "one upgrade step per version"
 
 

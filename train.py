@@ -17,7 +17,6 @@ Writes last.pt, best.pt, log.jsonl, curves.png and model_summary.txt to --out. T
 also from inside an epoch: on SIGTERM (a spot reclaim) rank 0 checkpoints after the step and all exit with 75.
 """
 import argparse
-import itertools
 import json
 import math
 import os
@@ -46,8 +45,9 @@ EXIT = dict(done=0, stopped=0, crashed=1, bad_input=2, diverged=3, preempted=75)
 
 # The flags that change what a checkpoint means: resuming with another value would corrupt the run.
 # (--lr and --weight-decay live in the restored optimizer and schedule: a new value would be silently ignored.)
-RESUME_MUST_MATCH = ("arch", "blurpool", "epochs", "batch_size", "accum_steps", "img_size", "min_img_size", "subset",
-                     "seed", "warmup_pct", "lr", "weight_decay")
+# --batch-size and --accum-steps may change: the global batch is the run's constant (accumulation()).
+RESUME_MUST_MATCH = ("arch", "blurpool", "epochs", "img_size", "min_img_size", "subset", "seed", "warmup_pct", "lr",
+                     "weight_decay")
 
 # The defaults are FFCV's rn50 configs (ffcv-imagenet: 16 epochs 73.8%, 24 epochs 75.6%, 88 epochs 78.4% top-1 on
 # 8 x A100); the presets change the length and, for long runs, add the regularization that long runs can use.
@@ -240,15 +240,17 @@ def forward_backward(model, x, y, criterion, ctx, scaler, accum_steps, sums=None
     loss = loss.detach()
     if sums is not None:
         sums[0] += loss
+        sums[1] += 1
         if y.ndim == 1:
-            sums[1] += (logits.detach().argmax(1) == y).sum()
-            sums[2] += len(y)
+            sums[2] += (logits.detach().argmax(1) == y).sum()
+            sums[3] += len(y)
         else:  # soft targets: mixup or cutmix mixed this batch, so it has no top-1 to count
-            sums[3] += 1
+            sums[4] += 1
     return loss
 
 
-SUMS = ("loss sum", "top-1 hits", "images counted for top-1", "mixed batches")  # an epoch's running sums, in order
+# an epoch's running sums, in this order; a checkpoint holds them summed over the ranks
+SUMS = ("loss sum", "micro-batches", "top-1 hits", "images counted for top-1", "mixed micro-batches")
 
 
 def optimizer_step(optimizer, scaler):
@@ -260,15 +262,24 @@ def optimizer_step(optimizer, scaler):
 # -----------------------------------------------------------------------------
 # what the ranks agree on
 
-def agreed(flag, group=None):
-    """True on every rank if `flag` is True on any, so that all stop after the same step. The flag travels as a CPU
-    tensor (over gloo: `group`, under NCCL): a CUDA tensor and .item() here would make the CPU wait for every step's
-    kernels before it could queue the next one, on every step of every GPU run."""
+def agreed(*flags, group=None):
+    """Each flag True on every rank if it is True on any, so that all ranks act after the same step. The flags
+    travel as a CPU tensor (over gloo: `group`, under NCCL): a CUDA tensor and .item() here would make the CPU wait
+    for every step's kernels before it could queue the next one, on every step of every GPU run."""
     if not dist.is_initialized():
-        return flag
-    t = torch.tensor([float(flag)])
+        return flags if len(flags) > 1 else flags[0]
+    t = torch.tensor([float(f) for f in flags])
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return t.item() > 0
+    out = tuple(v > 0 for v in t.tolist())
+    return out if len(out) > 1 else out[0]
+
+
+def global_sums(sums):
+    """The epoch's running sums over all ranks (a collective: every rank calls it), as a list."""
+    total = sums.clone()
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    return total.tolist()
 
 
 def check_ranks_agree(model, device):
@@ -331,7 +342,20 @@ def find_resume(args, rank, print0):
     return ckpt, path
 
 
-def resume(ckpt, path, args, classes, world, parts, steps_per_epoch, print0):
+def accumulation(global_batch, batch, world, path):
+    """A: the micro-batches of --batch-size each rank runs a step, so that a step holds the run's global batch on any
+    number of ranks. A resume that cannot split it into whole micro-batches is refused, and says what would."""
+    if global_batch % (batch * world) == 0:
+        return global_batch // (batch * world)
+    if global_batch % world:
+        raise ValueError(f"{path} trained with {global_batch} images a step, which {world} ranks cannot share "
+                         f"equally; resume on a number of GPUs that divides {global_batch // batch}")
+    fits = max(b for b in range(1, batch + 1) if global_batch // world % b == 0)
+    raise ValueError(f"{path} trained with {global_batch} images a step, which {world} ranks of --batch-size {batch} "
+                     f"cannot split into whole micro-batches; resume with --batch-size {fits}")
+
+
+def resume(ckpt, path, args, classes, world, parts, amp, accum, steps_per_epoch, print0):
     """Check that the checkpoint continues this very run, load every part of it, and say what changed. Returns
     the run's progress."""
     saved = ckpt["args"]
@@ -343,15 +367,22 @@ def resume(ckpt, path, args, classes, world, parts, steps_per_epoch, print0):
             flag = "--" + name.replace("_", "-")
             raise ValueError(f"{flag} is {getattr(args, name)} but {path} was trained with {saved.get(name)}; "
                              f"rerun with {flag} {saved.get(name)}, or start afresh with --resume none and a new --out")
-    if ckpt["world"] != world:
-        raise ValueError(f"{path} was trained on {ckpt['world']} processes, this run has {world}; the global batch "
-                         f"and the schedule depend on it: relaunch with {ckpt['world']} processes in all")
+    if ckpt["amp"] != amp:  # --amp auto resolves per GPU (bf16 on an A100, fp16 on a T4): fp16's scaler starts afresh
+        print0(f"{path} trained in {ckpt['amp'] or 'bf16 or fp32'}, this run in {amp}: "
+               + ("a fresh loss scaler" if amp == "fp16" else "its loss scaler is not needed"))
+        parts = {k: v for k, v in parts.items() if k != "scaler"}
     for name, part in parts.items():
         if part is not None and ckpt.get(name) is not None:
             part.load_state_dict(ckpt[name])
     torch.set_rng_state(ckpt["rng"]["torch"])
     random.setstate(ckpt["rng"]["python"])
     progress = ckpt["progress"]
+    if (ckpt["world"], saved["batch_size"]) != (world, args.batch_size):
+        unit = "GPUs" if torch.cuda.is_available() else "processes"
+        print0(f"resuming on {world} {unit} instead of {ckpt['world']}: {accum} micro-batch{'es' * (accum > 1)} of "
+               f"{args.batch_size} per step on each, the same {ckpt['global_batch']:,} images per step"
+               + (f"; BatchNorm now normalizes groups of {args.batch_size} images, not {saved['batch_size']}"
+                  if args.batch_size != saved["batch_size"] else ""))
     changed = "".join(f"; --{k.replace('_', '-')} {v} -> {getattr(args, k)}" for k, v in saved.items()
                       if getattr(args, k, v) != v)
     print0(f"resumed from {path}: epoch {progress['epochs_done'] + 1}, step {progress['step']}/{steps_per_epoch}, "
@@ -364,20 +395,21 @@ def fresh_progress(epochs_done=0, best_top1=0.0):
     return dict(epochs_done=epochs_done, step=0, best_top1=best_top1, sums=[0.0] * len(SUMS), lr_steps=[])
 
 
-def snapshot(parts, progress, args, world, info, row=None):
-    """Everything needed to resume, in one dict (the format of model.py), written by rank 0."""
+def snapshot(parts, progress, args, run, info, row=None):
+    """Everything needed to resume, in one dict (the format of model.py), written by rank 0. run: the world, the
+    global batch and the resolved AMP."""
     return dict({k: v.state_dict() if v is not None else None for k, v in parts.items()}, weights="model",
-                progress=progress, world=world, args=vars(args), argv=sys.argv[1:], classes=info["classes"],
+                progress=progress, **run, args=vars(args), argv=sys.argv[1:], classes=info["classes"],
                 class_names=info["names"], metrics=row, rng=dict(torch=torch.get_rng_state(), python=random.getstate()))
 
 
-def save_mid_epoch(parts, progress, args, world, info, preempted):
+def save_mid_epoch(parts, progress, args, run, info, preempted):
     """Rank 0, inside an epoch (a preemption, or --save-every-min): last.pt with the steps done and the epoch's
     running sums, so that a resume continues this epoch at the next step and logs it as if never stopped."""
     if not math.isfinite(progress["sums"][0]):
         raise FloatingPointError(f"the training loss is not finite at epoch {progress['epochs_done'] + 1}")
     path = os.path.join(args.out, "last.pt")
-    save_checkpoint(snapshot(parts, progress, args, world, info), path)
+    save_checkpoint(snapshot(parts, progress, args, run, info), path)
     print(f"saved {path} at epoch {progress['epochs_done'] + 1} step {progress['step']}"
           + (" (preempted)" if preempted else ""), flush=True)
 
@@ -401,16 +433,13 @@ def save_epoch(ckpt, args, is_best, rows):
 # -----------------------------------------------------------------------------
 # the epoch's metrics, its log and its curves
 
-def epoch_metrics(sums, micro_batches, model, ema, val_loader, device, ctx, args):
-    """A training epoch's metrics: its mean loss and its top-1 on the unmixed images, over all ranks; then the val
-    loss, top-1 and top-5 of the model, and the EMA's top-1, at --eval-size with --tta (evaluate.py's loop)."""
-    totals = sums.double()
-    if dist.is_initialized():
-        dist.all_reduce(totals)
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    loss, hits, counted, _ = totals.tolist()
-    metrics = dict(train_loss=loss / (micro_batches * world), train_top1=100 * hits / counted if counted else None,
-                   **accuracy(model, val_loader, device, ctx, args.tta, args.channels_last))
+def epoch_metrics(sums, model, ema, val_loader, device, ctx, args):
+    """A training epoch's metrics from its running sums over all ranks: the mean loss of its micro-batches, the
+    top-1 of its unmixed images, whether any was mixed; then the val loss, top-1 and top-5 of the model, and the EMA's
+    top-1, at --eval-size with --tta (evaluate.py's loop)."""
+    loss, micro_batches, hits, counted, mixed = global_sums(sums)
+    metrics = dict(train_loss=loss / micro_batches, train_top1=100 * hits / counted if counted else None,
+                   mixed=mixed > 0, **accuracy(model, val_loader, device, ctx, args.tta, args.channels_last))
     if ema is not None:
         metrics["ema_top1"] = accuracy(ema.module, val_loader, device, ctx, args.tta, args.channels_last)["val_top1"]
     return metrics
@@ -473,24 +502,28 @@ def train(args):
     sizes = epoch_sizes(args)
     train_set, val_set, info = make_datasets(args, root, sizes, args.eval_size)
     classes, workers = info["classes"], data.default_workers(args.workers, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    loader = partial(data.make_loader, batch_size=args.batch_size, rank=rank, world=world, seed=args.seed,
-                     workers=workers, pin_memory=device.type == "cuda")
-    train_loader, val_loader = loader(train_set, shuffle=True), loader(val_set, shuffle=False)
+    ckpt, resume_path = find_resume(args, rank, print0)  # first: a resumed run keeps its global batch
 
-    # derived values, printed once
-    global_batch = args.batch_size * world * args.accum_steps
-    steps_per_epoch = len(train_loader) // args.accum_steps
+    # derived values, printed once. The global batch is a constant of the run: resumed on other GPUs, or with another
+    # --batch-size, each rank accumulates as many micro-batches a step as keep it (and --accum-steps is ignored)
+    global_batch = ckpt["global_batch"] if ckpt else args.batch_size * world * args.accum_steps
+    accum = accumulation(global_batch, args.batch_size, world, resume_path)
+    steps_per_epoch = len(train_set) // global_batch  # the remainder of the epoch's order is dropped
     if steps_per_epoch == 0:
         raise ValueError(f"{len(train_set)} training images make no full step of {global_batch}: "
                          f"lower --batch-size or --accum-steps, or raise --subset")
     peak_lr = args.lr or 1.7 * global_batch / 4096  # FFCV rn50: 1.7 at 8 x 512 images (Goyal et al.'s 0.1 per 256)
     mix_off = args.mix_off_epoch if args.mix_off_epoch is not None else math.ceil(0.9 * args.epochs)
     amp, ctx, scaler = autocast_for(args.amp, device)
+    run = dict(world=world, global_batch=global_batch, amp=amp)  # what a checkpoint records of this session
+    loader = partial(data.make_loader, batch_size=args.batch_size, rank=rank, world=world, seed=args.seed,
+                     workers=workers, pin_memory=device.type == "cuda", global_batch=global_batch)
+    train_loader, val_loader = loader(train_set, shuffle=True), loader(val_set, shuffle=False)
     print0(f"data {root}: {len(train_set)} train / {len(val_set)} val images, {len(classes)} classes")
     print0(f"{args.arch}{' + BlurPool' if args.blurpool else ''} on {world} x {device.type} ({amp}, channels_last="
            f"{args.channels_last}, compile={args.compile}, {workers} workers); {sizes[0]} -> {sizes[-1]} px, eval at "
            f"{args.eval_size} px{' with flip TTA' if args.tta else ''}; global batch {global_batch} = "
-           f"{args.batch_size} x {world} ranks x {args.accum_steps} accum; {steps_per_epoch} steps/epoch; peak lr "
+           f"{args.batch_size} x {world} ranks x {accum} accum; {steps_per_epoch} steps/epoch; peak lr "
            f"{peak_lr:.4g}" + (f"; mixup/cutmix off from epoch {mix_off}" if args.mixup or args.cutmix else ""))
     os.makedirs(args.out, exist_ok=True)
     if master:
@@ -499,7 +532,6 @@ def train(args):
 
     # model, optimizer, schedule, loss, EMA; a run starts from a checkpoint (resume), given weights, or nothing
     model = raw_model = make_model(args, len(classes), device)  # raw: what checkpoints hold and evaluation runs
-    ckpt, resume_path = find_resume(args, rank, print0)
     if args.init_from and ckpt is not None:
         print0(f"--init-from is for a new run: continuing {resume_path} instead")
     elif args.init_from and master:
@@ -513,8 +545,8 @@ def train(args):
     mixer = make_mixer(args, len(classes))
     step_model = torch.compile(model) if args.compile else model  # compiles on the first step of each image size
     parts = dict(model=raw_model, ema=ema, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
-    progress = resume(ckpt, resume_path, args, classes, world, parts, steps_per_epoch, print0) if ckpt else \
-        fresh_progress()
+    progress = resume(ckpt, resume_path, args, classes, world, parts, amp, accum, steps_per_epoch, print0) if ckpt \
+        else fresh_progress()
     del ckpt
     rows = read_log(os.path.join(args.out, "log.jsonl")) if master else []  # for the trend and the curves
 
@@ -526,23 +558,23 @@ def train(args):
     eval_s, t_saved, bad_seen = 0.0, time.time(), set()  # last eval's duration for the ETA; last save; named files
     for epoch in range(progress["epochs_done"], stop_epoch):
         first = progress["step"]  # optimizer steps of this epoch already done (a mid-epoch resume)
-        # the sampler skips the images of the steps done: micro-batches x images each, on this rank
-        train_loader.sampler.set_epoch(epoch, start=first * args.accum_steps * args.batch_size)
+        train_loader.sampler.set_epoch(epoch, start=first)  # the sampler skips the images of the steps done
         mixing = mixer is not None and epoch < mix_off
         model.train()
-        sums = torch.tensor(progress["sums"], device=device)  # SUMS: restored in a resumed epoch, else zeros
+        # SUMS: a resumed epoch's, summed over the ranks that ran it, restored once (on rank 0); else zeros
+        sums = torch.tensor(progress["sums"] if master else [0.0] * len(SUMS), device=device)
         bad_count, t_epoch = 0, time.time()
-        batches = itertools.islice(train_loader, (steps_per_epoch - first) * args.accum_steps)  # drop a ragged end
-        for i, (images, labels, bad) in enumerate(batches, start=first * args.accum_steps):
-            step, last_micro = i // args.accum_steps, i % args.accum_steps == args.accum_steps - 1
+        for i, (images, labels, bad) in enumerate(train_loader, start=first * accum):
+            step, last_micro = i // accum, i % accum == accum - 1
             bad_count += data.report_bad(bad, train_set, bad_seen)  # unreadable files, replaced by class-mates
             x, y = to_device(images, labels, device, args.channels_last)
-            if mixing:  # seeded per (seed, epoch, batch, rank): the same mix on resume, whatever happened before
-                torch.manual_seed(data.seed_for(args.seed, epoch, i, f"mix{rank}"))
+            if mixing:  # seeded per (seed, epoch, micro-batch of the epoch): the same mix on any GPUs, after a resume
+                micro = step * (global_batch // args.batch_size) + rank + (i % accum) * world  # StepSampler's k
+                torch.manual_seed(data.seed_for(args.seed, epoch, micro, "mix"))
                 x, y = mixer(x, y)
             # forward/backward/update; DDP all-reduces gradients only on the last micro-batch
             with model.no_sync() if ddp and not last_micro else nullcontext():
-                forward_backward(step_model, x, y, criterion, ctx, scaler, args.accum_steps, sums)
+                forward_backward(step_model, x, y, criterion, ctx, scaler, accum, sums)
             if not last_micro:
                 continue
             optimizer_step(optimizer, scaler)
@@ -552,7 +584,7 @@ def train(args):
 
             # log; .item() syncs with the device, so only every --log-every steps
             if (step + 1) % args.log_every == 0 or step + 1 == steps_per_epoch:
-                now, avg, lr = time.time(), sums[0].item() / (i + 1), scheduler.get_last_lr()[0]
+                now, avg, lr = time.time(), sums[0].item() / sums[1].item(), scheduler.get_last_lr()[0]
                 if not math.isfinite(avg):
                     raise FloatingPointError(f"the training loss is {avg} at epoch {epoch + 1} step {step + 1}")
                 progress["lr_steps"].append([epoch + (step + 1) / steps_per_epoch, lr])
@@ -565,26 +597,26 @@ def train(args):
                        + (f" (${eta / 3600 * args.hourly_usd:.2f})" if args.hourly_usd else "")
                        + (f" mem {mem:.1f}GiB" if mem else ""))
 
-            # a preemption, or --save-every-min: a mid-epoch checkpoint; not after the last step, where the epoch's
-            # own checkpoint follows. Every rank asks every step, so that all stop after the same one.
-            preempted = agreed(bool(signals), group)
-            timed = master and time.time() - t_saved > 60 * args.save_every_min  # rank 0 alone writes it
+            # a preemption, or --save-every-min (rank 0's clock): a mid-epoch checkpoint; not after the last step,
+            # where the epoch's own follows. All ranks agree every step, since all take part in the save's sums.
+            preempted, timed = agreed(bool(signals), master and time.time() - t_saved > 60 * args.save_every_min,
+                                      group=group)
             if not (preempted or timed) or step + 1 == steps_per_epoch:
                 continue
+            progress.update(epochs_done=epoch, step=step + 1, sums=global_sums(sums))
             if master:
-                progress.update(epochs_done=epoch, step=step + 1, sums=sums.tolist())
-                save_mid_epoch(parts, progress, args, world, info, preempted)
+                save_mid_epoch(parts, progress, args, run, info, preempted)
             t_saved = time.time()
             if preempted:
                 return "preempted"
         train_s = time.time() - t_epoch
 
         # eval: on every rank, the bare module (a DDP forward would need all ranks in step)
-        metrics = epoch_metrics(sums, steps_per_epoch * args.accum_steps, raw_model, ema, val_loader, device, ctx, args)
+        metrics = epoch_metrics(sums, raw_model, ema, val_loader, device, ctx, args)
         eval_s = time.time() - t_epoch - train_s
         row = dict(epoch=epoch, epochs=args.epochs, img_size=sizes[epoch], lr=scheduler.get_last_lr()[0], **metrics,
                    img_per_s=global_batch * (steps_per_epoch - first) / train_s, epoch_s=time.time() - t_epoch,
-                   mixed=sums[3].item() > 0, bad_images=bad_count,
+                   bad_images=bad_count,
                    best_top1=max(progress["best_top1"], metrics["val_top1"]), lr_steps=progress["lr_steps"],
                    trend=trend(rows, epoch, metrics["val_top1"]) if master else None)
         is_best, progress = row["val_top1"] > progress["best_top1"], fresh_progress(epoch + 1, row["best_top1"])
@@ -597,7 +629,7 @@ def train(args):
                + (f"; {row['bad_images']} unreadable images replaced" if row["bad_images"] else ""))
         if master:
             rows.append(row)
-            save_epoch(snapshot(parts, progress, args, world, info, row), args, is_best, rows)
+            save_epoch(snapshot(parts, progress, args, run, info, row), args, is_best, rows)
             t_saved = time.time()
         score = metrics.get("ema_top1", metrics["val_top1"])
         if args.target_top1 is not None and score >= args.target_top1 and epoch + 1 < args.epochs:
@@ -606,7 +638,7 @@ def train(args):
                    f"{args.epochs}: stopping, which saves about {fmt_time(saved_s)} of training"
                    + (f" (${saved_s / 3600 * args.hourly_usd:.2f} at ${args.hourly_usd}/h)" if args.hourly_usd else ""))
             return "done"
-        if agreed(bool(signals), group):  # a SIGTERM during evaluation: the epoch's checkpoint is saved
+        if agreed(bool(signals), group=group):  # a SIGTERM during evaluation: the epoch's checkpoint is saved
             return "preempted"
         if ddp:
             dist.barrier()  # nobody races ahead of a checkpoint
@@ -644,8 +676,10 @@ def main(argv=None):
         error = str(e)
     except torch.OutOfMemoryError:  # a config error, as the batch does not fit: not a crash to restart
         b, k = args.batch_size, args.accum_steps
-        error = (f"out of memory with --batch-size {b} images per GPU at up to {args.img_size} px; keep the global "
-                 f"batch with --batch-size {max(1, b // 2)} --accum-steps {2 * k}")
+        resuming = args.resume != "none" and os.path.exists(os.path.join(args.out, "last.pt"))
+        error = f"out of memory with --batch-size {b} images per GPU at up to {args.img_size} px; " + (
+            f"resume with --batch-size {max(1, b // 2)}: the run keeps its global batch, in twice the micro-batches"
+            if resuming else f"keep the global batch with --batch-size {max(1, b // 2)} --accum-steps {2 * k}")
     except FloatingPointError as e:
         status, error = "diverged", f"{e}; last.pt holds the last good state: lower --lr (or --amp bf16/fp32) and rerun"
     except OSError as e:  # a full disk or a lost mount while saving: the previous checkpoint is intact

@@ -108,25 +108,44 @@ def test_subset_is_stratified_and_seeded():
 @pytest.mark.parametrize("world", [1, 2, 3, 4, 7])
 def test_eval_sampler_counts_every_image_exactly_once(world):
     n = 103
-    seen = [i for r in range(world) for i, _ in data.ShardSampler(n, r, world, shuffle=False)]
+    seen = [i for r in range(world) for i, _ in data.ShardSampler(n, r, world)]
     assert sorted(seen) == list(range(n))
 
 
-@pytest.mark.parametrize("world", [1, 2, 3])
-def test_train_sampler_shards_pads_and_resumes(world):
-    n = 101
-    shards = []
+def steps_of(n, batch, global_batch, world, epoch=2, start=0):
+    """{step: {rank: [micro-batches of indices]}} as the StepSamplers of `world` ranks hand them out."""
+    out = {}
     for r in range(world):
-        s = data.ShardSampler(n, r, world, shuffle=True, seed=5)
-        s.set_epoch(2)
-        shards.append([i for i, e in s])
-        assert len(s) == len(shards[-1]) == -(-n // world)
-        s.set_epoch(2, start=7)  # resuming inside the epoch skips what was already trained on
-        assert [i for i, _ in s] == shards[-1][7:]
-    assert set().union(*shards) == set(range(n))
-    s = data.ShardSampler(n, 0, world, seed=5)
-    s.set_epoch(3)
-    assert [i for i, _ in s] != shards[0]
+        s = data.StepSampler(n, batch, global_batch, r, world, seed=5)
+        s.set_epoch(epoch, start)
+        items = [i for i, e in s]
+        assert len(s) == len(items) and all(e == epoch for _, e in s)
+        micro = [items[j:j + batch] for j in range(0, len(items), batch)]
+        per_rank = global_batch // (batch * world)
+        for m, indices in enumerate(micro):
+            out.setdefault(start + m // per_rank, {}).setdefault(r, []).append(indices)
+    return out
+
+
+@pytest.mark.parametrize("world,batch", [(1, 8), (2, 8), (4, 4), (1, 16), (2, 4)])
+def test_train_sampler_gives_each_step_the_same_images_on_any_number_of_ranks(world, batch):
+    """An epoch is one permutation of (seed, epoch) cut into steps of the global batch (16 here), the remainder (101
+    mod 16 = 5 images) dropped, not padded; with the same micro-batch size every rank count sees the same images in
+    the same micro-batches (micro_batch, which knows nothing of ranks), rank r taking micro-batches r, r + W, ...
+    A resume skips whole steps."""
+    n, global_batch = 101, 16
+    order = data.epoch_order(5, 2, n)
+    steps = steps_of(n, batch, global_batch, world)
+    assert sorted(steps) == list(range(n // global_batch))
+    for step, ranks in steps.items():
+        mine = [data.micro_batch(order, step, k, batch, global_batch) for k in range(global_batch // batch)]
+        assert [mb for r in range(world) for mb in ranks[r]] == [mine[k] for r in range(world)
+                                                                 for k in range(r, len(mine), world)]
+        assert sorted(i for r in ranks for mb in ranks[r] for i in mb) == sorted(order[16 * step:16 * step + 16])
+    seen = {i for ranks in steps.values() for r in ranks for mb in ranks[r] for i in mb}
+    assert len(seen) == 96 and len(set(range(n)) - seen) == 5  # each image once; the 5 left over are dropped
+    assert steps_of(n, batch, global_batch, world, start=4) == {s: v for s, v in steps.items() if s >= 4}
+    assert data.epoch_order(5, 3, n) != order  # a new order each epoch
 
 
 def test_clear_errors_on_odd_layouts(tmp_path):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import train
-from conftest import IMAGENETTE, ROOT, link_tree, needs_imagenette, run, torchrun_cmd, train_cmd
+from conftest import IMAGENETTE, ROOT, error_line, link_tree, needs_imagenette, run, torchrun_cmd, train_cmd
 
 pytestmark = needs_imagenette
 FAST = ["--arch", "resnet18", "--img-size", "32", "--batch-size", "16", "--workers", "1", "--log-every", "1",
@@ -74,17 +74,76 @@ def test_sigterm_at_three_random_points_then_resume_is_bitwise_identical(tiny_da
     assert strip(log_a) == strip(log_b)
 
 
-def test_torchrun_two_ranks_interrupted_once(tiny_data, tmp_path):
-    common = ["--data", tiny_data, *FAST, "--batch-size", "8"]
+@pytest.fixture(scope="module")
+def two_ranks(tiny_data, tmp_path_factory):
+    """The reference of the multi-rank tests: an uninterrupted run on 2 ranks of --batch-size 8 (a global batch of
+    16, 10 steps an epoch), with mixup, cutmix and EMA on."""
+    out = tmp_path_factory.mktemp("two_ranks") / "full"
+    run(torchrun_cmd(2, "--data", tiny_data, *FAST, "--batch-size", "8", "--amp", "fp32", "--out", out),
+        env={"OMP_NUM_THREADS": "1"})
+    return out
+
+
+def test_torchrun_two_ranks_interrupted_once(tiny_data, tmp_path, two_ranks):
+    common = ["--data", tiny_data, *FAST, "--batch-size", "8", "--amp", "fp32"]
     env = {"OMP_NUM_THREADS": "1"}
-    run(torchrun_cmd(2, *common, "--out", tmp_path / "full"), env=env)
     out = tmp_path / "split"
     code, log = run_until(torchrun_cmd(2, *common, "--out", out), 6, env=env)
     assert code != 0 and (out / "status").read_text() == "preempted\n", log  # torchrun's own status is not 75
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["progress"]["epochs_done"] == 0 and 6 <= ckpt["progress"]["step"] < 10, "a mid-epoch checkpoint"
     run(torchrun_cmd(2, *common, "--out", out), env=env)
-    assert_same_weights(final_state(tmp_path / "full")[0], final_state(out)[0])
+    assert_same_weights(final_state(two_ranks)[0], final_state(out)[0])
+
+
+def assert_close_run(reference, out, atol):
+    """The same run up to the order of float sums: weights and EMA within atol, the same schedule; BatchNorm's
+    running statistics may differ (each process keeps its own), so they are not compared; the log's train loss and
+    top-1 of every epoch within float error."""
+    a, b = final_state(reference)[0], final_state(out)[0]
+    for part in ("model", "ema"):
+        for k, v in a[part].items():
+            if "running_" not in k and "num_batches" not in k and v.is_floating_point():
+                torch.testing.assert_close(b[part][k], v, atol=atol, rtol=0, msg=f"{part}.{k}")
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] and a["global_batch"] == b["global_batch"]
+    rows_a, rows_b = ([json.loads(line) for line in log] for log in (final_state(reference)[1], final_state(out)[1]))
+    assert [r["train_loss"] for r in rows_b] == pytest.approx([r["train_loss"] for r in rows_a], rel=1e-3)
+    assert [r["train_top1"] for r in rows_b] == [r["train_top1"] for r in rows_a]  # None: every batch was mixed
+    assert [r["mixed"] for r in rows_b] == [r["mixed"] for r in rows_a]
+
+
+ELASTIC_ATOL = 2e-4  # the largest difference measured, fp32 after 20 steps: 1.2e-7 (2 ranks -> 1), 4.3e-5 (1 -> 2)
+
+
+def test_a_run_continues_on_another_number_of_gpus(tiny_data, tmp_path, two_ranks, capsys):
+    """Spot capacity changes: a run stopped on 2 ranks continues on 1, and one started on 1 rank (--accum-steps 2)
+    continues on 2 with the same flags. The global batch (16) stays, so every step sees the images, crops, flips,
+    mixing and BatchNorm groups of the uninterrupted 2-rank run; only the order of float sums differs (all-reduced
+    gradients against accumulated ones), which moves no weight or EMA weight by more than ELASTIC_ATOL in fp32. A resume that cannot split the global
+    batch into whole micro-batches is refused with one line, and last.pt stays as it was."""
+    env = {"OMP_NUM_THREADS": "1"}
+    common = ["--data", str(tiny_data), *FAST, "--batch-size", "8", "--amp", "fp32"]  # bf16 would amplify the sums
+    down = tmp_path / "two_then_one"
+    run_until(torchrun_cmd(2, *common, "--out", down), 6, env=env)
+    assert torch.load(down / "last.pt", weights_only=True)["world"] == 2
+    p = run(train_cmd(*common, "--out", down))
+    assert "resuming on 1 processes instead of 2: 2 micro-batches of 8 per step on each, the same 16 images per " \
+           "step" in p.stdout and "global batch 16 = 8 x 1 ranks x 2 accum" in p.stdout
+    assert_close_run(two_ranks, down, ELASTIC_ATOL)
+
+    up = tmp_path / "one_then_two"
+    code, _ = run_until(train_cmd(*common, "--accum-steps", "2", "--out", up), 14)
+    assert code == 75
+    before = (up / "last.pt").read_bytes()
+    line = error_line(train.main, [*common, "--out", str(up), "--batch-size", "5"], capsys)
+    assert "16 images a step, which 1 ranks of --batch-size 5 cannot split into whole micro-batches; resume with " \
+           "--batch-size 4" in line
+    with pytest.raises(ValueError, match="which 3 ranks cannot share equally; resume on a number of GPUs that divides 2"):
+        train.accumulation(16, 8, 3, "last.pt")
+    assert (up / "last.pt").read_bytes() == before
+    p = run(torchrun_cmd(2, *common, "--accum-steps", "2", "--out", up), env=env)
+    assert "resuming on 2 processes instead of 1: 1 micro-batch of 8 per step on each" in p.stdout
+    assert_close_run(two_ranks, up, ELASTIC_ATOL)
 
 
 SAVER = """
