@@ -254,11 +254,33 @@ train_loop() {
     done
 }
 
+checkpoint_flags() {  # the training flags of OUT/last.pt's command line, one a line, but those this script sets
+    [[ -f $OUT/last.pt ]] || return 0
+    PYTHONPATH=$REPO_DIR "$(python_bin)" - "$OUT/last.pt" <<'PY'
+import sys
+import model
+argv, own, i = model.read_checkpoint(sys.argv[1])["argv"] or [], ("--data", "--out", "--hourly-usd", "--resume"), 0
+while i < len(argv):
+    if argv[i].split("=")[0] in own:
+        i += 1 if "=" in argv[i] else 2
+        continue
+    print(argv[i])
+    i += 1
+PY
+}
+
 cmd_train() {
     run mkdir -p "$OUT"
     if [[ ! -f $OUT/last.pt && -n $S3_RUNS ]]; then
         say "no local checkpoint: restoring $S3_RUNS/$(basename "$OUT")"
         run "$AWS" s3 sync "$S3_RUNS/$(basename "$OUT")" "$OUT" --only-show-errors
+    fi
+    # a resume (on another instance type, say) continues the run's own flags; those given again come later and win
+    local saved=()
+    if [[ ${FOREGROUND:-0} == 1 || $DRY_RUN == 1 ]]; then mapfile -t saved < <(checkpoint_flags); fi
+    if [[ ${#saved[@]} -gt 0 ]]; then
+        say "the run's flags from $OUT/last.pt: ${saved[*]}${*:+; given again: $*}"
+        set -- "${saved[@]}" "$@"
     fi
     if [[ $DRY_RUN == 1 ]]; then
         local cmd
@@ -337,23 +359,35 @@ launch_time() {  # "<seconds since 1970> <source>": IMDS's identity document (pe
     fi
 }
 
-costs() {  # "hours spent projected_usd epochs_left min_per_epoch source", from the launch time and log.jsonl
-    local launched source
+costs() {  # "hours mine spent projected_usd epochs_left min_per_epoch source": this instance's hours and dollars
+    # since its launch, the run's dollars (OUT/spent.json adds its earlier instances: it travels with the run
+    # through S3_RUNS, and each instance updates its own entry), the projection to the last epoch (log.jsonl)
+    local launched source id
     read -r launched source < <(launch_time)
-    python3 - "$OUT/log.jsonl" "$HOURLY_USD" "$launched" "$source" <<'PY'
+    id=$(imds_get meta-data/instance-id)
+    python3 - "$OUT" "$HOURLY_USD" "$launched" "$source" "${id:-$(hostname)}" <<'PY'
 import json, os, sys, time
-path, price, launched, source = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
-rows = [json.loads(line) for line in open(path) if line.strip()] if os.path.exists(path) else []
+out, price, launched, source, me = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4], sys.argv[5]
+log, record_path = os.path.join(out, "log.jsonl"), os.path.join(out, "spent.json")
+rows = [json.loads(line) for line in open(log) if line.strip()] if os.path.exists(log) else []
 hours = (time.time() - launched) / 3600
+record = json.load(open(record_path)) if os.path.exists(record_path) else {}
+record[me] = dict(hours=round(hours, 4), hourly_usd=price, usd=round(hours * price, 4))
+if os.path.isdir(out):  # atomically: the backup may be copying it
+    with open(record_path + ".tmp", "w") as f:
+        json.dump(record, f)
+    os.replace(record_path + ".tmp", record_path)
+spent = sum(v["usd"] for v in record.values())
 left = rows[-1]["epochs"] - rows[-1]["epoch"] - 1 if rows and "epochs" in rows[-1] else 0
 per_epoch_h = sum(r["epoch_s"] for r in rows[-3:]) / len(rows[-3:]) / 3600 if rows else 0
-print(f"{hours:.3f} {hours * price:.2f} {(hours + left * per_epoch_h) * price:.2f} {left} {per_epoch_h * 60:.1f} {source}")
+print(f"{hours:.3f} {hours * price:.2f} {spent:.2f} {spent + left * per_epoch_h * price:.2f} {left} "
+      f"{per_epoch_h * 60:.1f} {source}")
 PY
 }
 
-money() {  # one field of costs(): spent or projected
-    local hours spent projected rest
-    read -r hours spent projected rest < <(costs)
+money() {  # one field of costs(): what the run has spent, or its projection
+    local hours mine spent projected rest
+    read -r hours mine spent projected rest < <(costs)
     case $1 in spent) echo "$spent" ;; projected) echo "$projected" ;; hours) echo "$hours" ;; esac
 }
 
@@ -364,7 +398,7 @@ cmd_budget() {
     [[ $HOURLY_USD != 0 ]] || die "set HOURLY_USD to the instance's price: the budget needs it"
     local warned=0 spent projected pid
     while true; do
-        read -r _ spent projected _ < <(costs)
+        read -r _ _ spent projected _ < <(costs)
         if [[ $warned == 0 ]] && awk -v p="$projected" -v b="$BUDGET_USD" 'BEGIN { exit !(p > b) }'; then
             say "warning: the projected cost to the last epoch, \$$projected, passes BUDGET_USD=\$$BUDGET_USD; the run will stop at \$$BUDGET_USD"
             warned=1
@@ -399,8 +433,10 @@ rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
 print(f"epoch {rows[-1]['epoch'] + 1}: val top-1 {rows[-1]['val_top1']:.2f}% (best {max(r['val_top1'] for r in rows):.2f}%)")
 PY
     fi
-    read -r hours spent projected left per_epoch source < <(costs)
-    echo "cost: the instance has run ${hours} h since its launch (from ${source}): \$${spent} at \$${HOURLY_USD}/h;" \
+    read -r hours mine spent projected left per_epoch source < <(costs)
+    local earlier=""
+    if [[ $mine != "$spent" ]]; then earlier="; the run, with its earlier instances (spent.json): \$${spent}"; fi
+    echo "cost: the instance has run ${hours} h since its launch (from ${source}): \$${mine} at \$${HOURLY_USD}/h${earlier};" \
          "projected \$${projected} to the last epoch (${left} left at ${per_epoch} min each)${BUDGET_USD:+; BUDGET_USD \$$BUDGET_USD}"
 }
 

@@ -50,7 +50,7 @@ def test_format_1_files_are_what_the_upgrade_reads(format_1):
     mid = torch.load(format_1 / "run" / "last.pt", weights_only=True)
     slim = torch.load(format_1 / "run" / "epoch_001.pt", weights_only=True)
     space = torch.load(format_1 / "space" / "model.pt", weights_only=True)
-    assert "format" not in mid and (mid["epoch"], mid["step"]) == (2, 4) and "optimizer" in mid
+    assert "format" not in mid and mid["epoch"] == 2 and 4 <= mid["step"] < 10 and "optimizer" in mid
     assert "format" not in slim and "epoch" in slim and "optimizer" not in slim
     assert space["ema_weights"] is True and "epoch" not in space
 
@@ -60,8 +60,9 @@ def test_a_format_1_mid_epoch_checkpoint_resumes_as_the_old_code_would_have_cont
     uninterrupted run, bitwise; the epoch's running sums carry over, so its log row matches too."""
     out = tmp_path / "run"
     subprocess.run(["cp", "-r", str(format_1 / "run"), str(out)], check=True)
+    step = torch.load(out / "last.pt", weights_only=True)["step"]  # 4 or 5: where SIGTERM caught the old run
     p = run(train_cmd("--data", tiny_data, *TINY, "--out", out))
-    assert f"resumed from {out / 'last.pt'}: epoch 3, step 4/10" in p.stdout
+    assert f"resumed from {out / 'last.pt'}: epoch 3, step {step}/10" in p.stdout
     assert (out / "status").read_text() == "done\n"
     new, old = M.read_checkpoint(out / "last.pt"), M.read_checkpoint(format_1 / "full" / "last.pt")
     assert new["format"] == M.FORMAT and new["progress"]["epochs_done"] == old["progress"]["epochs_done"] == 3
@@ -71,6 +72,7 @@ def test_a_format_1_mid_epoch_checkpoint_resumes_as_the_old_code_would_have_cont
     last = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()][-1]
     expected = [json.loads(line) for line in (format_1 / "full" / "log.jsonl").read_text().splitlines()][-1]
     assert last["epoch"] == 2 and last["train_loss"] == pytest.approx(expected["train_loss"], rel=1e-6)
+    assert last["train_top1"] == expected["train_top1"]
     assert last["val_top1"] == expected["val_top1"] and last["ema_top1"] == expected["ema_top1"]
 
 

@@ -5,6 +5,7 @@ import base64
 import http.server
 import json
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -130,6 +131,8 @@ class IMDS(http.server.BaseHTTPRequestHandler):
             return self.reply(401, b"")
         if self.path == "/latest/meta-data/spot/instance-action" and time.time() >= IMDS.notice_at:
             return self.reply(200, b'{"action": "terminate", "time": "2026-11-22T05:00:00Z"}')
+        if self.path == "/latest/meta-data/instance-id":
+            return self.reply(200, b"i-0123")
         if self.path == "/latest/dynamic/instance-identity/document":
             doc = {"instanceId": "i-0123", "instanceType": "p5.4xlarge", "pendingTime": IMDS.pending}
             return self.reply(200, json.dumps(doc, indent=2).encode())
@@ -551,3 +554,49 @@ def test_launch_creates_what_it_says_its_user_data_trains_and_resume_finds_the_r
     assert (tmp_path / "state" / "run1.instance").read_text().strip() != first
     p = sh(["resume"], {**env, "RUN": "no-such-run"}, check=False)
     assert p.returncode == 2 and "nothing to resume" in p.stderr
+
+
+RECORDER = """#!/usr/bin/env python3
+# a stand-in trainer that records its command line and ends the run
+import json, os, sys
+out = sys.argv[sys.argv.index("--out") + 1]
+os.makedirs(out, exist_ok=True)
+json.dump(sys.argv[1:], open(os.path.join(out, "seen.json"), "w"))
+open(os.path.join(out, "status"), "w").write("done\\n")
+"""
+
+
+def test_a_reclaimed_run_continues_on_another_instance_type_with_its_flags_and_its_budget(tmp_path, moto, imds):
+    """p4d reclaimed, continue on a g5.12xlarge: `resume` launches the new type at its own price; there, `train`
+    restores the run from S3 and continues it with the flags of its checkpoint's command line (a flag given again
+    wins), and the money counts both instances against BUDGET_USD (spent.json, which travels with the run)."""
+    import model
+    aws(moto, "s3", "mb", "s3://elastic-runs")
+    first = tmp_path / "first" / "r50"
+    first.mkdir(parents=True)
+    argv = ["--data", "/mnt/imagenet", "--epochs", "16", "--batch-size", "128", "--hourly-usd", "21.96"]
+    model.save_checkpoint(dict(model={}, argv=argv), first / "last.pt")
+    (first / "spent.json").write_text(json.dumps({"i-first": dict(hours=1.5, hourly_usd=20.0, usd=30.0)}))
+    aws(moto, "s3", "sync", str(first), "s3://elastic-runs/ec2/r50")
+    env = {"DRY_RUN": "1", "INSTANCE_TYPE": "g5.12xlarge", "HOURLY_USD": "5.672", "KEY_NAME": "k", "RUN": "r50",
+           "S3_DATA": "s3://data/imagenet", "S3_RUNS": "s3://elastic-runs/ec2", "REPO_URL": "https://example.com/r.git",
+           "MY_IP": "198.51.100.7", "STATE_DIR": str(tmp_path / "state"), "BUDGET_USD": "100"}
+    p = sh(["resume"], env)
+    assert "--instance-type g5.12xlarge" in p.stderr and "HOURLY_USD=5.672" in p.stderr and "BUDGET_USD=100" in p.stderr
+    # the new instance, an hour after its launch
+    IMDS.pending = (datetime.now(timezone.utc) - timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    out = tmp_path / "second" / "r50"
+    env = {**moto, "FOREGROUND": "1", "OUT": str(out), "S3_RUNS": "s3://elastic-runs/ec2", "IMDS_URL": imds,
+           "TRAIN_CMD": write_trainer(tmp_path, RECORDER), "HOURLY_USD": "5.672", "BUDGET_USD": "100",
+           "VENV": str(Path(sys.executable).parent.parent), "DATA_DIR": str(tmp_path / "data")}
+    p = sh(["train", "--batch-size", "64"], env, timeout=90)
+    assert "the run's flags from" in p.stderr and "given again: --batch-size 64" in p.stderr
+    seen = json.loads((out / "seen.json").read_text())
+    assert seen[seen.index("--epochs") + 1] == "16" and "/mnt/imagenet" not in seen and "21.96" not in seen  # this
+    # instance's data and price, not the old one's (TRAIN_CMD stands in for "torchrun train.py --data DATA_DIR ...")
+    assert seen[len(seen) - 1 - seen[::-1].index("--batch-size") + 1] == "64"  # the last --batch-size wins
+    status = sh(["status"], env).stdout
+    mine, total = map(float, re.search(r"\$([0-9.]+) at \$5.672/h; the run, with its earlier instances "
+                                       r"\(spent.json\): \$([0-9.]+)", status).groups())
+    assert mine == pytest.approx(5.67, abs=0.05) and total == pytest.approx(30 + mine, abs=0.011), status
+    assert set(json.loads((out / "spent.json").read_text())) == {"i-first", "i-0123"}

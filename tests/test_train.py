@@ -247,6 +247,10 @@ def test_out_of_memory_is_a_bad_input_with_flags_that_keep_the_global_batch(tiny
     line = one_line_error(p)
     assert "out of memory with --batch-size 16" in line and "--batch-size 8 --accum-steps 2" in line
     assert (out / "status").read_text() == "bad_input\n"
+    # resuming (on a GPU with less memory, say): the run's global batch stays, so a smaller --batch-size is enough
+    run(train_cmd("--data", tiny_data, "--out", out, *FAST, "--epochs", "2", "--stop-epoch", "1"))
+    p = run([sys.executable, "-c", OOM, "--data", tiny_data, "--out", out, *FAST, "--epochs", "2"], check=False, cwd=ROOT)
+    assert "resume with --batch-size 8: the run keeps its global batch" in one_line_error(p)
 
 
 def test_init_from_runs_the_phased_plan_with_a_fresh_optimizer(tiny_data, tmp_path):
