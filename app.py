@@ -2,15 +2,16 @@
 A web page for a trained ResNet: upload a photo, or click an example, and see the photo, its top-5 classes and,
 for any of them, where the network looked (Grad-CAM, the same function gradcam.py uses).
 
-    python app.py                                          # the default run's best.pt on http://127.0.0.1:7860
+    python app.py                                          # the newest runs/*/best.pt on http://127.0.0.1:7860
     python app.py --checkpoint runs/long/best.pt --ema --examples /mnt/imagenet
     python app.py --host 0.0.0.0 --share                   # reachable from the network, plus a gradio.live link
     python app.py --export-space space/                    # a folder that runs as a Hugging Face Space on its own
-    python app.py --export-space space/ --push you/resnet50-demo   # ... and upload it to the Hub
+    python app.py --checkpoint runs/r50/best.pt --export-space space/ --push you/resnet50-demo   # ... upload it
 
-With no checkpoint at the default path, the page shows torchvision's pretrained ResNet-50 (downloaded once) and
-says so; with no internet either, it stops with one line that says how to get a checkpoint. It never serves
-untrained weights. An exported Space holds model.pt and examples/ beside app.py, which app.py then serves.
+With no --checkpoint it serves model.pt beside app.py (an exported Space) or the newest runs/*/best.pt, and says
+which; with none, the page shows torchvision's pretrained ResNet-50 (downloaded once) and says so; with no internet
+either, it stops with one line that says how to get a checkpoint. It never serves untrained weights. --push needs an
+explicit --checkpoint. An exported Space holds model.pt and examples/ beside app.py, which app.py then serves.
 """
 import argparse
 import json
@@ -26,11 +27,10 @@ from PIL import Image
 
 import data
 import gradcam
-from model import build_model, load_checkpoint, normalize, read_checkpoint, save_weights
+from model import build_model, load_checkpoint, newest_checkpoint, normalize, read_checkpoint, save_weights
 from runtime import pick_device
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CHECKPOINT = "runs/default/best.pt"
 SPACE_CHECKPOINT = os.path.join(HERE, "model.pt")      # what --export-space writes beside app.py
 SPACE_EXAMPLES = os.path.join(HERE, "examples")
 MIN_SIDE = 32  # px: below this a photo holds too little for a 224 px network to see
@@ -42,10 +42,10 @@ SPACE_MODULES = ("app", "data", "evaluate", "gradcam", "model", "runtime")
 # -----------------------------------------------------------------------------
 # the model and the examples
 
-def load_model(path, explicit, ema, device):
+def load_model(path, ema, device):
     """(model in eval mode, class names, eval size, a line saying what the model is, the checkpoint's info: its
-    class folders and args, empty for torchvision's weights)."""
-    if os.path.exists(path) or explicit:
+    class folders and args, empty for torchvision's weights). path None: there is no checkpoint to serve."""
+    if path is not None:
         model, meta = load_checkpoint(path, ema=ema)
         ema = meta["ema"]  # an exported Space's model.pt may hold the EMA weights without --ema
         top1 = (meta["metrics"] or {}).get("ema_top1" if ema else "val_top1")
@@ -57,13 +57,14 @@ def load_model(path, explicit, ema, device):
     try:
         sd = weights.get_state_dict(progress=False)
     except Exception as e:  # no internet, a proxy, a full disk: nothing to show but a way out
-        raise FileNotFoundError(f"no checkpoint at {path}, and torchvision's pretrained ResNet-50 could not be "
-                                f"downloaded ({type(e).__name__}); train one with `python train.py` (or copy a "
-                                f"best.pt there), or pass --checkpoint PATH") from None
+        raise FileNotFoundError(f"no checkpoint (no --checkpoint, no model.pt beside app.py, no runs/*/best.pt), "
+                                f"and torchvision's pretrained ResNet-50 could not be downloaded "
+                                f"({type(e).__name__}); train one with `python train.py`, or pass --checkpoint PATH"
+                                ) from None
     model = build_model("resnet50")
     model.load_state_dict(sd)  # model.py's keys are torchvision's
-    about = (f"torchvision's pretrained ResNet-50 ({weights.name}), since there is no checkpoint at `{path}`: "
-             f"not a model you trained")
+    about = (f"torchvision's pretrained ResNet-50 ({weights.name}), since there is no checkpoint here "
+             f"(runs/*/best.pt): not a model you trained")
     return model.eval().to(device), list(weights.meta["categories"]), 224, about, {}
 
 
@@ -224,6 +225,7 @@ def export_space(out, checkpoint, ema, examples, num_examples):
     os.makedirs(out, exist_ok=True)
     for name in SPACE_MODULES:
         shutil.copyfile(os.path.join(HERE, f"{name}.py"), os.path.join(out, f"{name}.py"))
+    shutil.copyfile(os.path.join(HERE, "LICENSE"), os.path.join(out, "LICENSE"))  # the code's, MIT
     save_weights(read_checkpoint(checkpoint), os.path.join(out, "model.pt"), only="ema" if ema else "model")
     os.makedirs(os.path.join(out, "examples"), exist_ok=True)
     classes = meta["classes"] or []
@@ -255,7 +257,7 @@ def model_card(meta, ema, checkpoint, curves):
     command = ("python train.py " + " ".join(argv)) if argv is not None else "(not recorded in this checkpoint)"
     data_name = os.path.basename(os.path.normpath(saved["data"])) if saved.get("data") else "the default data"
     lines = ["---", f"title: {meta['arch']} from scratch", "sdk: gradio", f"sdk_version: {gr.__version__}",
-             "app_file: app.py", "pinned: false", "---", "",
+             "app_file: app.py", "pinned: false", "license: mit", "---", "",
              f"# {meta['arch']}, trained from scratch", "",
              "Upload a photo: the page shows the five most likely classes and, for each, where the network looked "
              "(Grad-CAM).", "", "| | |", "| --- | --- |", f"| network | {meta['arch']}"
@@ -270,6 +272,9 @@ def model_card(meta, ema, checkpoint, curves):
     lines += ["", "Trained with:", "", "```", command, "```", ""]
     if curves:
         lines += ["![loss, accuracy and learning rate per epoch](curves.png)", ""]
+    lines += ["## Licence", "", "The code (app.py and the modules beside it) is under the MIT licence. The weights in "
+              "model.pt were trained on " + (f"{data_name}, " if saved.get("data") else "") + "images from ImageNet, "
+              "and come under ImageNet's terms of access: non-commercial research and education.", ""]
     return "\n".join(lines)
 
 
@@ -290,9 +295,9 @@ def push_space(folder, repo_id):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default=None, help=f"train.py checkpoint; default model.pt beside app.py (a Space), "
-                                                      f"else {DEFAULT_CHECKPOINT}, else torchvision's pretrained "
-                                                      f"ResNet-50")
+    p.add_argument("--checkpoint", default=None, help="train.py checkpoint; default model.pt beside app.py (a Space), "
+                                                      "else the newest runs/*/best.pt, else torchvision's pretrained "
+                                                      "ResNet-50")
     p.add_argument("--ema", action="store_true", help="serve (or export) the checkpoint's EMA weights")
     p.add_argument("--examples", default=os.environ.get("APP_EXAMPLES"), help="a folder of images, or a dataset "
                    "root (its val split); default: $APP_EXAMPLES, examples/ beside app.py, else the checkpoint's "
@@ -313,12 +318,16 @@ def parse_args(argv=None):
         p.error("--push uploads what --export-space writes: give both")
     if args.push and args.push.count("/") != 1:
         p.error(f"--push takes USER/NAME, got {args.push}")
+    if args.push and not args.checkpoint:  # never the newest run, published by accident
+        p.error("--push needs an explicit --checkpoint: say which model to publish")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    path = args.checkpoint or (SPACE_CHECKPOINT if os.path.exists(SPACE_CHECKPOINT) else DEFAULT_CHECKPOINT)
+    path = args.checkpoint or (SPACE_CHECKPOINT if os.path.exists(SPACE_CHECKPOINT) else newest_checkpoint())
+    if path and not args.checkpoint and path != SPACE_CHECKPOINT:
+        print(f"no --checkpoint: the newest run's, {path}", flush=True)
     try:
         if args.export_space:
             files = export_space(args.export_space, path, args.ema, args.examples, args.num_examples)
@@ -327,12 +336,12 @@ def main(argv=None):
                 print(f"pushed to {push_space(args.export_space, args.push)}", flush=True)
             return
         device = pick_device(args.device)
-        model, names, size, about, info = load_model(path, args.checkpoint is not None, args.ema, device)
+        model, names, size, about, info = load_model(path, args.ema, device)
     except (ValueError, FileNotFoundError) as e:
         print(f"app.py: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     trained_on = info.get("args", {}).get("data")
-    folder = args.examples or (SPACE_EXAMPLES if os.path.isdir(SPACE_EXAMPLES) else trained_on or data.DEFAULT_DATA)
+    folder = args.examples or (SPACE_EXAMPLES if os.path.isdir(SPACE_EXAMPLES) else trained_on or data.default_root())
     examples = pick_examples(folder, args.num_examples)
     print(f"{about}; {len(examples)} examples from {folder if examples else 'nowhere (no data found)'}", flush=True)
     # no allowed_paths: the example images reach the page through Gradio's cache, so no folder of ours is served

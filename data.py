@@ -47,17 +47,23 @@ def seed_for(seed, epoch, index=0, stream=""):
 # -----------------------------------------------------------------------------
 # where the images are
 
-def default_data(path=DEFAULT_DATA):
-    """With no --data: Imagenette at 160 px (10 ImageNet classes, about 100 MB), downloaded once."""
-    path = Path(path)
-    if not (path / "train").is_dir():
+def default_root():
+    """The data of every script given no --data: $DATA_DIR when it is set (run_ec2.sh sets it to the instance's
+    ImageNet), else Imagenette at 160 px in data/ (10 ImageNet classes, about 100 MB)."""
+    return Path(os.environ.get("DATA_DIR") or DEFAULT_DATA)
+
+
+def default_data():
+    """default_root(), with Imagenette downloaded first when that is the one and it is not there yet."""
+    path = default_root()
+    if str(path) == DEFAULT_DATA and not (path / "train").is_dir():
         from torchvision.datasets import Imagenette
         print(f"no --data given: downloading Imagenette (160 px, 10 ImageNet classes, ~100 MB) to {path} ...")
         try:
             Imagenette(str(path.parent), size="160px", download=True)
         except Exception as e:
             raise FileNotFoundError(f"could not download Imagenette ({type(e).__name__}: {e}); "
-                               f"pass --data /path/to/imagenet instead") from None
+                                    f"pass --data /path/to/imagenet instead") from None
     return path
 
 
@@ -443,8 +449,10 @@ def default_workers(requested=None, procs_per_machine=1):
 
 def own_session(worker_id):
     """torchrun stops a rank with os.killpg: in a session of their own, loader workers keep serving while the rank
-    finishes its step and checkpoints. A direct signal still ends them, and they exit when the rank is gone."""
-    os.setsid()
+    finishes its step and checkpoints. A direct signal still ends them, and they exit when the rank is gone.
+    Windows has no sessions (nor torchrun's killpg): there the workers stay as they are."""
+    if hasattr(os, "setsid"):
+        os.setsid()
 
 
 def make_loader(dataset, batch_size, shuffle, rank=0, world=1, seed=0, workers=4, pin_memory=False,

@@ -2,8 +2,8 @@
 Exact evaluation of a checkpoint: top-1 and top-5 over every validation image, each counted once, on one
 device or under torchrun; a predictions CSV, a per-class report with the top confusions, a confusion matrix.
 
-    python evaluate.py                                            # the default run's best.pt, as the run evaluated
-    python evaluate.py --checkpoint runs/default/best.pt --data /mnt/imagenet --img-size 224 --tta none
+    python evaluate.py                                            # the newest runs/*/best.pt, as the run evaluated
+    python evaluate.py --checkpoint runs/imagenet-resnet50/best.pt --data /mnt/imagenet --img-size 224 --tta none
     torchrun --nproc_per_node=4 evaluate.py --data /mnt/imagenet --ema
     python evaluate.py --checkpoint resnet50.pth --arch resnet50 --data /mnt/imagenet   # a torchvision state_dict
 
@@ -26,14 +26,14 @@ import torch
 import torch.distributed as dist
 
 import data
-from model import load_checkpoint
+from model import load_checkpoint, newest_checkpoint
 from runtime import autocast_for, close_distributed, init_distributed, to_device
 
 
 def add_common_args(p):
     """The flags evaluate.py and gradcam.py share."""
-    p.add_argument("--checkpoint", default="runs/default/best.pt", help="train.py checkpoint or a torchvision "
-                                                                       "state_dict (then give --arch)")
+    p.add_argument("--checkpoint", help="train.py checkpoint or a torchvision state_dict (then give --arch); "
+                                        "default: the newest runs/*/best.pt")
     p.add_argument("--arch", default=None, help="network of a bare state_dict; read from our checkpoints")
     p.add_argument("--data", default=None, help="dataset root; default: the checkpoint's --data, else Imagenette")
     p.add_argument("--img-size", type=int, default=None, help="eval crop, px; default: the run's --eval-size")
@@ -49,11 +49,23 @@ def add_common_args(p):
     return p
 
 
+def pick_checkpoint(args):
+    """--checkpoint, or the newest runs/*/best.pt, said so; the path goes into args for the reports."""
+    if args.checkpoint is None:
+        args.checkpoint = newest_checkpoint()
+        if args.checkpoint is None:
+            raise FileNotFoundError("no --checkpoint given and no runs/*/best.pt here: train one with train.py, or "
+                                    "pass --checkpoint PATH")
+        print(f"no --checkpoint: the newest run's, {args.checkpoint}", flush=True)
+    return args.checkpoint
+
+
 def load_model(args, device):
     """(model on device, checkpoint info, data root, settings): the settings say how to evaluate, the given flags
     over the way the run evaluated, and what predictions.csv is made from (gradcam.py compares them)."""
-    model, meta = load_checkpoint(args.checkpoint, arch=args.arch, ema=args.ema)
+    model, meta = load_checkpoint(pick_checkpoint(args), arch=args.arch, ema=args.ema)
     root = str(args.data or meta["args"].get("data") or data.default_data())
+    print(f"data {root}", flush=True)
     img_size = args.img_size or meta["eval_size"]
     path = os.path.abspath(args.checkpoint)
     settings = dict(checkpoint=path, checkpoint_mtime_ns=os.stat(path).st_mtime_ns, data=os.path.abspath(root),

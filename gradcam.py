@@ -3,7 +3,7 @@ Grad-CAM (Selvaraju et al. 2017) in plain PyTorch: where the network looked when
 of a class logit, averaged over space, weight the activations of the last convolutional stage; ReLU, upsample,
 normalize to [0, 1].
 
-    python gradcam.py --worst 32          # the 32 most confident mistakes of the default run's best.pt
+    python gradcam.py --worst 32          # the 32 most confident mistakes of the newest runs/*/best.pt
     python gradcam.py --best 16           # the 16 most confident correct predictions, for contrast
     python gradcam.py --image photo.jpg [--class 207]
 

@@ -22,6 +22,7 @@ beside it with the whole curve; prints a ready-to-paste train.py command with th
 global batch (--run-batch-size x --run-gpus), then one JSON line with the numbers.
 """
 import argparse
+import itertools
 import json
 import math
 import os
@@ -227,7 +228,7 @@ def run_command(args, root, run_lr, gpus, run_bs):
     edit here), the batch, and the scaled LR."""
     names = vars(train.add_step_args(argparse.ArgumentParser()).parse_args([]))  # the step flags, by dest
     defaults = vars(train.with_preset(train.add_step_args(argparse.ArgumentParser()), ["--preset", args.preset])[0])
-    flags = [f"--data {root}"] if args.data else []
+    flags = [f"--data {root}"]  # always: the run trains on the data the test measured
     flags += [f"--preset {args.preset}"] if args.preset != "default" else []
     for name in names:
         value, flag = getattr(args, name), "--" + name.replace("_", "-")
@@ -245,6 +246,7 @@ def find_lr(args):
         print(f"{torch.cuda.device_count()} GPUs visible: the test runs on one; the command below scales its LR "
               f"to the global batch of all of them", flush=True)
     root = args.data if args.data is not None else str(data.default_data())
+    print(f"data {root}" + ("" if args.data else " (no --data: $DATA_DIR, else Imagenette)"), flush=True)
     train_set, _, info = train.make_datasets(args, root, args.img_size)
     loader = data.make_loader(train_set, args.batch_size, True, seed=args.seed, workers=data.default_workers(
         args.workers), pin_memory=device.type == "cuda")
@@ -284,7 +286,13 @@ def find_lr(args):
         raise ValueError(f"the loss diverged after {len(hist['loss'])} steps: lower --start-lr")
     marks = suggest(hist)
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"lr_finder_{args.arch}_{args.img_size}px_b{args.batch_size * args.accum_steps}")
+    stem = base = os.path.join(args.out, f"lr_finder_{args.arch}_{args.img_size}px_b{args.batch_size * args.accum_steps}")
+    for k in itertools.count(2):  # an earlier test's plot and curve stay: this one takes the next free name
+        if not os.path.exists(stem + ".png"):
+            break
+        stem = f"{base}_{k}"
+    if stem != base:
+        print(f"{base}.png is an earlier test's: this one is {stem}.png", flush=True)
     plot(hist, marks, stem + ".png", f"LR range test: {args.arch}, {args.img_size} px, batch {args.batch_size}, {amp}")
     with open(stem + ".json", "w") as f:
         json.dump(dict(hist, marks=marks, candidates=candidates(hist), args=vars(args)), f)

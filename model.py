@@ -9,11 +9,16 @@ The ResNet family, built bottom-up: block, stage, network, then one constructor 
 Any of them with blurpool=True: a fixed blur before every strided convolution of the blocks (Zhang 2019,
 "Making Convolutional Networks Shift-Invariant Again", applied as FFCV's and Composer's ImageNet recipes do).
 
-The state_dict keys and shapes of resnet18..152 equal torchvision's, so its weights load here and ours load there.
+The state_dict keys and shapes of resnet18..152 equal torchvision's, so its weights load here and ours load there;
+with BlurPool the state_dict also holds each blur's fixed filter, so that torchvision's ResNet, which has no blur and
+would compute something else with the same weights, refuses them instead of loading them silently. `python model.py
+--export` writes a checkpoint as a torch.export program that needs nothing but torch.
 This file also owns the input normalization (done on the device, on uint8 batches) and the one function that
 every other script uses to load a checkpoint.
 """
+import json
 import os
+import sys
 
 import torch
 import torch.nn as nn
@@ -41,13 +46,14 @@ def conv1x1(cin, cout, stride=1):
 
 class Blur(nn.Module):
     """BlurPool's low-pass filter: the 3x3 binomial blur [1 2 1]^T [1 2 1] / 16 of every channel, with zero padding,
-    put before a strided convolution so that it samples a smoothed map instead of aliasing one. It has no
-    parameters and adds no state_dict keys, so weights still load into torchvision's ResNets."""
+    put before a strided convolution so that it samples a smoothed map instead of aliasing one. No parameters; the
+    filter is a buffer in the state_dict (`...blur.kernel`): a network without the blur must not take these weights
+    quietly (torchvision's strict load_state_dict names the extra keys)."""
 
     def __init__(self):
         super().__init__()
         k = torch.tensor([1.0, 2.0, 1.0])
-        self.register_buffer("kernel", (k[:, None] * k[None, :] / 16).view(1, 1, 3, 3), persistent=False)
+        self.register_buffer("kernel", (k[:, None] * k[None, :] / 16).view(1, 1, 3, 3))
 
     def forward(self, x):
         c = x.shape[1]
@@ -211,7 +217,8 @@ def resnet50d(**kw): return build_model("resnet50d", **kw)
 # plain containers only, so a file cannot run code). Every key, its type, and who writes it:
 #
 #   format       int          FORMAT: the version of this layout; a file without it is version 1 (before 2026-12-03)
-#   model        dict         the bare network's state_dict: torchvision's keys, no 'module.' or '_orig_mod.' prefix
+#   model        dict         the bare network's state_dict: torchvision's keys, no 'module.' or '_orig_mod.' prefix,
+#                             and with BlurPool each blur's filter ('layerN.0.blur.kernel'), which torchvision lacks
 #   weights      str          which weights `model` holds: "model", or "ema" (app.py --export-space --ema)
 #   ema          dict | None  AveragedModel's state_dict with --ema ('module.'-prefixed weights, 'n_averaged'), else None
 #   args         dict         vars(args) of the train.py run: arch, blurpool and eval_size rebuild the network and its
@@ -239,7 +246,7 @@ def resnet50d(**kw): return build_model("resnet50d", **kw)
 # step (UPGRADES), and on top of it load_checkpoint (a network and what to run it with) and load_weights (--init-from).
 # A new field: add it here, then to its writer; a changed field: bump FORMAT and add its step to UPGRADES.
 
-FORMAT = 3
+FORMAT = 4
 RESUME_KEYS = ("optimizer", "scheduler", "scaler", "rng", "world", "global_batch", "amp", "progress")
 OPTIONAL = dict(weights="model", ema=None, args={}, argv=None, classes=None, class_names=None, metrics=None)
 KEYS = {"format", "model", *OPTIONAL, *RESUME_KEYS}
@@ -273,7 +280,18 @@ def upgrade_2_to_3(ckpt):
     return ckpt
 
 
-UPGRADES = [upgrade_1_to_2, upgrade_2_to_3]  # UPGRADES[v - 1] turns version v into v + 1
+def upgrade_3_to_4(ckpt):
+    """Version 4 keeps BlurPool's filters in the state_dict (Blur), in the weights and in the EMA's."""
+    if ckpt["args"].get("blurpool"):
+        with torch.device("meta"):  # the keys only
+            keys = [k for k in build_model(ckpt["args"]["arch"], blurpool=True).state_dict() if k.endswith("blur.kernel")]
+        ckpt["model"] = {**ckpt["model"], **{k: Blur().kernel for k in keys}}
+        if ckpt.get("ema"):  # AveragedModel's copy of the network, its buffers included
+            ckpt["ema"] = {**ckpt["ema"], **{f"module.{k}": Blur().kernel for k in keys}}
+    return ckpt
+
+
+UPGRADES = [upgrade_1_to_2, upgrade_2_to_3, upgrade_3_to_4]  # UPGRADES[v - 1] turns version v into v + 1
 assert len(UPGRADES) == FORMAT - 1, "one upgrade step per version"
 
 
@@ -327,7 +345,10 @@ def save_atomic(obj, path):
         kept = "the previous one is intact" if os.path.exists(path) else "there was none before"
         raise OSError(f"could not write {path} ({str(e).splitlines()[0]}); {kept}. Free disk space and run the same "
                       f"command again to resume") from None
-    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    except PermissionError:  # Windows opens no folder as a file: there the rename stands without its fsync
+        return
     try:
         os.fsync(fd)  # make the rename itself durable
     finally:
@@ -367,20 +388,32 @@ def load_weights(model, path, classes):
     """Only the weights of a checkpoint (or a torchvision state_dict) into `model` (train.py --init-from). A head
     trained on other classes than `classes` stays at its fresh initialization. Returns a line to print."""
     ckpt = read_checkpoint(path)
-    sd, theirs = ckpt["model"], ckpt["classes"]
-    fc, note = sd.get("fc.weight"), ""
+    theirs, note = ckpt["classes"], ""
+    blurs = {k for k in model.state_dict() if k.endswith("blur.kernel")}  # fixed filters, not learned: any fit
+    sd = {k: v for k, v in ckpt["model"].items() if k in blurs or not k.endswith("blur.kernel")}
+    if len(sd) < len(ckpt["model"]):
+        note = "; its network had BlurPool, this one has not (--no-blurpool): it starts from a different function"
+    fc = sd.get("fc.weight")
     if fc is None or fc.shape != model.fc.weight.shape or (theirs is not None and theirs != classes):
         sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
-        note = (f"; its head predicts {0 if fc is None else fc.shape[0]} other classes than the {len(classes)} of "
-                f"the data, so the fc layer starts afresh")
+        note += (f"; its head predicts {0 if fc is None else fc.shape[0]} other classes than the {len(classes)} of "
+                 f"the data, so the fc layer starts afresh")
     try:
         missing, unexpected = model.load_state_dict(sd, strict=False)
     except RuntimeError as e:
         raise ValueError(f"--init-from {path} does not fit the network: {str(e).splitlines()[1].strip()}") from None
-    if unexpected or set(missing) - {"fc.weight", "fc.bias"}:
+    if unexpected or set(missing) - {"fc.weight", "fc.bias"} - blurs:
         raise ValueError(f"--init-from {path} does not fit the network: missing {sorted(missing)[:3]}, unexpected "
                          f"{sorted(unexpected)[:3]}; pass the --arch it was trained with")
     return f"initialized from the weights of {path}{note}; optimizer, schedule and epochs start afresh"
+
+
+def newest_checkpoint(pattern="runs/*/best.pt"):
+    """The most recently written best.pt of the runs in this folder (evaluate.py, gradcam.py and app.py given no
+    --checkpoint), or None."""
+    import glob
+    found = glob.glob(pattern)
+    return max(found, key=os.path.getmtime) if found else None
 
 
 def load_checkpoint(path, arch=None, ema=False, map_location="cpu"):
@@ -451,16 +484,71 @@ def write_summary(path, arch, img_size, num_classes, blurpool=False):
     return f"{arch}: {rows[-1][2]:,} parameters, {rows[-1][3] / 1e9:.3g} G mult-adds per image at {img_size} px"
 
 
+# -----------------------------------------------------------------------------
+# an export that runs with torch alone
+
+class Deployed(nn.Module):
+    """A trained network as one function of uint8 images: (B, 3, S, S) uint8 RGB, resized and center-cropped as
+    evaluate.py does (shorter side to S / 0.875, then the middle S x S), to (B, classes) probabilities. The
+    normalization is inside; flip TTA is not (average the outputs of x and x.flip(3) for it)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+
+    def forward(self, x):                                   # (B, 3, S, S) uint8
+        return self.model((x.float() - self.mean) / self.std).softmax(1)  # (B, classes)
+
+
+def export(checkpoint, out, ema=False):
+    """model.pt2 (torch.export's program of Deployed, any batch size), classes.txt (the class names, one a line, in
+    output order) and model.json (the input, the eval size, the classes) in folder `out`. Returns the files."""
+    model, info = load_checkpoint(checkpoint, ema=ema)
+    size = info["eval_size"]
+    deployed = Deployed(model).eval()
+    example = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.export.export(deployed, (example,), dynamic_shapes={"x": {0: batch}})
+    os.makedirs(out, exist_ok=True)
+    torch.export.save(program, os.path.join(out, "model.pt2"))
+    with open(os.path.join(out, "classes.txt"), "w") as f:
+        f.write("\n".join(info["names"]) + "\n")
+    with open(os.path.join(out, "model.json"), "w") as f:
+        json.dump(dict(input=f"uint8 (B, 3, {size}, {size}), RGB, 0-255: the image's shorter side resized to "
+                             f"{round(size / 0.875)} px, then the center {size} x {size} (torchvision's Resize and "
+                             f"CenterCrop)", output="probabilities (B, classes), in the order of classes.txt",
+                       eval_size=size, resize_size=round(size / 0.875), arch=info["arch"], ema=info["ema"],
+                       tta=info["tta"], classes=info["classes"], names=info["names"],
+                       load="torch.export.load('model.pt2').module()(x)"), f, indent=1)
+    return ["model.pt2", "classes.txt", "model.json"]
+
+
 def main(argv=None):
     import argparse
-    p = argparse.ArgumentParser(description="Print a ResNet's parameters and multiply-adds per stage.")
+    p = argparse.ArgumentParser(description="Print a ResNet's parameters and multiply-adds per stage; or export a "
+                                            "checkpoint as a torch.export program (--export).")
     p.add_argument("--arch", default="resnet50", choices=list(ARCHS))
     p.add_argument("--img-size", type=int, default=224, help="input side, px")
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--blurpool", action="store_true", help="with BlurPool (its blur convs add mult-adds)")
+    p.add_argument("--export", metavar="CHECKPOINT", help="write CHECKPOINT as model.pt2 (torch alone runs it: uint8 "
+                                                          "images in, probabilities out), classes.txt and model.json")
+    p.add_argument("--out", default="export", help="with --export: the folder")
+    p.add_argument("--ema", action="store_true", help="with --export: the EMA weights")
     args = p.parse_args(argv)
     if min(args.img_size, args.num_classes) < 1:
         p.error(f"--img-size and --num-classes must be at least 1, got {args.img_size} and {args.num_classes}")
+    if args.export:
+        try:
+            files = export(args.export, args.out, args.ema)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"model.py: error: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        print(f"wrote {', '.join(os.path.join(args.out, f) for f in files)}: "
+              f"torch.export.load('{os.path.join(args.out, 'model.pt2')}').module()(uint8 images) gives probabilities")
+        return
     print(format_summary(summary(args.arch, args.img_size, args.num_classes, args.blurpool), args.arch,
                          args.img_size))
 

@@ -6,6 +6,7 @@
 #   ./run_ec2.sh launch            AMI, IAM role, security group, spot or on-demand instance, user-data that runs
 #                                  setup, data and train (and again after a reboot); README "From zero"
 #   ./run_ec2.sh ssh | logs | status-remote | terminate
+#   ./run_ec2.sh tunnel [PORT ...] app.py's page and TensorBoard on the instance, here (ports 7860, 6006)
 #   ./run_ec2.sh resume            a new instance for a run whose instance was reclaimed: it continues from S3
 # On the instance:
 #   ./run_ec2.sh setup             venv + requirements; check GPUs, disk and shared memory
@@ -23,7 +24,6 @@ VENV=${VENV:-$REPO_DIR/.venv}                        # the virtual environment s
 DATA_DIR=${DATA_DIR:-/mnt/imagenet}                  # fast local disk (instance store or gp3)
 S3_DATA=${S3_DATA:-}                                 # s3://bucket/imagenet-1k: an ImageFolder tree or the Kaggle zip
 S3_RUNS=${S3_RUNS:-}                                 # s3://bucket/runs: where OUT is backed up
-OUT=${OUT:-$REPO_DIR/runs/default}                   # train.py --out; its S3 copy is S3_RUNS/<name of OUT>
 BACKUP_MIN=${BACKUP_MIN:-10}                         # minutes between backups
 HOURLY_USD=${HOURLY_USD:-0}                          # the instance's price, for status, the budget and train.py's log
 BUDGET_USD=${BUDGET_USD:-}                           # stop the run (cleanly) once the instance has cost this much
@@ -36,7 +36,12 @@ BUDGET_POLL_S=${BUDGET_POLL_S:-60}                   # seconds between budget ch
 MIN_FREE_GB=${MIN_FREE_GB:-400}                      # ImageNet takes about 160 GB, its zip as much again
 MIN_SHM_GB=${MIN_SHM_GB:-8}                          # DataLoader workers pass batches through /dev/shm
 TRAIN_CMD=${TRAIN_CMD:-}                             # replaces "torchrun ... train.py" (tests use a stand-in)
-AWS=${AWS:-aws}                                      # the AWS CLI
+AWS=${AWS:-$(command -v aws >/dev/null && echo aws || echo "$VENV/bin/aws")}  # the AWS CLI (setup puts one in VENV
+                                                     # where there is none)
+SUDO=${SUDO-sudo}                                    # privileged commands go through these (tests replace them;
+                                                     # sudo ignores stand-ins on PATH); empty: no sudo
+APT_GET=${APT_GET:-apt-get}
+NEEDED=${NEEDED:-git curl tmux unzip python3 aws}    # the commands setup checks for
 DRY_RUN=${DRY_RUN:-0}                                # 1: print the commands, run nothing
 # launch (on the laptop)
 INSTANCE_TYPE=${INSTANCE_TYPE:-}                     # e.g. g6e.xlarge or p5.4xlarge: README "Choosing an instance"
@@ -46,8 +51,13 @@ REGION=${REGION:-${AWS_DEFAULT_REGION:-us-east-1}}
 KEY_NAME=${KEY_NAME:-}                               # an EC2 key pair for ssh
 KEY_FILE=${KEY_FILE:-$HOME/.ssh/$KEY_NAME.pem}
 REPO_URL=${REPO_URL:-}                               # what the instance clones; default: this checkout's origin
-RUN=${RUN:-$(basename "$OUT")}                       # the run's name: runs/RUN on the instance, S3_RUNS/RUN in S3
 TRAIN_ARGS=${TRAIN_ARGS:-}                           # train.py flags for the launched run, e.g. "--epochs 16"
+# the run's name: runs/RUN on the instance, S3_RUNS/RUN in S3; by default, what it trains, as train.py names its
+# folder (<the data's folder name>-<arch>): an Imagenette try-out and the ImageNet run never share a folder
+[[ $TRAIN_ARGS =~ --arch[=\ ]+([a-z0-9]+) ]] && ARCH=${BASH_REMATCH[1]} || ARCH=resnet50
+if [[ -n ${OUT:-} ]]; then default_run=$(basename "$OUT"); else default_run=$(basename "${S3_DATA:-$DATA_DIR}")-$ARCH; fi
+RUN=${RUN:-$default_run}
+OUT=${OUT:-$REPO_DIR/runs/$RUN}                      # train.py --out; its S3 copy is S3_RUNS/<name of OUT>
 NAME_PREFIX=${NAME_PREFIX:-resnet-ec2}               # the IAM role, instance profile and security group
 AMI_PARAM=${AMI_PARAM:-/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-24.04/latest/ami-id}
 MY_IP=${MY_IP:-}                                     # SSH is open to this address only; default: checkip.amazonaws.com
@@ -69,7 +79,7 @@ run() { if [[ $DRY_RUN == 1 ]]; then printf '+ %s\n' "$*"; else "$@"; fi; }
 
 usage() {
     case ${1:-} in
-        setup) echo "setup: create $VENV (reusing a CUDA torch already on the system), install requirements.txt, and check nvidia-smi, free disk (MIN_FREE_GB) and /dev/shm (MIN_SHM_GB)." ;;
+        setup) echo "setup: check the commands it needs (NEEDED; installed where missing on an instance, else named), create $VENV (reusing a CUDA torch already on the system), install requirements.txt (and tensorboard when TRAIN_ARGS ask), and check nvidia-smi, free disk (MIN_FREE_GB) and /dev/shm (MIN_SHM_GB)." ;;
         data) echo "data: create DATA_DIR (with sudo where the user may not write, as /mnt), aws s3 sync S3_DATA there (or download and unzip the Kaggle zip found there), then train.py --check-data." ;;
         train) echo "train [train.py flags]: torchrun --nproc_per_node=<GPUs> train.py --data DATA_DIR --out OUT [flags] in tmux session SESSION (nohup without tmux), every setting passed explicitly, output to OUT/train.log. Restarted after 'preempted', and after 'crashed' only when last.pt moved on since the start; stopped on done, a config error, or BUDGET_USD. Starts the S3 backup and the spot watcher (S3_RUNS) and the budget guard (BUDGET_USD). With no OUT/last.pt it first restores OUT from S3_RUNS." ;;
         backup) echo "backup: aws s3 sync OUT to S3_RUNS/<name of OUT> every BACKUP_MIN minutes while training runs, and once more at the end (train starts it)." ;;
@@ -81,6 +91,7 @@ usage() {
         launch) echo "launch: from INSTANCE_TYPE, SPOT, DISK_GB, S3_DATA, S3_RUNS, REPO_URL, KEY_NAME, REGION (and RUN, TRAIN_ARGS, HOURLY_USD, BUDGET_USD): the Deep Learning AMI from SSM (AMI_PARAM), an IAM role that reads S3_DATA and writes S3_RUNS, a security group open to MY_IP's SSH only, the instance, and user-data that runs setup, data and train on every boot (systemd)." ;;
         resume) echo "resume: launch a new instance for RUN, which must have a last.pt in S3_RUNS/RUN: train restores it and continues." ;;
         ssh|logs|status-remote|terminate) echo "ssh | logs | status-remote | terminate: log in to RUN's instance, print its last log lines (over SSH, else from S3_RUNS), run status there, or terminate it." ;;
+        tunnel) echo "tunnel [PORT ...]: forward local ports (default 7860 and 6006) to RUN's instance's 127.0.0.1 over SSH: app.py's page and TensorBoard, which listen there only; the security group stays SSH-only." ;;
         *) sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' ;;
     esac
 }
@@ -125,8 +136,31 @@ settings_env() {  # NAME=value for every setting that is set, one a line
 # -----------------------------------------------------------------------------
 # on the instance
 
+on_ec2() { [[ -n $(imds_get meta-data/instance-id) ]]; }
+
+check_commands() {  # every command the steps need: installed where missing on an instance, else named with the fix
+    local cmd missing=() packages=()
+    for cmd in $NEEDED; do
+        command -v "$cmd" >/dev/null 2>&1 || missing+=("$cmd")
+    done
+    [[ ${#missing[@]} -gt 0 ]] || return 0
+    for cmd in "${missing[@]}"; do
+        case $cmd in aws) ;; python3) packages+=(python3-venv) ;; *) packages+=("$cmd") ;; esac
+    done
+    if ! on_ec2; then
+        local fix=""
+        [[ ${#packages[@]} -eq 0 ]] || fix="sudo apt-get install -y ${packages[*]}"
+        [[ " ${missing[*]} " != *" aws "* ]] || fix="${fix:+$fix; }pip install awscli"
+        die "missing: ${missing[*]}; install them (on Debian or Ubuntu: $fix), then run setup again"
+    fi
+    say "installing what this instance lacks: ${missing[*]}"
+    if [[ ${#packages[@]} -gt 0 ]]; then run $SUDO "$APT_GET" install -y -q "${packages[@]}"; fi
+    # aws: into the venv (Ubuntu 24.04 packages no AWS CLI); AWS falls back to VENV's
+}
+
 cmd_setup() {
     local gpus free_gb shm_gb
+    check_commands
     if [[ $DRY_RUN != 1 ]] && python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
         say "a CUDA torch is installed system-wide: reusing it"
         [[ -x $VENV/bin/python ]] || run python3 -m venv --system-site-packages "$VENV"
@@ -137,6 +171,8 @@ cmd_setup() {
         [[ -x $VENV/bin/python ]] || run python3 -m venv "$VENV"
         run "$VENV/bin/pip" install -q -r "$REPO_DIR/requirements.txt"
     fi
+    if ! command -v aws >/dev/null 2>&1 && [[ " $NEEDED " == *" aws "* ]]; then run "$VENV/bin/pip" install -q awscli; fi
+    if [[ " $TRAIN_ARGS " == *" --tensorboard "* ]]; then run "$VENV/bin/pip" install -q tensorboard; fi
     gpus=$(gpu_count)
     [[ $gpus -gt 0 ]] || say "warning: nvidia-smi finds no GPU; training would run on the CPU"
     say "GPUs: $gpus"
@@ -639,6 +675,18 @@ cmd_logs() {
         || { say "no SSH to the instance: the log of the last backup"; run "$AWS" --region "$REGION" s3 cp "$S3_RUNS/$RUN/train.log" - | tail -n "${LINES_N:-40}"; }
 }
 
+cmd_tunnel() {  # local ports to the instance's 127.0.0.1 over SSH: the demo (7860) and TensorBoard (6006) by default
+    local ports=("$@") forwards=() port
+    [[ ${#ports[@]} -gt 0 ]] || ports=(7860 6006)
+    for port in "${ports[@]}"; do
+        [[ $port =~ ^[0-9]+$ ]] || die "tunnel takes port numbers, got '$port'"
+        forwards+=(-L "$port:127.0.0.1:$port")
+    done
+    say "forwarding ${ports[*]} to the instance's 127.0.0.1 (only SSH is open): http://127.0.0.1:${ports[0]} here; Ctrl-C ends it"
+    run ssh -i "$KEY_FILE" -o StrictHostKeyChecking=accept-new -o ExitOnForwardFailure=yes -N "${forwards[@]}" \
+        "$REMOTE_USER@$(instance_ip)"
+}
+
 cmd_terminate() {
     aws_q "" ec2 terminate-instances --instance-ids "$(instance_id)" --query 'TerminatingInstances[0].CurrentState.Name' --output text
     [[ $DRY_RUN == 1 ]] || rm -f "$(state_file)"
@@ -664,6 +712,7 @@ main() {
         logs) cmd_logs "$@" ;;
         status-remote) ssh_cmd "cd ~/resnet && OUT=~/resnet/runs/$RUN HOURLY_USD=$HOURLY_USD ./run_ec2.sh status" ;;
         terminate) cmd_terminate "$@" ;;
+        tunnel) cmd_tunnel "$@" ;;
         -h|--help|help) usage ;;
         "") usage; return 2 ;;
         *) say "unknown subcommand '$sub'"; usage; return 2 ;;

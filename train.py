@@ -69,7 +69,8 @@ def add_step_args(p):
     train.py command it suggests): a flag added here reaches both scripts."""
     flag = argparse.BooleanOptionalAction
     # data
-    p.add_argument("--data", help=f"dataset root (README 'Data layouts'); default: Imagenette in {data.DEFAULT_DATA}")
+    p.add_argument("--data", help=f"dataset root (README 'Data layouts'); default: $DATA_DIR, else Imagenette in "
+                                  f"{data.DEFAULT_DATA}")
     p.add_argument("--preset", default="default", choices=list(PRESETS), help="24, 16 or 90 epochs (README)")
     p.add_argument("--img-size", type=int, default=192, help="training crop side, px (the last epochs' size)")
     p.add_argument("--subset", type=float, default=1.0, help="train on this fraction of each class (0, 1]")
@@ -94,7 +95,7 @@ def add_step_args(p):
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="auto: bf16 if native")
     p.add_argument("--channels-last", action=flag, default=True, help="NHWC memory layout")
     p.add_argument("--seed", type=int, default=0, help="seeds init, data order, augmentation and mixing")
-    p.add_argument("--out", default="runs/default", help="output folder")
+    p.add_argument("--out", help="output folder; default: runs/<the data's folder name>-<arch>")
     return p
 
 
@@ -113,6 +114,8 @@ def add_run_args(p):
     g.add_argument("--target-top1", type=float, help="stop once val top-1 (EMA's with --ema) reaches this, %%")
     g.add_argument("--compile", action=flag, default=False, help="torch.compile the step (minutes; faster on GPUs)")
     g.add_argument("--hourly-usd", type=float, help="the machine's price per hour, for costs in the log")
+    g.add_argument("--tensorboard", action="store_true", help="also log to OUT/tb/ for TensorBoard (pip install "
+                                                              "tensorboard)")
     g.add_argument("--resume", default="auto", help="auto (OUT/last.pt if present), none, or a checkpoint path")
     g.add_argument("--stop-epoch", type=int, help="stop after this many epochs, schedule unchanged")
     g.add_argument("--log-every", type=int, default=50, help="optimizer steps between progress lines")
@@ -152,6 +155,12 @@ def check_run_args(p, args):
                           "--resume PATH continues one: give one of them")):
         if bad:
             p.error(message)
+    if args.tensorboard:  # optional: imported only when asked for, and refused before any work when missing
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError:
+            p.error("--tensorboard needs the tensorboard package, which is not installed: pip install tensorboard "
+                    "(run_ec2.sh setup installs it when TRAIN_ARGS ask for --tensorboard)")
     # FFCV's 160 -> 192 px, evaluated at 256: 5/6 and 4/3 of --img-size, in multiples of 16 px as FFCV's sizes are
     args.min_img_size = args.min_img_size or min(args.img_size, max(16, 16 * round(args.img_size * 5 / 96)))
     args.eval_size = args.eval_size or max(16, 16 * round(args.img_size / 12))
@@ -171,6 +180,10 @@ def parse_args(argv=None):
     args, unknown = with_preset(p, argv)
     if unknown:
         p.error(f"unrecognized arguments: {' '.join(unknown)}")
+    # a run's folder is named after what it trains, so that an Imagenette quick start and an ImageNet run never share
+    # one (auto-resume would find the other's last.pt)
+    args.out = args.out or os.path.join("runs", f"{os.path.basename(os.path.normpath(args.data or data.default_root()))}"
+                                                f"-{args.arch}")
     return check_run_args(p, check_step_args(p, args))
 
 
@@ -496,7 +509,7 @@ def train(args):
     ddp, rank, world, device = init_distributed(args.device)
     master = rank == 0
     print0 = partial(print, flush=True) if master else (lambda *a, **k: None)
-    root = args.data or str(data.default_data() if master else data.DEFAULT_DATA)
+    root = args.data or str(data.default_data() if master else data.default_root())
     if ddp and args.data is None:
         dist.barrier()  # the download, on rank 0
     sizes = epoch_sizes(args)
@@ -547,8 +560,14 @@ def train(args):
     parts = dict(model=raw_model, ema=ema, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
     progress = resume(ckpt, resume_path, args, classes, world, parts, amp, accum, steps_per_epoch, print0) if ckpt \
         else fresh_progress()
-    del ckpt
+    resumed = ckpt is not None
+    del ckpt  # its memory, as large as the model and the optimizer
     rows = read_log(os.path.join(args.out, "log.jsonl")) if master else []  # for the trend and the curves
+    tb = None
+    if args.tensorboard and master:  # at global steps; a resume drops what a stopped session logged after its save
+        from torch.utils.tensorboard import SummaryWriter
+        done = progress["epochs_done"] * steps_per_epoch + progress["step"]
+        tb = SummaryWriter(os.path.join(args.out, "tb"), purge_step=done + 1 if resumed else None)
 
     # SIGTERM (a spot reclaim; torchrun forwards it): finish the step, checkpoint, exit with preempted
     signals = []
@@ -596,6 +615,9 @@ def train(args):
                        f"loss {avg:.4f} lr {lr:.4g} img/s {global_batch / step_s:.0f} eta {fmt_time(eta)}"
                        + (f" (${eta / 3600 * args.hourly_usd:.2f})" if args.hourly_usd else "")
                        + (f" mem {mem:.1f}GiB" if mem else ""))
+                if tb is not None:
+                    tb.add_scalar("train/loss", avg, epoch * steps_per_epoch + step + 1)
+                    tb.add_scalar("train/lr", lr, epoch * steps_per_epoch + step + 1)
 
             # a preemption, or --save-every-min (rank 0's clock): a mid-epoch checkpoint; not after the last step,
             # where the epoch's own follows. All ranks agree every step, since all take part in the save's sums.
@@ -606,6 +628,8 @@ def train(args):
             progress.update(epochs_done=epoch, step=step + 1, sums=global_sums(sums))
             if master:
                 save_mid_epoch(parts, progress, args, run, info, preempted)
+                if tb is not None:
+                    tb.flush()
             t_saved = time.time()
             if preempted:
                 return "preempted"
@@ -622,11 +646,19 @@ def train(args):
         is_best, progress = row["val_top1"] > progress["best_top1"], fresh_progress(epoch + 1, row["best_top1"])
 
         # the epoch's line, then on rank 0 its checkpoints, log and curves
-        print0(f"epoch {epoch + 1}/{args.epochs} done: train loss {row['train_loss']:.4f} val loss "
-               f"{row['val_loss']:.4f} top-1 {row['val_top1']:.2f}% top-5 {row['val_top5']:.2f}% ({row['val_n']} "
-               f"images)" + (f", trend {row['trend']:+.2f} points/epoch" if row["trend"] is not None else "")
-               + f" in {fmt_time(row['epoch_s'])}, {row['img_per_s']:.0f} img/s"
+        train_top1 = "mixed" if row["train_top1"] is None else f"{row['train_top1']:.2f}%"
+        print0(f"epoch {epoch + 1}/{args.epochs} done: train loss {row['train_loss']:.4f} top-1 {train_top1} | val "
+               f"loss {row['val_loss']:.4f} top-1 {row['val_top1']:.2f}% top-5 {row['val_top5']:.2f}% ({row['val_n']} "
+               f"images)" + (f", EMA top-1 {row['ema_top1']:.2f}%" if "ema_top1" in row else "")
+               + (", a new best" if is_best else "")
+               + (f"; trend {row['trend']:+.2f} points/epoch" if row["trend"] is not None else "")
+               + f"; {fmt_time(row['epoch_s'])}, {row['img_per_s']:.0f} img/s"
                + (f"; {row['bad_images']} unreadable images replaced" if row["bad_images"] else ""))
+        if tb is not None:
+            for key in ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "ema_top1", "img_per_s"):
+                if row.get(key) is not None:
+                    tb.add_scalar(f"epoch/{key}", row[key], (epoch + 1) * steps_per_epoch)
+            tb.flush()
         if master:
             rows.append(row)
             save_epoch(snapshot(parts, progress, args, run, info, row), args, is_best, rows)
@@ -643,6 +675,8 @@ def train(args):
         if ddp:
             dist.barrier()  # nobody races ahead of a checkpoint
 
+    if tb is not None:
+        tb.close()
     if ddp:
         print0(f"weights identical on all {world} ranks (checksum {check_ranks_agree(raw_model, device):.6f})")
     print0(f"best val top-1 {progress['best_top1']:.2f}%; checkpoints and curves.png in {args.out}")
@@ -668,6 +702,7 @@ def main(argv=None):
     try:
         if tool:  # dataset tools, not training: no process group, and no OUT/status
             root, workers = args.data or str(data.default_data()), data.default_workers(args.workers)
+            print(f"data {root}", flush=True)
             if args.check_data:
                 return data.check_data(root, workers)
             return data.shrink_dataset(root, args.shrink, args.max_side, workers)

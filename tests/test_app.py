@@ -204,7 +204,8 @@ def test_no_checkpoint_and_no_internet_fails_with_one_line(tmp_path):
             timeout=120)
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
     line = p.stderr.strip().splitlines()[-1]
-    assert "no checkpoint at runs/default/best.pt" in line and "could not be downloaded" in line
+    assert "no checkpoint (no --checkpoint, no model.pt beside app.py, no runs/*/best.pt)" in line
+    assert "could not be downloaded" in line
     assert "python train.py" in line
     p = run([sys.executable, str(ROOT / "app.py"), "--checkpoint", str(tmp_path / "nope.pt")], check=False,
             cwd=tmp_path, env=env, timeout=120)
@@ -280,11 +281,12 @@ def test_the_exported_space_runs_alone_and_classifies_a_photo(checkpoint, exampl
     assert "wrote" in p.stdout
     names = {str(f.relative_to(out)) for f in out.rglob("*") if f.is_file()}
     assert {"app.py", "model.py", "data.py", "gradcam.py", "evaluate.py", "runtime.py", "model.pt",
-            "requirements.txt", "README.md", "curves.png"} <= names
+            "requirements.txt", "README.md", "curves.png", "LICENSE"} <= names
     assert len([n for n in names if n.startswith("examples/")]) == 4
     card = (out / "README.md").read_text()
     assert card.startswith("---\ntitle: resnet50") and "\nsdk: gradio\n" in card and "\napp_file: app.py\n" in card
     assert "| val top-1 |" in card and "python train.py --data" in card and "](curves.png)" in card
+    assert "\nlicense: mit\n" in card and "under ImageNet's terms of access" in card
     import torch
     weights = torch.load(out / "model.pt", weights_only=True)
     assert "optimizer" not in weights and weights["args"]["eval_size"] == 224 and len(weights["class_names"]) == 10
@@ -385,3 +387,11 @@ def test_ema_weights_are_served_when_asked_for(tiny_data, tmp_path):
     p = run([sys.executable, str(ROOT / "app.py"), "--checkpoint", str(no_ema / "last.pt"), "--ema"], check=False,
             env=GRADIO_ENV)
     assert p.returncode == 2 and "holds no EMA weights" in p.stderr.strip().splitlines()[-1]
+
+
+def test_push_needs_an_explicit_checkpoint(capsys):
+    """The newest run is never published by accident: --push names its checkpoint."""
+    import app
+    from conftest import error_line
+    line = error_line(app.main, ["--export-space", "space", "--push", "someone/demo"], capsys)
+    assert "--push needs an explicit --checkpoint" in line

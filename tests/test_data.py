@@ -248,3 +248,21 @@ def test_shrink_copies_the_layout_with_short_sides_capped(tmp_path):
     assert len(train_set) == 2 * 10 + 1 and info["classes"] == sorted(os.listdir(root / "train"))
     with pytest.raises(ValueError, match="inside --data"):
         data.shrink_dataset(root, root / "copy", 120, workers=1)
+
+
+def test_windows_has_no_sessions_and_opens_no_folder(tmp_path, monkeypatch):
+    """The CPU quick start on Windows: loader workers without os.setsid, and a checkpoint written where a folder
+    cannot be opened to fsync the rename (Windows raises PermissionError). Simulated here; not tested on Windows."""
+    import model
+    monkeypatch.delattr(os, "setsid")
+    data.own_session(0)
+    real_open = os.open
+
+    def windows_open(path, flags, *rest):
+        if os.path.isdir(path):
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, flags, *rest)
+
+    monkeypatch.setattr(os, "open", windows_open)
+    model.save_atomic({"w": torch.ones(3)}, tmp_path / "last.pt")
+    assert torch.equal(torch.load(tmp_path / "last.pt", weights_only=True)["w"], torch.ones(3))

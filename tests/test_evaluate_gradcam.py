@@ -2,7 +2,9 @@
 import csv
 import json
 import os
+import shutil
 import sys
+import time
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ import torchvision
 from torchvision import transforms as T
 
 import gradcam
-from conftest import ROOT, SAMPLES, link_tree, needs_imagenette, run, torchrun_cmd, train_cmd
+from conftest import ROOT, SAMPLES, error_line, link_tree, needs_imagenette, run, torchrun_cmd, train_cmd
 
 pytestmark = needs_imagenette
 
@@ -228,3 +230,23 @@ def test_gradcam_reuses_predictions_only_from_the_same_evaluation(trained, tmp_p
     assert "reading" in gc()
     os.utime(ckpt)  # a newer checkpoint at the same path
     assert "another checkpoint_mtime_ns" in gc()
+
+
+def test_without_a_checkpoint_the_newest_run_is_taken_and_named(trained, tmp_path, monkeypatch, capsys):
+    """evaluate.py and gradcam.py given no --checkpoint take the newest runs/*/best.pt and say which, and which data;
+    with none, one line says how to get one."""
+    import evaluate
+    _, ckpt = trained
+    for name, age in (("old", 100), ("new", 0)):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        shutil.copy(ckpt, tmp_path / "runs" / name / "best.pt")
+        os.utime(tmp_path / "runs" / name / "best.pt", (time.time() - age, time.time() - age))
+    monkeypatch.chdir(tmp_path)
+    evaluate.main(["--workers", "0"])
+    out = capsys.readouterr().out
+    assert f"no --checkpoint: the newest run's, {os.path.join('runs', 'new', 'best.pt')}" in out
+    assert f"data {trained[0]}" in out and (tmp_path / "runs" / "new" / "eval" / "predictions.csv").exists()
+    gradcam.main(["--worst", "2", "--workers", "0"])
+    assert "the newest run's" in capsys.readouterr().out and (tmp_path / "runs" / "new" / "eval" / "worst.csv").exists()
+    monkeypatch.chdir(tmp_path / "runs")
+    assert "no --checkpoint given and no runs/*/best.pt here" in error_line(evaluate.main, [], capsys)

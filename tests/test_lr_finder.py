@@ -215,10 +215,34 @@ def test_the_printed_command_is_the_run_that_was_meant():
     args = lr_finder.parse_args(["--preset", "long", "--arch", "resnet18", "--img-size", "128", "--batch-size", "32",
                                  "--label-smoothing", "0.2", "--no-blurpool", "--weight-decay", "5e-5"])
     command = lr_finder.run_command(args, "/mnt/imagenet", 0.8, gpus=8, run_bs=256)
-    assert command == ("torchrun --nproc_per_node=8 train.py --preset long --img-size 128 --arch resnet18 "
-                       "--no-blurpool --weight-decay 5e-05 --label-smoothing 0.2 --batch-size 256 --lr 0.8")
+    assert command == ("torchrun --nproc_per_node=8 train.py --data /mnt/imagenet --preset long --img-size 128 "
+                       "--arch resnet18 --no-blurpool --weight-decay 5e-05 --label-smoothing 0.2 --batch-size 256 "
+                       "--lr 0.8")
     parsed = train.parse_args(shlex.split(command)[shlex.split(command).index("train.py") + 1:])
     assert (parsed.mixup, parsed.cutmix, parsed.epochs, parsed.blurpool) == (0.2, 1.0, 90, False)
     plain = lr_finder.parse_args(["--data", "/mnt/imagenet"])
     assert lr_finder.run_command(plain, "/mnt/imagenet", 0.1, gpus=1, run_bs=256) == \
         "python train.py --data /mnt/imagenet --batch-size 256 --lr 0.1"
+
+
+def test_the_lr_test_says_its_data_keeps_earlier_plots_and_starts_from_init_from(tiny_data, tmp_path, monkeypatch,
+                                                                                capsys):
+    """With no --data it runs on $DATA_DIR when that is set (run_ec2.sh sets it to the instance's ImageNet), says so,
+    and the command it prints trains on that data; a second test keeps the first one's plot and says where its own
+    went; --init-from starts the test from those weights (the LR of a fine-tuning phase) and is in the command."""
+    monkeypatch.setenv("DATA_DIR", str(tiny_data))
+    common = ["--arch", "resnet18", "--img-size", "32", "--batch-size", "16", "--iters", "10", "--workers", "0",
+              "--device", "cpu", "--out", str(tmp_path)]
+    lr_finder.main(common)
+    out = capsys.readouterr().out
+    assert f"data {tiny_data} (no --data: $DATA_DIR, else Imagenette)" in out
+    assert json.loads(out.strip().splitlines()[-1])["command"].startswith(f"python train.py --data {tiny_data} ")
+    tv = tmp_path / "tv.pth"
+    torch.save(train.build_model("resnet18", num_classes=10).state_dict(), tv)
+    lr_finder.main(common + ["--init-from", str(tv)])
+    out = capsys.readouterr().out
+    first, second = tmp_path / "lr_finder_resnet18_32px_b16", tmp_path / "lr_finder_resnet18_32px_b16_2"
+    assert f"{first}.png is an earlier test's: this one is {second}.png" in out and f"initialized from the weights of {tv}" in out
+    assert f" --init-from {tv} " in json.loads(out.strip().splitlines()[-1])["command"]
+    curves = [json.loads(open(f"{stem}.json").read())["raw"] for stem in (first, second)]
+    assert curves[0][0] != curves[1][0]  # the second test started from the given weights, not the run's own init

@@ -1,4 +1,5 @@
 """model.py against torchvision: the same keys and shapes, the same outputs under the same weights."""
+import json
 import pickle
 import sys
 
@@ -7,7 +8,7 @@ import torch
 import torchvision
 
 import model as M
-from conftest import ROOT, run
+from conftest import ROOT, SAMPLES, run
 
 TORCHVISION_ARCHS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
 
@@ -148,20 +149,24 @@ def add_reference_blur(module):
             add_reference_blur(child)
 
 
+BLURS = ["layer2.0.blur.kernel", "layer3.0.blur.kernel", "layer4.0.blur.kernel"]
+
+
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
 def test_blurpool_equals_reference_and_keeps_torchvision_keys(arch):
+    """torchvision's keys, and each blur's fixed filter besides (which torchvision's ResNet has no place for)."""
     torch.manual_seed(0)
     ours = M.build_model(arch, num_classes=7, blurpool=True).eval()
     ref = getattr(torchvision.models, arch)(num_classes=7)
-    assert list(ours.state_dict()) == list(ref.state_dict())  # no new keys: torchvision weights load
-    ref.load_state_dict(ours.state_dict())
+    assert sorted(ours.state_dict()) == sorted([*ref.state_dict(), *BLURS])
+    ref.load_state_dict({k: v for k, v in ours.state_dict().items() if k not in BLURS})
     add_reference_blur(ref)
     ref.eval()
     x = torch.randn(2, 3, 96, 96)
     with torch.no_grad():
         out, expected = ours(x), ref(x)
         plain = M.build_model(arch, num_classes=7).eval()
-        plain.load_state_dict(ours.state_dict())
+        plain.load_state_dict({k: v for k, v in ours.state_dict().items() if k not in BLURS})
         assert not torch.allclose(plain(x), out, atol=1e-3)  # the blur does change the network
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
     blurs = [m for m in ours.modules() if isinstance(m, M.Blur)]
@@ -190,3 +195,49 @@ def test_summary_matches_torchvisions_own_figures():
         assert sum(r[2] for r in rows[:-1]) == total[2] and sum(r[3] for r in rows[:-1]) == total[3]
     p = run([sys.executable, str(ROOT / "model.py"), "--arch", "resnet50", "--img-size", "224"])
     assert "25,557,032" in p.stdout and "4,089,184,256" in p.stdout and "layer4" in p.stdout
+
+
+def test_a_blurpool_checkpoint_does_not_load_silently_into_torchvision(tmp_path):
+    """torchvision's ResNet has no blur: with a BlurPool checkpoint's weights it computes something else, so its
+    strict load must fail and name the blur's keys (it loaded silently before the format kept them). Checkpoints
+    written before that upgrade gain the filters; --no-blurpool weights still load into torchvision."""
+    net = M.build_model("resnet18", num_classes=10, blurpool=True)
+    M.save_checkpoint(dict(model=net.state_dict(), args=dict(arch="resnet18", blurpool=True)), tmp_path / "b.pt")
+    sd = torch.load(tmp_path / "b.pt", weights_only=True)["model"]  # what a user hands torchvision
+    with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: "layer2.0.blur.kernel"'):
+        torchvision.models.resnet18(num_classes=10).load_state_dict(sd)
+    old = {k: v for k, v in net.state_dict().items() if k not in BLURS}  # format 3 kept no filter
+    M.save_atomic(dict(format=3, model=old, args=dict(arch="resnet18", blurpool=True)), tmp_path / "old.pt")
+    assert set(BLURS) <= set(M.read_checkpoint(tmp_path / "old.pt")["model"])
+    plain = M.build_model("resnet18", num_classes=10)
+    M.save_checkpoint(dict(model=plain.state_dict(), args=dict(arch="resnet18", blurpool=False)), tmp_path / "p.pt")
+    torchvision.models.resnet18(num_classes=10).load_state_dict(torch.load(tmp_path / "p.pt", weights_only=True)["model"])
+
+
+def test_the_export_runs_with_torch_alone_and_equals_model_py(tmp_path):
+    """python model.py --export: a torch.export program of uint8 images to probabilities, the normalization inside,
+    with classes.txt and model.json beside it; loaded by a process that has nothing of this repository, it gives
+    model.py's outputs on real photos, at any batch size."""
+    torch.manual_seed(0)
+    net = M.build_model("resnet18", num_classes=3, blurpool=True).eval()
+    names = ["tench", "church", "golf ball"]
+    M.save_checkpoint(dict(model=net.state_dict(), args=dict(arch="resnet18", blurpool=True, eval_size=64, tta=True),
+                           classes=["n01440764", "n03028079", "n03445777"], class_names=names), tmp_path / "c.pt")
+    p = run([sys.executable, str(ROOT / "model.py"), "--export", str(tmp_path / "c.pt"), "--out", str(tmp_path / "x")])
+    assert "model.pt2" in p.stdout
+    assert (tmp_path / "x" / "classes.txt").read_text().splitlines() == names
+    meta = json.loads((tmp_path / "x" / "model.json").read_text())
+    assert (meta["eval_size"], meta["resize_size"]) == (64, 73) and meta["input"].startswith("uint8 (B, 3, 64, 64)")
+    import data
+    photos = torch.stack([data.eval_transform(64)(data.load_rgb(f)) for f in sorted(SAMPLES.iterdir())[:5]])
+    torch.save(photos, tmp_path / "photos.pt")
+    alone = ("import sys, torch; sys.path = [p for p in sys.path if p not in ('', '.')]; "
+             "program = torch.export.load(sys.argv[1]).module(); x = torch.load(sys.argv[2]); "
+             "torch.save([program(x), program(x[:1])], sys.argv[3])")
+    run([sys.executable, "-c", alone, str(tmp_path / "x" / "model.pt2"), str(tmp_path / "photos.pt"),
+         str(tmp_path / "out.pt")], cwd=tmp_path)
+    out, one = torch.load(tmp_path / "out.pt", weights_only=True)
+    with torch.no_grad():
+        expected = net(M.normalize(photos)).softmax(1)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(one, expected[:1], rtol=1e-5, atol=1e-6)

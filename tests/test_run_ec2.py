@@ -532,7 +532,8 @@ def test_launch_creates_what_it_says_its_user_data_trains_and_resume_finds_the_r
     stand_in = write_trainer(tmp_path, STAND_IN)
     with open(boot / "etc/resnet-run.env", "a") as f:
         extra = {**moto, "VENV": str(Path(sys.executable).parent.parent), "TRAIN_CMD": stand_in, "SEQUENCE": "done+",
-                 "PATH": f"{fake}:{BIN}:{os.environ['PATH']}", "IMDS_URL": imds, "MIN_FREE_GB": "0"}
+                 "PATH": f"{fake}:{BIN}:{os.environ['PATH']}", "IMDS_URL": imds, "MIN_FREE_GB": "0",
+                 "SUDO": "", "APT_GET": str(fake / "systemctl")}  # a missing command is "installed" by the recorder
         f.writelines(f"{k}={shlex.quote(v)}\n" for k, v in extra.items())
     p = subprocess.run([str(boot / "usr/local/bin/resnet-run")], capture_output=True, text=True, timeout=300,
                        env={k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "TMUX")})
@@ -600,3 +601,43 @@ def test_a_reclaimed_run_continues_on_another_instance_type_with_its_flags_and_i
                                        r"\(spent.json\): \$([0-9.]+)", status).groups())
     assert mine == pytest.approx(5.67, abs=0.05) and total == pytest.approx(30 + mine, abs=0.011), status
     assert set(json.loads((out / "spent.json").read_text())) == {"i-first", "i-0123"}
+
+
+def test_tunnel_reaches_the_demo_and_tensorboard_over_ssh_only(tmp_path):
+    """app.py and TensorBoard listen on the instance's 127.0.0.1 and only SSH is open: `tunnel` forwards local ports
+    to them over SSH; the security group is not touched (launch opens port 22 alone)."""
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "r50.instance").write_text("i-0abc\n")
+    env = {"DRY_RUN": "1", "STATE_DIR": str(tmp_path / "state"), "RUN": "r50", "KEY_FILE": "/k.pem"}
+    p = sh(["tunnel"], env)
+    assert ("+ ssh -i /k.pem -o StrictHostKeyChecking=accept-new -o ExitOnForwardFailure=yes -N -L "
+            "7860:127.0.0.1:7860 -L 6006:127.0.0.1:6006 ubuntu@203.0.113.1") in p.stdout
+    assert "-L 8080:127.0.0.1:8080 " in sh(["tunnel", "8080"], env).stdout
+    p = sh(["tunnel", "http"], env, check=False)
+    assert p.returncode == 2 and "tunnel takes port numbers" in p.stderr
+    assert "authorize-security-group-ingress" not in p.stderr + p.stdout
+
+
+def test_setup_checks_the_commands_it_needs(tmp_path, imds):
+    """Elsewhere a missing command stops setup with one line that names the fix; on an instance (IMDS answers) it
+    is installed, with the privileged command through SUDO and APT_GET (here only printed: DRY_RUN)."""
+    env = {"NEEDED": "git no-such-tool aws", "AWS": "/bin/false", "PATH": "/usr/bin:/bin", "DRY_RUN": "1",
+           "VENV": str(tmp_path / "venv")}
+    p = sh(["setup"], env, check=False)
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1] == (
+        "run_ec2.sh: error: missing: no-such-tool aws; install them (on Debian or Ubuntu: sudo apt-get install -y "
+        "no-such-tool; pip install awscli), then run setup again")
+    p = sh(["setup"], {**env, "IMDS_URL": imds, "TRAIN_ARGS": "--epochs 16 --tensorboard"})
+    assert "+ sudo apt-get install -y -q no-such-tool" in p.stdout
+    assert f"+ {tmp_path}/venv/bin/pip install -q awscli" in p.stdout
+    assert f"+ {tmp_path}/venv/bin/pip install -q tensorboard" in p.stdout
+
+
+def test_the_default_run_is_named_after_the_data_and_the_network(tmp_path):
+    """As train.py names its folder: an Imagenette try-out and the ImageNet run never share a folder in S3."""
+    env = {"DRY_RUN": "1", "INSTANCE_TYPE": "g6e.xlarge", "KEY_NAME": "k", "S3_DATA": "s3://data/imagenet-1k",
+           "S3_RUNS": "s3://runs/ec2", "REPO_URL": "https://example.com/r.git", "MY_IP": "198.51.100.7",
+           "STATE_DIR": str(tmp_path / "state"), "TRAIN_ARGS": "--arch resnet18 --epochs 16"}
+    p = sh(["launch"], env)
+    assert "Value=resnet-ec2-imagenet-1k-resnet18" in p.stderr and "/resnet/runs/imagenet-1k-resnet18" in p.stderr
+    assert "Value=resnet-ec2-imagenet-1k-resnet50" in sh(["launch"], {**env, "TRAIN_ARGS": ""}).stderr

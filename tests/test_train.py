@@ -1,6 +1,8 @@
 """train.py as users run it: real processes on real JPEGs, checked against torch's own references."""
 import json
+import os
 import re
+import shutil
 import sys
 
 import pytest
@@ -65,12 +67,26 @@ def test_mixup_cutmix_targets_sum_to_one():
     assert train.make_mixer(train.parse_args(["--mixup", "0", "--cutmix", "0"]), 10) is None
 
 
+def scalars(out):
+    """TensorBoard's scalars in OUT/tb, as TensorBoard reads them (a resume's purge_step applied): {tag: [(step,
+    value)]}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out / "tb"))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
 def test_resume_equals_uninterrupted_run_bitwise(tiny_data, tmp_path):
     """2 epochs in one go == 1 epoch, stop, resume to 2. Mixup, cutmix and EMA are on, and the worker count
-    changes on resume: augmentation and mixing are seeded from (seed, epoch, index), not from process state."""
-    common = ["--data", tiny_data, "--epochs", "2", "--ema", "0.9", "--mixup", "0.2", "--cutmix", "1.0", *FAST]
+    changes on resume: augmentation and mixing are seeded from (seed, epoch, index), not from process state.
+    TensorBoard's curves (--tensorboard) are the same too, each step once, even when a resume from an older
+    checkpoint runs steps again that a session had logged."""
+    pytest.importorskip("tensorboard")
+    common = ["--data", tiny_data, "--epochs", "2", "--ema", "0.9", "--mixup", "0.2", "--cutmix", "1.0", *FAST,
+              "--tensorboard", "--log-every", "3"]
     run(train_cmd(*common, "--out", tmp_path / "full", "--workers", "2"))
     run(train_cmd(*common, "--out", tmp_path / "split", "--workers", "0", "--stop-epoch", "1"))
+    shutil.copy(tmp_path / "split" / "last.pt", tmp_path / "after_epoch_1.pt")
     p = run(train_cmd(*common, "--out", tmp_path / "split", "--workers", "1"))
     assert "resumed from" in p.stdout and "epoch 1/2" not in p.stdout.split("resumed from")[1]
     a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
@@ -85,6 +101,30 @@ def test_resume_equals_uninterrupted_run_bitwise(tiny_data, tmp_path):
     ra, rb = read_log(tmp_path / "full"), read_log(tmp_path / "split")
     assert [r["train_loss"] for r in ra] == [r["train_loss"] for r in rb]
     assert [r["val_top1"] for r in ra] == [r["val_top1"] for r in rb]
+    full = scalars(tmp_path / "full")
+    assert [s for s, _ in full["train/loss"]] == [3, 6, 9, 10, 13, 16, 19, 20]  # every 3 steps and an epoch's last
+    assert [s for s, _ in full["epoch/val_top1"]] == [10, 20] and scalars(tmp_path / "split") == full
+    run(train_cmd(*common, "--out", tmp_path / "split", "--resume", tmp_path / "after_epoch_1.pt"))  # epoch 2 again
+    assert scalars(tmp_path / "split") == full
+
+
+def test_tensorboard_without_its_package_is_one_line(tmp_path):
+    code = "import sys; sys.modules['tensorboard'] = None; import train; train.main(sys.argv[1:])"
+    p = run([sys.executable, "-c", code, "--tensorboard", "--out", str(tmp_path / "x")], check=False, cwd=ROOT)
+    line = one_line_error(p)
+    assert "--tensorboard needs the tensorboard package" in line and "pip install tensorboard" in line
+
+
+def test_the_run_folder_is_named_after_the_data_and_the_network(monkeypatch):
+    """The quick start (Imagenette) and the ImageNet run that follows get folders of their own, so that auto-resume
+    never finds the other one's last.pt; $DATA_DIR is the default data of every script."""
+    monkeypatch.delenv("DATA_DIR", raising=False)
+    assert train.parse_args([]).out == os.path.join("runs", "imagenette2-160-resnet50")
+    assert train.parse_args(["--data", "/mnt/imagenet/", "--arch", "resnet18"]).out == os.path.join(
+        "runs", "imagenet-resnet18")
+    monkeypatch.setenv("DATA_DIR", "/data/imagenet-1k")
+    assert train.parse_args([]).out == os.path.join("runs", "imagenet-1k-resnet50")
+    assert train.parse_args(["--out", "x"]).out == "x"
 
 
 def test_torchrun_two_ranks_matches_one_process(tiny_data, tmp_path):
@@ -312,6 +352,9 @@ def test_keep_every_target_top1_summary_and_the_log(tiny_data, tmp_path):
     top1 = [r["val_top1"] for r in rows]
     assert rows[0]["trend"] is None and rows[2]["trend"] == pytest.approx(np.polyfit([0, 1, 2], top1, 1)[0])
     assert f"trend {rows[2]['trend']:+.2f} points/epoch" in p.stdout
+    line = [line for line in p.stdout.splitlines() if line.startswith("epoch 1/3 done")][0]  # train, val, best
+    assert f"train loss {rows[0]['train_loss']:.4f} top-1 {rows[0]['train_top1']:.2f}% | val loss" in line
+    assert line.count("a new best") == 1 and "EMA" not in line
     from PIL import Image
     assert Image.open(out / "curves.png").size[0] > 1500  # three panels: loss, accuracy, LR
     # --target-top1: reached after the first epoch, with the time (and money) it saved
@@ -319,6 +362,7 @@ def test_keep_every_target_top1_summary_and_the_log(tiny_data, tmp_path):
                       "--target-top1", "1", "--hourly-usd", "3"))
     rows = read_log(tmp_path / "target")
     assert len(rows) == 1 and (tmp_path / "target" / "status").read_text() == "done\n"
+    assert f"EMA top-1 {rows[0]['ema_top1']:.2f}%, a new best" in p.stdout
     line = [line for line in p.stdout.splitlines() if line.startswith("reached")][0]
     assert f"reached top-1 {rows[0]['ema_top1']:.2f}% >= --target-top1 1.0 after epoch 1 of 3" in line
     assert "saves about 00:0" in line and "at $3.0/h)" in line
