@@ -377,7 +377,7 @@ def test_ema_weights_are_served_when_asked_for(tiny_data, tmp_path):
     run(train_cmd("--data", tiny_data, "--out", out, "--arch", "resnet18", "--img-size", "32", "--batch-size", "16",
                   "--epochs", "1", "--workers", "1", "--ema", "0.5"))
     ckpt = torch.load(out / "last.pt", weights_only=True)
-    model, _, _, about, _ = app.load_model(str(out / "last.pt"), True, True, torch.device("cpu"))
+    model, _, _, about, _ = app.load_model(str(out / "last.pt"), True, torch.device("cpu"))
     ema = {k[len("module."):]: v for k, v in ckpt["ema"].items() if k.startswith("module.")}
     assert all(torch.equal(model.state_dict()[k], v) for k, v in ema.items()) and "(EMA weights)" in about
     assert not torch.equal(model.state_dict()["fc.weight"], ckpt["model"]["fc.weight"])

@@ -234,16 +234,15 @@ def test_nan_loss_stops_with_a_clear_message(tiny_data, tmp_path):
     assert not (tmp_path / "nan" / "last.pt").exists()  # nothing non-finite was saved
 
 
-def test_resume_with_safe_flag_changes_is_allowed_and_logged(tiny_data, tmp_path):
+def test_resume_with_safe_flag_changes_is_allowed_and_logged(tiny_data, tmp_path, capsys):
     out = tmp_path / "run"
     run(train_cmd("--data", tiny_data, "--out", out, *FAST, "--stop-epoch", "1"))
     p = run(train_cmd("--data", tiny_data, "--out", out, *FAST, "--mixup", "0", "--cutmix", "0", "--workers", "0"))
     assert "--mixup 0.2 -> 0.0" in p.stdout and "--cutmix 1.0 -> 0.0" in p.stdout and "--workers 1 -> 0" in p.stdout
     before = (out / "last.pt").read_bytes()
-    for flag, value in (("--batch-size", "8"), ("--lr", "0.5"), ("--arch", "resnet34")):
-        p = run(train_cmd("--data", tiny_data, "--out", out, *FAST, flag, value), check=False)
-        line = p.stderr.strip().splitlines()[-1]
-        assert p.returncode == 2 and f"{flag} is {value} but" in line and "Traceback" not in p.stderr
+    for flag, value in (("--lr", "0.5"), ("--arch", "resnet34")):  # (--batch-size may change: the elastic tests)
+        line = error_line(train.main, ["--data", str(tiny_data), "--out", str(out), *FAST, flag, value], capsys)
+        assert f"{flag} is {value} but" in line
     assert (out / "last.pt").read_bytes() == before
 
 
