@@ -367,7 +367,7 @@ def measure_loader(files, sizes, shrink_sides, passes, workers, batch, n, tmp, e
     small = {side: [os.path.join(tmp, str(side), os.path.basename(f)) for f in files] for side in shrink_sides}
     for side, copies in small.items():
         for src, dst in zip(files, copies):
-            data.shrink_image((src, dst, side))
+            data.shrink_image((src, dst, side, "shorter"))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     rows = []

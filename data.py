@@ -15,6 +15,7 @@ resumed run, on as many GPUs or on others, sees exactly what an uninterrupted on
 """
 import csv
 import hashlib
+import io
 import math
 import os
 import random
@@ -383,32 +384,41 @@ def check_data(root, workers):
     return dict(classes=len(classes), train=len(train), val=len(val), kinds=found, unreadable=len(bad))
 
 
+def shrink_bytes(raw, side, by="shorter"):
+    """The image in `raw` (a file's bytes) as a JPEG whose shorter (or longer) side is at most `side` px, at quality
+    90 as FFCV stores ImageNet; None where it is that small already, or unreadable (training replaces those)."""
+    try:
+        img = Image.open(io.BytesIO(raw))
+        w, h = img.size
+        scale = side / (min(w, h) if by == "shorter" else max(w, h))
+        if scale >= 1:
+            return None
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        img.draft("RGB", size)  # decode at a reduced scale where the JPEG allows: shrinking a million files is slow
+        out = io.BytesIO()
+        img.convert("RGB").resize(size, Image.LANCZOS).save(out, format="JPEG", quality=90)
+        return out.getvalue()
+    except UNREADABLE:
+        return None
+
+
 def shrink_image(job):
-    """One file of --shrink: a JPEG of shorter side `max_side` (quality 90, as FFCV stores ImageNet), or the file
-    as it is where it is small already, unreadable (training replaces those later), or max_side is None."""
-    src, dst, max_side = job
+    """One file of --shrink (src, dst, side or None, by): shrink_bytes' JPEG, or the file as it is."""
+    src, dst, side, by = job
     if os.path.exists(dst):
         return "kept"  # done by an earlier, interrupted --shrink
     os.makedirs(os.path.dirname(dst), exist_ok=True)
-    tmp = dst + ".tmp"
-    try:
-        img = Image.open(src)
-        w, h = img.size
-        if max_side is None or min(w, h) <= max_side:
-            raise ValueError("keep as it is")
-        size = (round(w * max_side / min(w, h)), round(h * max_side / min(w, h)))
-        img.draft("RGB", size)
-        img.convert("RGB").resize(size, Image.LANCZOS).save(tmp, format="JPEG", quality=90)
-        result = "shrunk"
-    except (*UNREADABLE, ValueError):
-        shutil.copyfile(src, tmp)
-        result = "copied"
-    os.replace(tmp, dst)
-    return result
+    with open(src, "rb") as f:
+        raw = f.read()
+    small = shrink_bytes(raw, side, by) if side is not None else None
+    with open(dst + ".tmp", "wb") as f:
+        f.write(raw if small is None else small)
+    os.replace(dst + ".tmp", dst)
+    return "copied" if small is None else "shrunk"
 
 
-def shrink_dataset(root, out, max_side, workers):
-    """--shrink: a copy of the dataset whose training images have a shorter side of at most max_side px, in the same
+def shrink_dataset(root, out, max_side, workers, by="shorter"):
+    """--shrink: a copy of the dataset whose training images have a shorter (by) side of at most max_side px, in the same
     layout (the Kaggle CSV files too). Decoding then costs less on every epoch; an interrupted run picks up where it
     was. Validation images are copied as they are, so that evaluation at a high resolution (FixRes) loses nothing."""
     import multiprocessing
@@ -423,8 +433,8 @@ def shrink_dataset(root, out, max_side, workers):
         if extra is not None:
             (out / extra.relative_to(root)).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(extra, out / extra.relative_to(root))
-    jobs = [(str(f), str(out / f.relative_to(root)), side) for f, side in files]
-    print(f"shrinking the training images of {root} to a shorter side of at most {max_side} px, and copying the "
+    jobs = [(str(f), str(out / f.relative_to(root)), side, by) for f, side in files]
+    print(f"shrinking the training images of {root} to a {by} side of at most {max_side} px, and copying the "
           f"validation images, to {out} ({len(jobs)} files, {workers} processes) ...", flush=True)
     counts, t0 = {}, time.time()
     with multiprocessing.Pool(workers) as pool:

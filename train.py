@@ -123,7 +123,8 @@ def add_run_args(p):
     g.add_argument("--keep-every", type=int, help="also keep OUT/epoch_NNN.pt every N epochs")
     g.add_argument("--check-data", action="store_true", help="scan --data (layout, counts, bad files) and exit")
     g.add_argument("--shrink", metavar="DIR", help="write a copy of --data with smaller train images there, exit")
-    g.add_argument("--max-side", type=int, default=320, help="with --shrink: the shorter side, px")
+    g.add_argument("--max-side", type=int, default=320, help="with --shrink: the side's most, px")
+    g.add_argument("--shrink-by", default="shorter", choices=["shorter", "longer"], help="with --shrink: which side")
     return p
 
 
@@ -705,7 +706,7 @@ def main(argv=None):
             print(f"data {root}", flush=True)
             if args.check_data:
                 return data.check_data(root, workers)
-            return data.shrink_dataset(root, args.shrink, args.max_side, workers)
+            return data.shrink_dataset(root, args.shrink, args.max_side, workers, args.shrink_by)
         status = train(args)
     except (ValueError, FileNotFoundError) as e:
         error = str(e)
