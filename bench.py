@@ -189,25 +189,25 @@ def train_script(arch, size, batch, amp, device, workers, root):
 # not recorded). Spot: that snapshot's range over the zones of us-east-1; spot prices move all the time. "list": no
 # row in the catalog, so AWS's list price, as factualminds.com (2026-06-17) and cloudurable.com (2025-06-28) give it.
 # Facts: AWS's DescribeInstanceTypes as moto ships it (moto/ec2/resources/instance_types.json.gz): vCPUs, RAM in GiB,
-# instance store (disks, GB each), network baseline in Gbit/s (all cards), EBS link baseline in MB/s. Plan on the
-# baselines: an "up to" figure is a burst.
+# instance store (disks, GB each), network baseline and peak in Gbit/s (all cards), EBS link baseline in MB/s. Plan on
+# the baselines: an "up to" figure is a burst.
 INSTANCES = {
-    "g4dn.xlarge": dict(gpus=1, gpu="T4", vcpus=4, ram_gib=16, store=(1, 125), net_gbps=5, ebs_mbps=118.75,
-                        on_demand=0.526, list_price=True, spot=None, no_spot="not in the snapshot"),
-    "g5.xlarge": dict(gpus=1, gpu="A10G", vcpus=4, ram_gib=16, store=(1, 250), net_gbps=2.5, ebs_mbps=87.5,
-                      on_demand=1.006, spot=(0.43, 0.45)),
-    "g5.2xlarge": dict(gpus=1, gpu="A10G", vcpus=8, ram_gib=32, store=(1, 450), net_gbps=5, ebs_mbps=106.25,
-                       on_demand=1.212, list_price=True, spot=None, no_spot="not in the snapshot"),
-    "g5.12xlarge": dict(gpus=4, gpu="A10G", vcpus=48, ram_gib=192, store=(1, 3800), net_gbps=40, ebs_mbps=2000,
-                        on_demand=5.672, spot=(2.05, 2.79)),
-    "g6e.xlarge": dict(gpus=1, gpu="L40S", vcpus=4, ram_gib=32, store=(1, 250), net_gbps=2.5, ebs_mbps=125,
-                       on_demand=1.861, spot=(0.88, 1.33)),
-    "p4d.24xlarge": dict(gpus=8, gpu="A100", vcpus=96, ram_gib=1152, store=(8, 1000), net_gbps=400, ebs_mbps=2375,
-                         on_demand=21.96, spot=(6.53, 13.99)),
-    "p5.4xlarge": dict(gpus=1, gpu="H100", vcpus=16, ram_gib=256, store=(1, 3800), net_gbps=100, ebs_mbps=1250,
-                       on_demand=6.88, spot=(5.40, 6.60)),
+    "g4dn.xlarge": dict(gpus=1, gpu="T4", vcpus=4, ram_gib=16, store=(1, 125), net_gbps=5, net_peak_gbps=25,
+                        ebs_mbps=118.75, on_demand=0.526, list_price=True, spot=None, no_spot="not in the snapshot"),
+    "g5.xlarge": dict(gpus=1, gpu="A10G", vcpus=4, ram_gib=16, store=(1, 250), net_gbps=2.5, net_peak_gbps=10,
+                      ebs_mbps=87.5, on_demand=1.006, spot=(0.43, 0.45)),
+    "g5.2xlarge": dict(gpus=1, gpu="A10G", vcpus=8, ram_gib=32, store=(1, 450), net_gbps=5, net_peak_gbps=10,
+                       ebs_mbps=106.25, on_demand=1.212, list_price=True, spot=None, no_spot="not in the snapshot"),
+    "g5.12xlarge": dict(gpus=4, gpu="A10G", vcpus=48, ram_gib=192, store=(1, 3800), net_gbps=40, net_peak_gbps=40,
+                        ebs_mbps=2000, on_demand=5.672, spot=(2.05, 2.79)),
+    "g6e.xlarge": dict(gpus=1, gpu="L40S", vcpus=4, ram_gib=32, store=(1, 250), net_gbps=2.5, net_peak_gbps=20,
+                       ebs_mbps=125, on_demand=1.861, spot=(0.88, 1.33)),
+    "p4d.24xlarge": dict(gpus=8, gpu="A100", vcpus=96, ram_gib=1152, store=(8, 1000), net_gbps=400, net_peak_gbps=400,
+                         ebs_mbps=2375, on_demand=21.96, spot=(6.53, 13.99)),
+    "p5.4xlarge": dict(gpus=1, gpu="H100", vcpus=16, ram_gib=256, store=(1, 3800), net_gbps=100, net_peak_gbps=100,
+                       ebs_mbps=1250, on_demand=6.88, spot=(5.40, 6.60)),
     "p5.48xlarge": dict(gpus=8, gpu="H100", vcpus=192, ram_gib=2048, store=(8, 3800), net_gbps=3200,
-                        ebs_mbps=10000, on_demand=55.04, spot=(16.95, 18.73)),
+                        net_peak_gbps=3200, ebs_mbps=10000, on_demand=55.04, spot=(16.95, 18.73)),
 }
 # Published ResNet-50 training rates, images/s per GPU, mixed precision, 224 px, plain PyTorch. MLPerf's stacks (GPU
 # JPEG decoding, fused kernels: about 7,160 on an H100, 1,850 on an L40S) are a ceiling, not what train.py does.
@@ -233,10 +233,16 @@ VCPU = 0.6  # an EC2 vCPU is one hyperthread (2 threads a core); assumed: two th
             # one does alone, so a vCPU counts as 0.6 of a VM-B core
 JPEG_KB = dict(full=110, shrunk=42)  # mean file, KB: 900 full-size ImageNet JPEGs, and at a 320 px shorter side, q90
 IMAGENET_TRAIN, IMAGENET_VAL, VAL_KB = 1_281_167, 50_000, 110  # the val images stay full size in a shrunk copy
-GP3_MBPS = 125  # a gp3 volume as launch makes it: its included 125 MB/s, which reads and writes share
-# Today's way to the first step (run_ec2.sh data): the 155 GB Kaggle zip copied onto the gp3 root volume, unzipped
-# there, then --check-data decodes every file once. Boot, setup and the first step itself are assumed, not measured.
-ZIP_GB, BOOT_MIN, SETUP_MIN, FIRST_STEP_MIN = 155, 3, 2, 1
+GP3_MBPS = 125  # a gp3 volume as launch made it before the shards: its included 125 MB/s, reads and writes together
+# The way to the first step before the shards (run_ec2.sh data without them): the 155 GB Kaggle zip copied onto the
+# gp3 root volume, unzipped there, then --check-data decodes every file once.
+ZIP_GB = 155
+# With the shards (run_ec2.sh prepare, once): data streams them from S3 onto the instance store while setup runs.
+EXTRACT_MBPS = 0.0   # MB/s of shards one core streams, checks (sha256) and extracts: measured, BENCHMARKS.md
+NVME_MBPS = 1000     # assumed: an instance store disk writes about 1 GB/s (AWS publishes no per-type figure)
+# Assumed, not measured: launch to the instance running our user-data; setup (a venv on the AMI's CUDA torch, the
+# requirements); the first step after both (train.py's start, the dataset scan, cuDNN's first kernels)
+BOOT_MIN, SETUP_MIN, FIRST_STEP_MIN = 2, 2, 1
 
 
 def gpu_rate(inst, size):
@@ -254,11 +260,38 @@ def fits_in_cache(inst, gb):
     return gb <= 0.75 * inst["ram_gib"] * 1.074
 
 
-def first_step_minutes(inst, kind, decode_per_core=None):
-    """Minutes from launch to the first step, paid again at every start: boot, setup, the data, the first step.
-    Today the data is the zip (run_ec2.sh data): copied at the slower of the network and the volume; unzipped through
-    the volume, which reads the zip unless the page cache still holds it, and writes the images; then every file
-    decoded once by --check-data, or read, when the volume is the slower and the cache does not hold them."""
+def data_gb(kind):
+    return (IMAGENET_TRAIN * JPEG_KB[kind] + IMAGENET_VAL * VAL_KB) / 1e6
+
+
+def where(inst):
+    """The data's disk on this instance, and the kind of JPEGs staged there: its instance store, with full-size ImageNet
+    where it fits and the shrunk copy where only that does (run_ec2.sh data), else the root volume."""
+    store_gb = inst["store"][0] * inst["store"][1] if inst.get("store") else 0
+    for kind in ("full", "shrunk"):
+        if data_gb(kind) < 0.9 * store_gb:
+            return "store", kind
+    return "ebs", "full"
+
+
+def staging_minutes(inst, kind, peak=False):
+    """Minutes to stream the shards from S3 onto the instance store: the data over the slowest of the network
+    (baseline, or peak), the cores that check and extract it, and the disks that take it. Returns (minutes, bound)."""
+    rates = {"network": (inst["net_peak_gbps"] if peak else inst["net_gbps"]) * 1000 / 8,
+             "cores": inst["vcpus"] * inst.get("vcpu", VCPU) * EXTRACT_MBPS,
+             "disk": NVME_MBPS * inst["store"][0]}
+    bound = min(rates, key=rates.get)
+    return data_gb(kind) * 1000 / rates[bound] / 60, bound
+
+
+def first_step_minutes(inst, kind, decode_per_core=None, shards=True):
+    """Minutes from launch to the first step, paid again at every start and restart: boot, then setup and the data
+    side by side, then the first step. With the shards (run_ec2.sh prepare) the data is their staging. Without them it
+    is the zip: copied at the slower of the network and the volume; unzipped through the volume, which reads the zip
+    unless the page cache still holds it, and writes the images; then every file decoded once by --check-data, or
+    read, when the volume is the slower and the cache does not hold them."""
+    if shards and where(inst)[0] == "store":
+        return BOOT_MIN + max(SETUP_MIN, staging_minutes(inst, kind)[0]) + FIRST_STEP_MIN
     net_mbps = inst["net_gbps"] * 1000 / 8
     train_gb = IMAGENET_TRAIN * JPEG_KB["full"] / 1e6
     copy = ZIP_GB * 1000 / min(net_mbps, GP3_MBPS)
@@ -269,33 +302,43 @@ def first_step_minutes(inst, kind, decode_per_core=None):
     return BOOT_MIN + SETUP_MIN + (copy + unzip + check) / 60 + FIRST_STEP_MIN
 
 
-def project(inst, preset, kind="full", measured=None):
+def disk_rate(inst, kind, shards=True):
+    """Images/s the data's disk reads: the instance store's NVMe, or a gp3 volume (raised to the EBS link's baseline
+    by launch, where an instance has no store, since the shards)."""
+    if shards and where(inst)[0] == "store":
+        return NVME_MBPS * inst["store"][0] * 1000 / JPEG_KB[kind]
+    mbps = min(1000, inst["ebs_mbps"]) if shards else GP3_MBPS
+    return mbps * 1000 / JPEG_KB[kind]
+
+
+def project(inst, preset, kind=None, measured=None, shards=True):
     """Hours and dollars of --preset `preset` (train.py's args) on ImageNet-1k on one instance (a row of INSTANCES,
     or this machine as bench.py measured it), from the published rates, or from `measured` where it has them:
     {"gpu": {px: a GPU's training img/s}, "eval": a GPU's forward img/s at the eval size, "loader": {px: img/s of one
-    core}, "eval_loader": img/s of one core}. kind: the training JPEGs, "full" or "shrunk".
+    core}, "eval_loader": img/s of one core}. kind: the training JPEGs, "full" or "shrunk" (default: what
+    run_ec2.sh data stages on this instance). shards: the data staged from prepare's shards (else today's zip).
 
     Each epoch trains at the slowest of the GPUs (GPUs x a GPU's rate at that epoch's size), the loader (the vCPUs
     left to workers x a core's rate x VCPU) and the disk (its MB/s / the JPEGs' size, for the first epoch, and for
     every epoch when the data does not fit the page cache), then evaluates the 50,000 val images at the slower of the
     GPUs' forward pass (halved by flip TTA) and the val loader; the time to the first step is added once."""
-    measured = measured or {}
+    measured, kind = measured or {}, kind or where(inst)[1]
     cores = (inst["vcpus"] - inst["gpus"]) * inst.get("vcpu", VCPU)  # a vCPU per GPU runs its training process
-    data_gb = (IMAGENET_TRAIN * JPEG_KB[kind] + IMAGENET_VAL * VAL_KB) / 1e6
-    cached = fits_in_cache(inst, data_gb)
+    cached = fits_in_cache(inst, data_gb(kind))
+    disk = disk_rate(inst, kind, shards)
     per_core = measured.get("loader", LOADER_PER_CORE[kind])
     eval_core = measured.get("eval_loader", EVAL_PER_CORE)
     train_s, eval_s, bound = 0.0, 0.0, {}
     for epoch, size in enumerate(epoch_sizes(preset)):
         gpu = measured["gpu"][size] if "gpu" in measured else gpu_rate(inst, size)
         rates = {"GPU": inst["gpus"] * gpu if gpu else math.inf, "loader": cores * per_core[size],
-                 "disk": GP3_MBPS * 1000 / JPEG_KB[kind] if epoch == 0 or not cached else math.inf}
+                 "disk": disk if epoch == 0 or not cached else math.inf}
         slowest = min(rates, key=rates.get)
         bound[slowest] = bound.get(slowest, 0.0) + IMAGENET_TRAIN / rates[slowest]
         train_s += IMAGENET_TRAIN / rates[slowest]
         forward = measured.get("eval") or (gpu_rate(inst, preset.eval_size) or math.inf) * FORWARD_PER_STEP
         eval_s += IMAGENET_VAL / min(inst["gpus"] * forward / (2 if preset.tta else 1), cores * eval_core)
-    first = first_step_minutes(inst, kind, eval_core)
+    first = first_step_minutes(inst, kind, eval_core, shards)
     hours = (train_s + eval_s) / 3600 + first / 60
     spot = inst.get("spot")
     return dict(preset=preset.preset, epochs=preset.epochs, kind=kind, hours=hours, train_h=train_s / 3600,
@@ -309,7 +352,7 @@ def money(usd):
     return f"${usd:,.0f}" if usd >= 100 else f"${usd:.2f}"
 
 
-def cost_table(names=None, measured=None, kind="full"):
+def cost_table(names=None, measured=None, kind=None):
     """The README's cost table, as markdown: the facts, both presets' projected hours and dollars, the bottleneck."""
     fast, default = train_args(["--preset", "fast"]), train_args([])
     lines = ["| instance | GPUs | vCPUs | on-demand $/h | spot $/h | a GPU's img/s at 160 / 192 px | loader img/s at "
@@ -317,12 +360,13 @@ def cost_table(names=None, measured=None, kind="full"):
              "| --- | --- | ---: | ---: | --- | --- | --- | ---: | --- | --- | --- |"]
     for name in names or INSTANCES:
         inst = INSTANCES[name]
+        row_kind = kind or where(inst)[1]  # the JPEGs run_ec2.sh data stages there
         gpu = [measured["gpu"][s] if measured else gpu_rate(inst, s) for s in (160, 192)]
         cores = (inst["vcpus"] - inst["gpus"]) * inst.get("vcpu", VCPU)
-        per_core = (measured or {}).get("loader", LOADER_PER_CORE[kind])
+        per_core = (measured or {}).get("loader", LOADER_PER_CORE[row_kind])
         cells = []
         for preset in (fast, default):
-            p = project(inst, preset, kind, measured)
+            p = project(inst, preset, row_kind, measured)
             lead = "" if p["gpu_known"] else "at least "
             spot = f", spot {money(p['usd_spot'][0])}-{money(p['usd_spot'][1])}" if p["usd_spot"] else ""
             cells.append(f"{lead}{p['hours']:.1f} h: {lead}{money(p['usd'])}{spot}")
@@ -331,8 +375,28 @@ def cost_table(names=None, measured=None, kind="full"):
         rates = "none published" if gpu[0] is None else f"{gpu[0]:,.0f} / {gpu[1]:,.0f}"
         bound = p["bottleneck"] if p["gpu_known"] else "loader, at least (no GPU rate)"
         lines.append(f"| {name} | {inst['gpus']} x {inst['gpu']} | {inst['vcpus']} | {price} | {spot} | {rates} | "
-                     f"{cores * per_core[160]:,.0f} / {cores * per_core[192]:,.0f} | {p['first_step_min']:.0f} min | "
+                     f"{cores * per_core[160]:,.0f} / {cores * per_core[192]:,.0f} ({row_kind}) | "
+                     f"{p['first_step_min']:.0f} min | "
                      f"{cells[0]} | {cells[1]} | {bound} |")
+    return "\n".join(lines)
+
+
+def staging_table(names=None):
+    """Projected minutes from the first byte read from S3 to the first step (run_ec2.sh data, then train), for
+    full-size ImageNet and the shrunk copy, at the network's baseline and at its peak."""
+    lines = ["| instance | instance store | data staged | GB | network Gbit/s, baseline / peak | bound by | staging "
+             "min, baseline / peak | first byte to first step, min | no shards: launch to first step, min |",
+             "| --- | --- | --- | ---: | --- | --- | --- | ---: | ---: |"]
+    for name in names or INSTANCES:
+        inst = INSTANCES[name]
+        disk, kind = where(inst)
+        base, bound = staging_minutes(inst, kind)
+        peak, _ = staging_minutes(inst, kind, peak=True)
+        store = f"{inst['store'][0]} x {inst['store'][1]:,} GB"
+        lines.append(f"| {name} | {store} | {kind} | {data_gb(kind):.0f} | {inst['net_gbps']:g} / "
+                     f"{inst['net_peak_gbps']:g} | {bound} | {base:.1f} / {peak:.1f} | "
+                     f"{max(SETUP_MIN, base) + FIRST_STEP_MIN:.1f} | "
+                     f"{first_step_minutes(inst, 'full', shards=False):.0f} |")
     return "\n".join(lines)
 
 
@@ -437,8 +501,8 @@ def parse_args(argv=None):
                    "published rates and exit, measuring nothing; with --instance, that instance's row")
     p.add_argument("--instance", help=f"the EC2 instance to project for ({', '.join(INSTANCES)}); after measuring, "
                    f"with this machine's rates in place of the published ones (./run_ec2.sh bench passes its own)")
-    p.add_argument("--kind", default="full", choices=["full", "shrunk"], help="the training JPEGs to project with: "
-                   "full size, or a copy at a 320 px shorter side (train.py --shrink)")
+    p.add_argument("--kind", choices=["full", "shrunk"], help="the training JPEGs to project with: full size, or a "
+                   "copy at a 320 px shorter side (train.py --shrink); default: what run_ec2.sh data stages there")
     p.add_argument("--data", default=os.environ.get("DATA_DIR"), help="a dataset root whose training JPEGs to time "
                                                                       "(100 of them); default: $DATA_DIR")
     p.add_argument("--images", default=None, help="instead: a folder of real full-size JPEGs")
@@ -472,7 +536,8 @@ def main(argv=None):
         print(f"{args.instance} is not in bench.py's table (no price, no facts): projecting for this machine")
         args.instance = None
     if args.project_only:
-        print(cost_table([args.instance] if args.instance else None, kind=args.kind))
+        names = [args.instance] if args.instance else None
+        print(cost_table(names, kind=args.kind) + "\n\n" + staging_table(names))
         return
     try:
         files = find_images(args.images, args.data)
@@ -509,7 +574,8 @@ def main(argv=None):
         # 3. the projection, with what was measured here in place of the published rates
         measured = dict(gpu={s: best[s] if s in best else interpolate(best, s) for s in preset_sizes},
                         eval=forward_rate(args.arch, preset.eval_size, batch, amp, device, steps),
-                        loader={r["px"]: r["ours" if args.kind == "full" else "ours_shrunk_320"] for r in loader_rows},
+                        loader={r["px"]: r["ours" if args.kind != "shrunk" else "ours_shrunk_320"]
+                                for r in loader_rows},
                         eval_loader=eval_core)
         if args.instance:
             inst = INSTANCES[args.instance]
@@ -519,7 +585,7 @@ def main(argv=None):
                         net_gbps=10, on_demand=args.hourly_usd or 0.0, spot=None)
         if args.hourly_usd:
             inst = {**inst, "on_demand": args.hourly_usd}
-        proj = project(inst, preset, args.kind, measured)
+        proj = project(inst, preset, args.kind or "full", measured)
         where = args.instance or f"this machine ({inst['gpus']} x {device.type}, {inst['vcpus']} cores)"
         print(f"\nProjection, not a measurement: --preset {preset.preset} ({preset.epochs} epochs) on ImageNet-1k on "
               f"{where}, from the rates measured here ({', '.join(proj['measured'])}; prices, disk and the time to "

@@ -285,7 +285,8 @@ class StepSampler(Sampler):
     def __init__(self, n, batch, global_batch, rank=0, world=1, seed=0):
         assert global_batch % (batch * world) == 0, f"a global batch of {global_batch} is no whole number of " \
                                                     f"micro-batches of {batch} on each of {world} ranks"
-        self.n, self.batch, self.global_batch, self.rank, self.world, self.seed = n, batch, global_batch, rank, world, seed
+        self.n, self.batch, self.global_batch, self.seed = n, batch, global_batch, seed
+        self.rank, self.world = rank, world
         self.steps, self.per_step = n // global_batch, global_batch // batch  # steps an epoch, micro-batches a step
         self.epoch, self.start = 0, 0
 
@@ -339,15 +340,20 @@ def build_datasets(root, img_size, subset=1.0, seed=0, trivial_augment=False, ra
     return train_set, val_set, dict(classes=classes, names=class_names(classes, mapping))
 
 
-def inspect_image(path):
-    """(format, mode, error) of one file, decoding it fully as training would."""
+def inspect_bytes(raw, name):
+    """(kind, error) of one image file's bytes, decoded fully as training would: its mode ("RGB", "L", "CMYK", ...)
+    or "PNG named .JPEG", and None; or None and what the decoder said."""
     try:
-        with open(path, "rb") as f:
-            img = Image.open(f)
-            img.load()
-            return img.format, img.mode, None
+        img = Image.open(io.BytesIO(raw))
+        img.load()
     except UNREADABLE as e:
-        return None, None, f"{type(e).__name__}: {e}"
+        return None, f"{type(e).__name__}: {e}"
+    return "PNG named .JPEG" if img.format != "JPEG" and name.lower().endswith((".jpg", ".jpeg")) else img.mode, None
+
+
+def inspect_image(path):
+    with open(path, "rb") as f:
+        return inspect_bytes(f.read(), path)
 
 
 def check_data(root, workers):
@@ -366,12 +372,11 @@ def check_data(root, workers):
     paths = [p for p, _ in train + val]
     found, bad, t0 = {}, [], time.time()
     with multiprocessing.Pool(workers) as pool:
-        for k, (path, (fmt, mode, err)) in enumerate(zip(paths, pool.imap(inspect_image, paths, chunksize=64))):
+        for k, (path, (kind, err)) in enumerate(zip(paths, pool.imap(inspect_image, paths, chunksize=64))):
             if err:
                 bad.append(path)
                 print(f"unreadable: {path} ({err})", flush=True)
             else:
-                kind = "PNG named .JPEG" if fmt != "JPEG" and path.lower().endswith((".jpg", ".jpeg")) else mode
                 found[kind] = found.get(kind, 0) + 1
             if (k + 1) % 20000 == 0:
                 ips = (k + 1) / (time.time() - t0)
@@ -418,9 +423,10 @@ def shrink_image(job):
 
 
 def shrink_dataset(root, out, max_side, workers, by="shorter"):
-    """--shrink: a copy of the dataset whose training images have a shorter (by) side of at most max_side px, in the same
-    layout (the Kaggle CSV files too). Decoding then costs less on every epoch; an interrupted run picks up where it
-    was. Validation images are copied as they are, so that evaluation at a high resolution (FixRes) loses nothing."""
+    """--shrink: a copy of the dataset whose training images have a shorter (or, by="longer", a longer) side of at most
+    max_side px, in the same layout (the Kaggle CSV files too). Decoding then costs less on every epoch; an interrupted
+    run picks up where it was. Validation images are copied as they are, so that evaluation at a high resolution
+    (FixRes) loses nothing."""
     import multiprocessing
     import time
     root, out = Path(root).resolve(), Path(out).resolve()

@@ -286,7 +286,8 @@ def find_lr(args):
         raise ValueError(f"the loss diverged after {len(hist['loss'])} steps: lower --start-lr")
     marks = suggest(hist)
     os.makedirs(args.out, exist_ok=True)
-    stem = base = os.path.join(args.out, f"lr_finder_{args.arch}_{args.img_size}px_b{args.batch_size * args.accum_steps}")
+    base = os.path.join(args.out, f"lr_finder_{args.arch}_{args.img_size}px_b{args.batch_size * args.accum_steps}")
+    stem = base
     for k in itertools.count(2):  # an earlier test's plot and curve stay: this one takes the next free name
         if not os.path.exists(stem + ".png"):
             break

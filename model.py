@@ -220,7 +220,7 @@ def resnet50d(**kw): return build_model("resnet50d", **kw)
 #   model        dict         the bare network's state_dict: torchvision's keys, no 'module.' or '_orig_mod.' prefix,
 #                             and with BlurPool each blur's filter ('layerN.0.blur.kernel'), which torchvision lacks
 #   weights      str          which weights `model` holds: "model", or "ema" (app.py --export-space --ema)
-#   ema          dict | None  AveragedModel's state_dict with --ema ('module.'-prefixed weights, 'n_averaged'), else None
+#   ema          dict | None  AveragedModel's state_dict with --ema ('module.'-prefixed, 'n_averaged'), else None
 #   args         dict         vars(args) of the train.py run: arch, blurpool and eval_size rebuild the network and its
 #                             evaluation; RESUME_MUST_MATCH in train.py checks the rest on a resume
 #   argv         list[str]    train.py's command line
@@ -284,7 +284,8 @@ def upgrade_3_to_4(ckpt):
     """Version 4 keeps BlurPool's filters in the state_dict (Blur), in the weights and in the EMA's."""
     if ckpt["args"].get("blurpool"):
         with torch.device("meta"):  # the keys only
-            keys = [k for k in build_model(ckpt["args"]["arch"], blurpool=True).state_dict() if k.endswith("blur.kernel")]
+            keys = [k for k in build_model(ckpt["args"]["arch"], blurpool=True).state_dict()
+                    if k.endswith("blur.kernel")]
         ckpt["model"] = {**ckpt["model"], **{k: Blur().kernel for k in keys}}
         if ckpt.get("ema"):  # AveragedModel's copy of the network, its buffers included
             ckpt["ema"] = {**ckpt["ema"], **{f"module.{k}": Blur().kernel for k in keys}}

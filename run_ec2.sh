@@ -8,9 +8,10 @@
 #   ./run_ec2.sh ssh | logs | status-remote | terminate
 #   ./run_ec2.sh tunnel [PORT ...] app.py's page and TensorBoard on the instance, here (ports 7860, 6006)
 #   ./run_ec2.sh resume            a new instance for a run whose instance was reclaimed: it continues from S3
+#   ./run_ec2.sh prepare           once: ImageNet in S3_DATA into checked tar shards beside it (or PREPARE=1 launch)
 # On the instance:
-#   ./run_ec2.sh setup             venv + requirements; check GPUs, disk and shared memory
-#   ./run_ec2.sh data              S3_DATA onto local disk (DATA_DIR), then train.py --check-data
+#   ./run_ec2.sh setup             venv + requirements; check the commands, the GPUs and shared memory
+#   ./run_ec2.sh data              the shards from S3 onto the instance store (DATA_DIR), while setup runs
 #   ./run_ec2.sh train [flags]     torchrun train.py on every GPU, in tmux, restarted after a preemption or a crash
 #                                  that made progress; starts the S3 backup, the spot watcher and the budget guard
 #   ./run_ec2.sh bench             bench.py on this GPU and these JPEGs: the projected hours and dollars
@@ -21,8 +22,13 @@ set -euo pipefail
 
 REPO_DIR=${REPO_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)}
 VENV=${VENV:-$REPO_DIR/.venv}                        # the virtual environment setup creates
-DATA_DIR=${DATA_DIR:-/mnt/imagenet}                  # fast local disk (instance store or gp3)
+DATA_DIR=${DATA_DIR:-/mnt/imagenet}                  # the data on the instance: its instance store where it has one
 S3_DATA=${S3_DATA:-}                                 # s3://bucket/imagenet-1k: an ImageFolder tree or the Kaggle zip
+SHRINK=${SHRINK:-}                                   # prepare: shrink the training images to this side, px (empty: no)
+SHRINK_BY=${SHRINK_BY:-shorter}                      # prepare: the side SHRINK caps, shorter or longer
+SHARDS=${SHARDS:-$S3_DATA/shards${SHRINK:+-$SHRINK_BY$SHRINK}}  # prepare writes the shards there; data looks in S3_DATA
+STAGE_JOBS=${STAGE_JOBS:-8}                          # data: shards streamed and extracted at a time
+FORMAT_STORE=${FORMAT_STORE:-0}                      # 1: data may format an empty instance store (launch's user-data)
 S3_RUNS=${S3_RUNS:-}                                 # s3://bucket/runs: where OUT is backed up
 BACKUP_MIN=${BACKUP_MIN:-10}                         # minutes between backups
 HOURLY_USD=${HOURLY_USD:-0}                          # the instance's price, for status, the budget and train.py's log
@@ -33,7 +39,6 @@ RESTART_DELAY_S=${RESTART_DELAY_S:-10}               # pause before a restart
 IMDS_URL=${IMDS_URL:-http://169.254.169.254}         # instance metadata service (tests point it at 127.0.0.1)
 SPOT_POLL_S=${SPOT_POLL_S:-5}                        # seconds between spot notice polls
 BUDGET_POLL_S=${BUDGET_POLL_S:-60}                   # seconds between budget checks
-MIN_FREE_GB=${MIN_FREE_GB:-400}                      # ImageNet takes about 160 GB, its zip as much again
 MIN_SHM_GB=${MIN_SHM_GB:-8}                          # DataLoader workers pass batches through /dev/shm
 TRAIN_CMD=${TRAIN_CMD:-}                             # replaces "torchrun ... train.py" (tests use a stand-in)
 AWS=${AWS:-$(command -v aws >/dev/null && echo aws || echo "$VENV/bin/aws")}  # the AWS CLI (setup puts one in VENV
@@ -41,12 +46,21 @@ AWS=${AWS:-$(command -v aws >/dev/null && echo aws || echo "$VENV/bin/aws")}  # 
 SUDO=${SUDO-sudo}                                    # privileged commands go through these (tests replace them;
                                                      # sudo ignores stand-ins on PATH); empty: no sudo
 APT_GET=${APT_GET:-apt-get}
+LSBLK=${LSBLK:-lsblk}                                # lists the disks, read only
+WIPEFS=${WIPEFS:-wipefs}                             # run with -n: lists a device's signatures, changes nothing
+MKFS=${MKFS:-mkfs.ext4}
+MDADM=${MDADM:-mdadm}
+MOUNT=${MOUNT:-mount}
+FSTAB=${FSTAB:-/etc/fstab}
 NEEDED=${NEEDED:-git curl tmux unzip python3 aws}    # the commands setup checks for
 DRY_RUN=${DRY_RUN:-0}                                # 1: print the commands, run nothing
 # launch (on the laptop)
 INSTANCE_TYPE=${INSTANCE_TYPE:-}                     # e.g. g6e.xlarge or p5.4xlarge: README "Choosing an instance"
 SPOT=${SPOT:-1}                                      # 1: a spot instance, 0: on-demand
-DISK_GB=${DISK_GB:-400}                              # gp3 root volume: ImageNet, its zip and the checkpoints
+DISK_GB=${DISK_GB:-}                                 # gp3 root volume; default 100 GB (the venv, the checkpoints)
+                                                     # where the data goes on the instance store, else 250 (it too)
+PREPARE=${PREPARE:-0}                                # launch: 1 makes an instance (a CPU type) that runs prepare and
+                                                     # terminates itself
 REGION=${REGION:-${AWS_DEFAULT_REGION:-us-east-1}}
 KEY_NAME=${KEY_NAME:-}                               # an EC2 key pair for ssh
 KEY_FILE=${KEY_FILE:-$HOME/.ssh/$KEY_NAME.pem}
@@ -67,7 +81,7 @@ REMOTE_HOME=${REMOTE_HOME:-/home/$REMOTE_USER}       # where the instance clones
 
 # what a tmux session, a helper and a launched instance get explicitly: a tmux server keeps its own environment
 SETTINGS=(REPO_DIR VENV DATA_DIR S3_DATA S3_RUNS OUT BACKUP_MIN HOURLY_USD BUDGET_USD SESSION MAX_RESTARTS
-          RESTART_DELAY_S IMDS_URL SPOT_POLL_S BUDGET_POLL_S MIN_FREE_GB MIN_SHM_GB TRAIN_CMD AWS DRY_RUN PATH)
+          RESTART_DELAY_S IMDS_URL SPOT_POLL_S BUDGET_POLL_S MIN_SHM_GB TRAIN_CMD AWS DRY_RUN PATH)
 AWS_SETTINGS=(AWS_PROFILE AWS_REGION AWS_DEFAULT_REGION AWS_ENDPOINT_URL AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY
               AWS_SESSION_TOKEN AWS_SHARED_CREDENTIALS_FILE AWS_CONFIG_FILE)
 LOG=$OUT/train.log
@@ -80,7 +94,8 @@ run() { if [[ $DRY_RUN == 1 ]]; then printf '+ %s\n' "$*"; else "$@"; fi; }
 usage() {
     case ${1:-} in
         setup) echo "setup: check the commands it needs (NEEDED; installed where missing on an instance, else named), create $VENV (reusing a CUDA torch already on the system), install requirements.txt (and tensorboard when TRAIN_ARGS ask), and check nvidia-smi, free disk (MIN_FREE_GB) and /dev/shm (MIN_SHM_GB)." ;;
-        data) echo "data: create DATA_DIR (with sudo where the user may not write, as /mnt), aws s3 sync S3_DATA there (or download and unzip the Kaggle zip found there), then train.py --check-data." ;;
+        prepare) echo "prepare: once per dataset, S3_DATA (the Kaggle zip or a tree) into tar shards of about 1 GB under SHARDS (default S3_DATA/shards, or S3_DATA/shards-<SHRINK_BY><SHRINK> with SHRINK), every image decoded once on the way, the training images shrunk with SHRINK; resumes. On a laptop, or on a CPU instance: PREPARE=1 INSTANCE_TYPE=c7i.4xlarge ./run_ec2.sh launch." ;;
+        data) echo "data: DATA_DIR onto the instance store (formatted only when launch's user-data sets FORMAT_STORE=1; striped over several disks; one the AMI mounted is used as it is), then the shards under S3_DATA streamed into it, checked against their sha256 (the full-size ones where they fit, else the shrunk ones); with no shards, the zip or the tree copied and train.py --check-data." ;;
         train) echo "train [train.py flags]: torchrun --nproc_per_node=<GPUs> train.py --data DATA_DIR --out OUT [flags] in tmux session SESSION (nohup without tmux), every setting passed explicitly, output to OUT/train.log. Restarted after 'preempted', and after 'crashed' only when last.pt moved on since the start; stopped on done, a config error, or BUDGET_USD. Starts the S3 backup and the spot watcher (S3_RUNS) and the budget guard (BUDGET_USD). With no OUT/last.pt it first restores OUT from S3_RUNS." ;;
         backup) echo "backup: aws s3 sync OUT to S3_RUNS/<name of OUT> every BACKUP_MIN minutes while training runs, and once more at the end (train starts it)." ;;
         watch-spot) echo "watch-spot: poll IMDS_URL (IMDSv2) every SPOT_POLL_S seconds; on a spot interruption notice, SIGTERM the trainer (train.py checkpoints) and back up to S3_RUNS, which it requires (train starts it)." ;;
@@ -92,7 +107,7 @@ usage() {
         resume) echo "resume: launch a new instance for RUN, which must have a last.pt in S3_RUNS/RUN: train restores it and continues." ;;
         ssh|logs|status-remote|terminate) echo "ssh | logs | status-remote | terminate: log in to RUN's instance, print its last log lines (over SSH, else from S3_RUNS), run status there, or terminate it." ;;
         tunnel) echo "tunnel [PORT ...]: forward local ports (default 7860 and 6006) to RUN's instance's 127.0.0.1 over SSH: app.py's page and TensorBoard, which listen there only; the security group stays SSH-only." ;;
-        *) sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' ;;
+        *) sed -n '2,/^# Every setting/p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' ;;
     esac
 }
 
@@ -159,7 +174,8 @@ check_commands() {  # every command the steps need: installed where missing on a
 }
 
 cmd_setup() {
-    local gpus free_gb shm_gb
+    local gpus shm_gb
+    mark setup_start
     check_commands
     if [[ $DRY_RUN != 1 ]] && python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
         say "a CUDA torch is installed system-wide: reusing it"
@@ -169,6 +185,11 @@ cmd_setup() {
         run "$VENV/bin/pip" install -q "${reqs[@]}"
     else
         [[ -x $VENV/bin/python ]] || run python3 -m venv "$VENV"
+        if [[ $(gpu_count) == 0 ]]; then  # a CPU instance (prepare's): PyTorch's CPU wheels, not 5 GB of CUDA
+            local pins
+            mapfile -t pins < <(grep '^torch' "$REPO_DIR/requirements.txt")
+            run "$VENV/bin/pip" install -q --index-url https://download.pytorch.org/whl/cpu "${pins[@]}"
+        fi
         run "$VENV/bin/pip" install -q -r "$REPO_DIR/requirements.txt"
     fi
     if ! command -v aws >/dev/null 2>&1 && [[ " $NEEDED " == *" aws "* ]]; then run "$VENV/bin/pip" install -q awscli; fi
@@ -176,14 +197,124 @@ cmd_setup() {
     gpus=$(gpu_count)
     [[ $gpus -gt 0 ]] || say "warning: nvidia-smi finds no GPU; training would run on the CPU"
     say "GPUs: $gpus"
-    free_gb=$(df -BG --output=avail "$(dirname "$DATA_DIR")" 2>/dev/null | tail -1 | tr -dc '0-9')
-    [[ ${free_gb:-0} -ge $MIN_FREE_GB ]] || say "warning: ${free_gb:-?} GB free under $(dirname "$DATA_DIR"), want $MIN_FREE_GB"
     shm_gb=$(df -BG --output=size /dev/shm 2>/dev/null | tail -1 | tr -dc '0-9')
     [[ ${shm_gb:-0} -ge $MIN_SHM_GB ]] || say "warning: /dev/shm is ${shm_gb:-?} GB, want $MIN_SHM_GB for loader workers"
+    mark setup_end
+}
+
+# -----------------------------------------------------------------------------
+# the data: prepared once into shards in S3, staged onto the instance store
+
+mark() {  # a moment of this start (boot, setup, data, train) into OUT/timeline.jsonl, which travels with the run
+    [[ $DRY_RUN == 1 ]] && return 0
+    mkdir -p "$OUT" && printf '{"event": "%s", "t": %s}\n' "$1" "$(date +%s)" >> "$OUT/timeline.jsonl"
+}
+
+cmd_prepare() {  # once per dataset, on a laptop or (better) a CPU instance in the bucket's region: PREPARE=1 launch
+    [[ -n $S3_DATA ]] || die "set S3_DATA=s3://bucket/path of ImageNet (a train/ val/ tree or the Kaggle zip)"
+    local flags=()
+    [[ -z $SHRINK ]] || flags+=(--shrink "$SHRINK" --shrink-by "$SHRINK_BY")
+    run "$(python_bin)" "$REPO_DIR/shards.py" pack "$S3_DATA" "$SHARDS" "${flags[@]}" ${PREPARE_SRC:+--scratch "$PREPARE_SRC"}
+}
+
+store_disks() {  # NAME SIZE MOUNTPOINT of each instance store disk (AWS names their model so), one a line
+    "$LSBLK" -b -d -n -P -o NAME,MODEL,SIZE,MOUNTPOINT,TYPE 2>/dev/null \
+        | awk -F'"' '$4 == "Amazon EC2 NVMe Instance Storage" && $10 == "disk" {print "/dev/" $2, $6, ($8 == "" ? "-" : $8)}'
+}
+
+mounted_under() {  # the mount point of a device or of anything built on it (a partition, a RAID of ours), or nothing
+    "$LSBLK" -n -o MOUNTPOINT "$1" 2>/dev/null | awk 'NF {print; exit}'
+}
+
+store_capacity() { store_disks | awk '{sum += $2} END {printf "%.0f\n", sum}'; }
+
+manifest_bytes() {  # the bytes of the shards under prefix $1, or nothing when they are not complete
+    "$AWS" s3 cp "$1/manifest.json" - 2>/dev/null | python3 -c 'import json, sys; print(json.load(sys.stdin)["bytes"])' 2>/dev/null || true
+}
+
+pick_shards() {  # "prefix bytes" of the complete shards under S3_DATA to stage on a disk of $1 bytes: the full-size
+    # ones when they fit, else the smallest (shrunk) ones; nothing when there are none
+    local fit=$1 name bytes full="" small="" small_bytes=""
+    while read -r name; do
+        bytes=$(manifest_bytes "$S3_DATA/$name")
+        [[ -n $bytes ]] || continue
+        if [[ $name == shards ]]; then full=$bytes; fi
+        if [[ -z $small_bytes ]] || (( bytes < small_bytes )); then small=$name; small_bytes=$bytes; fi
+    done < <("$AWS" s3 ls "$S3_DATA/" 2>/dev/null | awk '$1 == "PRE" && $2 ~ /^shards/ {sub("/$", "", $2); print $2}')
+    if [[ -n $full ]] && (( full < fit )); then echo "$S3_DATA/shards $full"; elif [[ -n $small ]]; then echo "$S3_DATA/$small $small_bytes"; fi
+}
+
+free_bytes() { df -B1 --output=avail "$1" 2>/dev/null | tail -1 | tr -dc '0-9'; }
+
+use_store() {  # put DATA_DIR on the instance store; says what it did; 1 when the data stays on the root volume
+    local need=$1 disks dev mp devices=() capacity target
+    if [[ -L $DATA_DIR ]] || mountpoint -q "$DATA_DIR" 2>/dev/null; then
+        say "DATA_DIR $DATA_DIR is on the instance store already (an earlier data, or fstab after a reboot)"
+        return 0
+    fi
+    disks=$(store_disks)
+    if [[ -z $disks ]]; then say "no instance store on this instance: DATA_DIR stays on the root volume (EBS)"; return 1; fi
+    while read -r dev _ _; do
+        mp=$(mounted_under "$dev")
+        if [[ -n $mp ]]; then  # the AMI's own mount (the DLAMI mounts it at /opt/dlami/nvme): used as it is
+            [[ ! -e $DATA_DIR ]] || $SUDO rmdir "$DATA_DIR" 2>/dev/null \
+                || die "$DATA_DIR exists and is not empty: nothing is linked over it; move it away or set DATA_DIR"
+            run $SUDO mkdir -p "$mp/imagenet"
+            run $SUDO chown "$(id -u):$(id -g)" "$mp/imagenet"
+            run $SUDO ln -s "$mp/imagenet" "$DATA_DIR"
+            say "the instance store is mounted at $mp already: DATA_DIR $DATA_DIR -> $mp/imagenet"
+            return 0
+        fi
+        devices+=("$dev")
+    done <<< "$disks"
+    capacity=$(store_capacity)
+    if (( capacity < need )); then
+        say "the instance store (${devices[*]}) holds $((capacity / 1000000000)) GB, the data needs $((need / 1000000000)): DATA_DIR stays on the root volume (EBS)"
+        return 1
+    fi
+    if [[ $FORMAT_STORE != 1 ]]; then  # formatting is launch's to ask for: a data run by hand (or a test) never does
+        say "the instance store (${devices[*]}) is not formatted, and only launch's user-data formats it (FORMAT_STORE=1): DATA_DIR stays on the root volume"
+        return 1
+    fi
+    for dev in "${devices[@]}"; do  # empty disks only: no filesystem, partition table, RAID or LVM signature
+        if [[ -n $($SUDO "$WIPEFS" -n "$dev" 2>&1 | grep -v '^$' || true) ]] || [[ $("$LSBLK" -n -o NAME "$dev" | wc -l) -gt 1 ]]; then
+            die "$dev carries a signature (wipefs -n $dev lists it) or partitions: it is not formatted; DATA_DIR stays where it is, set it by hand"
+        fi
+    done
+    ensure_dir "$DATA_DIR"
+    [[ -z $(ls -A "$DATA_DIR" 2>/dev/null) ]] || die "$DATA_DIR is not empty: the instance store is not mounted over it; move its files away or set DATA_DIR"
+    target=${devices[0]}
+    if [[ ${#devices[@]} -gt 1 ]]; then
+        target=/dev/md/resnet-data
+        run $SUDO "$MDADM" --create "$target" --level=0 --raid-devices="${#devices[@]}" "${devices[@]}" --run
+    fi
+    run $SUDO "$MKFS" -q -L resnet-data "$target"
+    run $SUDO "$MOUNT" -o noatime "$target" "$DATA_DIR"
+    run $SUDO chown "$(id -u):$(id -g)" "$DATA_DIR"
+    if ! grep -qs "^LABEL=resnet-data " "$FSTAB"; then  # mounted again after a reboot; nofail: a new instance boots
+        if [[ $DRY_RUN == 1 ]]; then echo "+ append to $FSTAB: LABEL=resnet-data $DATA_DIR ext4 defaults,noatime,nofail 0 2"
+        else echo "LABEL=resnet-data $DATA_DIR ext4 defaults,noatime,nofail 0 2" | $SUDO tee -a "$FSTAB" >/dev/null; fi
+    fi
+    say "the instance store (${devices[*]}$([[ ${#devices[@]} -gt 1 ]] && echo ", RAID 0")) formatted and mounted at DATA_DIR $DATA_DIR"
 }
 
 cmd_data() {
     [[ -n $S3_DATA ]] || die "set S3_DATA=s3://bucket/path of ImageNet (a train/ val/ tree or the Kaggle zip)"
+    mark data_start
+    local picked prefix bytes fit
+    fit=$(store_capacity)
+    [[ $fit -gt 0 ]] || fit=$(free_bytes "$(dirname "$DATA_DIR")")
+    picked=$(pick_shards "$(( ${fit:-0} * 9 / 10 ))")  # a tenth spare: the filesystem, the marks
+    if [[ -n $picked ]]; then
+        read -r prefix bytes <<< "$picked"
+        use_store "$bytes" || ensure_dir "$DATA_DIR"
+        say "staging $prefix ($((bytes / 1000000000)) GB) into $DATA_DIR"
+        run python3 "$REPO_DIR/shards.py" unpack "$prefix" "$DATA_DIR" --jobs "$STAGE_JOBS"
+        mark data_end
+        return 0
+    fi
+    # no shards (./run_ec2.sh prepare makes them once): the slow way, the zip or the tree onto the root volume
+    say "no shards in $S3_DATA (run ./run_ec2.sh prepare once: starts then take minutes): copying the data itself"
     ensure_dir "$DATA_DIR"
     local zip
     zip=$("$AWS" s3 ls "$S3_DATA/" 2>/dev/null | awk '/\.zip$/ {print $4; exit}' || true)
@@ -192,9 +323,11 @@ cmd_data() {
         run unzip -q -o "$DATA_DIR/$zip" -d "$DATA_DIR"
         run rm "$DATA_DIR/$zip"
     else
-        run "$AWS" s3 sync "$S3_DATA" "$DATA_DIR" --only-show-errors
+        run "$AWS" s3 sync "$S3_DATA" "$DATA_DIR" --only-show-errors --exclude "shards*"
     fi
+    until [[ $DRY_RUN == 1 || -x $VENV/bin/python ]]; do sleep 5; done  # setup runs alongside: its venv decodes
     run "$(python_bin)" "$REPO_DIR/train.py" --check-data --data "$DATA_DIR"
+    mark data_end
 }
 
 cmd_bench() {  # this instance's measured rates in place of the published ones, for its own type (IMDS)
@@ -261,6 +394,8 @@ train_loop() {
             return 0
         fi
         rm -f "$OUT/status"
+        mark train_start
+        wait_report >> "$LOG"  # where train.py's "first step at" line follows
         before=$(ckpt_stamp)
         "${cmd[@]}" --out "$OUT" "$@" >> "$LOG" 2>&1 &
         echo $! > "$PIDFILE"
@@ -454,6 +589,30 @@ cmd_budget() {
     done
 }
 
+wait_report() {  # the wait of this instance's latest start: launch to the first step, and each part of it
+    local launched
+    read -r launched _ < <(launch_time)
+    python3 - "$OUT/timeline.jsonl" "$LOG" "$launched" <<'PY'
+import calendar, json, os, re, sys, time
+path, log, launched = sys.argv[1], sys.argv[2], float(sys.argv[3])
+events = [json.loads(line) for line in open(path) if line.strip()] if os.path.exists(path) else []
+t = {}
+for e in events:  # this boot's: the moments after the instance's launch, the latest of each
+    if e["t"] >= launched - 60:
+        t[e["event"]] = e["t"]
+steps = re.findall(r"^first step at (\S+)Z", open(log).read(), re.M) if os.path.exists(log) else []
+first = [calendar.timegm(time.strptime(s, "%Y-%m-%dT%H:%M:%S")) for s in steps]
+first = [f for f in first if f >= t.get("train_start", launched)]
+m = lambda a, b: f"{(t[b] - t[a]) / 60:.1f} min" if a in t and b in t else "-"
+ready = max([t[k] for k in ("setup_end", "data_end") if k in t] or [launched])
+parts = (f"boot {(t['setup_start'] - launched) / 60:.1f} min" if "setup_start" in t else "boot -",
+         f"setup {m('setup_start', 'setup_end')}", f"data {m('data_start', 'data_end')} (alongside setup)",
+         f"first step {(first[0] - ready) / 60:.1f} min after both" if first else "first step: not yet")
+total = f"{(first[0] - launched) / 60:.1f} min" if first else f"{(time.time() - launched) / 60:.1f} min so far"
+print(f"launch to first step: {total} ({', '.join(parts)})")
+PY
+}
+
 cmd_status() {
     local pid hours spent projected left per_epoch source
     pid=$(trainer_pid)
@@ -474,6 +633,7 @@ PY
     if [[ $mine != "$spent" ]]; then earlier="; the run, with its earlier instances (spent.json): \$${spent}"; fi
     echo "cost: the instance has run ${hours} h since its launch (from ${source}): \$${mine} at \$${HOURLY_USD}/h${earlier};" \
          "projected \$${projected} to the last epoch (${left} left at ${per_epoch} min each)${BUDGET_USD:+; BUDGET_USD \$$BUDGET_USD}"
+    wait_report
 }
 
 cmd_stop() {
@@ -520,21 +680,37 @@ policy_json() {  # the instance role may read S3_DATA, read and write S3_RUNS, a
 JSON
 }
 
+prepare_policy_json() {  # prepare's instance may read S3_DATA and write SHARDS (multipart uploads too), nothing else
+    local db dp sb sp
+    read -r db dp < <(s3_path "$S3_DATA")
+    read -r sb sp < <(s3_path "$SHARDS")
+    cat <<JSON
+{"Version": "2012-10-17", "Statement": [
+  {"Sid": "ListData", "Effect": "Allow", "Action": "s3:ListBucket", "Resource": "arn:aws:s3:::$db",
+   "Condition": {"StringLike": {"s3:prefix": ["${dp:-*}", "${dp:+$dp/*}"]}}},
+  {"Sid": "ReadData", "Effect": "Allow", "Action": "s3:GetObject", "Resource": "arn:aws:s3:::$db/${dp:+$dp/}*"},
+  {"Sid": "ListUploads", "Effect": "Allow", "Action": "s3:ListBucketMultipartUploads", "Resource": "arn:aws:s3:::$sb"},
+  {"Sid": "WriteShards", "Effect": "Allow", "Action": ["s3:PutObject", "s3:AbortMultipartUpload",
+   "s3:ListMultipartUploadParts"], "Resource": "arn:aws:s3:::$sb/$sp/*"}
+]}
+JSON
+}
+
 TRUST_JSON='{"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}]}'
 
 exists() {  # an AWS lookup that succeeds; under DRY_RUN nothing exists yet, so every creation is printed
     [[ $DRY_RUN != 1 ]] && "$AWS" --region "$REGION" "$@" >/dev/null 2>&1
 }
 
-ensure_role() {  # the role, its inline policy (rewritten each launch: S3_DATA or S3_RUNS may have changed), the profile
-    if ! exists iam get-role --role-name "$NAME_PREFIX"; then
-        aws_q "" iam create-role --role-name "$NAME_PREFIX" --assume-role-policy-document "$TRUST_JSON" >/dev/null
+ensure_role() {  # role $1 with inline policy $2 (rewritten each launch: the prefixes may have changed), its profile
+    local role=$1
+    if ! exists iam get-role --role-name "$role"; then
+        aws_q "" iam create-role --role-name "$role" --assume-role-policy-document "$TRUST_JSON" >/dev/null
     fi
-    aws_q "" iam put-role-policy --role-name "$NAME_PREFIX" --policy-name "$NAME_PREFIX-s3" \
-        --policy-document "$(policy_json)" >/dev/null
-    if ! exists iam get-instance-profile --instance-profile-name "$NAME_PREFIX"; then
-        aws_q "" iam create-instance-profile --instance-profile-name "$NAME_PREFIX" >/dev/null
-        aws_q "" iam add-role-to-instance-profile --instance-profile-name "$NAME_PREFIX" --role-name "$NAME_PREFIX" >/dev/null
+    aws_q "" iam put-role-policy --role-name "$role" --policy-name "$role-s3" --policy-document "$2" >/dev/null
+    if ! exists iam get-instance-profile --instance-profile-name "$role"; then
+        aws_q "" iam create-instance-profile --instance-profile-name "$role" >/dev/null
+        aws_q "" iam add-role-to-instance-profile --instance-profile-name "$role" --role-name "$role" >/dev/null
     fi
 }
 
@@ -572,7 +748,8 @@ SYSTEMCTL=${SYSTEMCTL:-systemctl}
 mkdir -p "$BOOT_ROOT/etc" "$BOOT_ROOT/usr/local/bin" "$BOOT_ROOT/etc/systemd/system"
 cat > "$BOOT_ROOT/etc/resnet-run.env" <<'ENV'
 EOF
-    for name in RUN_USER REPO_URL REPO DATA_DIR S3_DATA S3_RUNS OUT HOURLY_USD BUDGET_USD TRAIN_ARGS; do
+    for name in RUN_USER REPO_URL REPO DATA_DIR S3_DATA S3_RUNS OUT HOURLY_USD BUDGET_USD TRAIN_ARGS PREPARE SHARDS \
+                SHRINK SHRINK_BY FORMAT_STORE; do
         printf '%s=%q\n' "$name" "${!name}"
     done
     cat <<'EOF'
@@ -588,8 +765,17 @@ SCRIPT
 cat >> "$BOOT_ROOT/usr/local/bin/resnet-run" <<'SCRIPT'
 [ -d "$REPO/.git" ] || git clone --quiet "$REPO_URL" "$REPO"
 cd "$REPO"
-./run_ec2.sh setup
-[ -f "$DATA_DIR/.run_ec2_data_done" ] || { ./run_ec2.sh data && touch "$DATA_DIR/.run_ec2_data_done"; }
+if [ "$PREPARE" = 1 ]; then  # a CPU instance that makes the shards once, keeps its log beside them, and goes
+    trap '${SHUTDOWN:-sudo shutdown -h now}' EXIT  # it terminates on shutdown: it costs nothing once done
+    ./run_ec2.sh setup
+    ./run_ec2.sh prepare 2>&1 | tee "$HOME/prepare.log" || true
+    aws s3 cp "$HOME/prepare.log" "$SHARDS/prepare.log" --only-show-errors || true
+    exit 0
+fi
+data_pid=""
+if [ ! -f "$DATA_DIR/.run_ec2_data_done" ]; then ./run_ec2.sh data & data_pid=$!; fi  # the shards stream in while
+./run_ec2.sh setup                                                                     # setup installs
+if [ -n "$data_pid" ]; then wait "$data_pid"; touch "$DATA_DIR/.run_ec2_data_done"; fi
 read -r -a flags <<< "$TRAIN_ARGS"
 FOREGROUND=1 exec ./run_ec2.sh train "${flags[@]}"
 SCRIPT
@@ -598,7 +784,7 @@ chmod +x "$BOOT_ROOT/usr/local/bin/resnet-run"
 . "$BOOT_ROOT/etc/resnet-run.env"
 cat > "$BOOT_ROOT/etc/systemd/system/resnet-run.service" <<UNIT
 [Unit]
-Description=run_ec2.sh: setup, data and train
+Description=run_ec2.sh: setup, data and train (or prepare)
 After=network-online.target
 Wants=network-online.target
 [Service]
@@ -621,28 +807,63 @@ instance_id() {
     cat "$(state_file)"
 }
 
+instance_disks() {  # "instance-store-GB EBS-MB/s EBS-IOPS" of INSTANCE_TYPE: its baselines (DescribeInstanceTypes)
+    aws_q "250 125 3000" ec2 describe-instance-types --instance-types "$INSTANCE_TYPE" --output text --query \
+        'InstanceTypes[0].[InstanceStorageInfo.TotalSizeInGB,EbsInfo.EbsOptimizedInfo.BaselineThroughputInMBps,EbsInfo.EbsOptimizedInfo.BaselineIops]' \
+        | awk '{printf "%d %d %d\n", ($1 == "None" ? 0 : $1), $2, $3}'
+}
+
+data_gb() {  # GB of the smallest complete shards under S3_DATA (what data stages, at worst), or nothing
+    local picked
+    picked=$(pick_shards 0)
+    [[ -z $picked ]] || echo $(( ${picked#* } / 1000000000 + 1 ))
+}
+
 cmd_launch() {
     [[ -n $INSTANCE_TYPE ]] || die "set INSTANCE_TYPE, e.g. g6e.xlarge (README 'Choosing an instance')"
     [[ -n $KEY_NAME ]] || die "set KEY_NAME to an EC2 key pair of REGION (README 'From zero')"
-    [[ -n $S3_DATA && -n $S3_RUNS ]] || die "set S3_DATA (ImageNet) and S3_RUNS (backups), both s3://bucket/path"
+    [[ -n $S3_DATA ]] || die "set S3_DATA (ImageNet: the Kaggle zip or a tree, and the shards prepare made), s3://bucket/path"
+    [[ $PREPARE == 1 || -n $S3_RUNS ]] || die "set S3_RUNS (the run's backups), s3://bucket/path"
     if [[ -z $REPO_URL ]]; then
         REPO_URL=$(git -C "$REPO_DIR" remote get-url origin 2>/dev/null) || die "set REPO_URL: what the instance clones"
     fi
-    local ami sg market=() home=$REMOTE_HOME id
+    local ami sg market=() home=$REMOTE_HOME id store_gb ebs_mbps ebs_iops data throughput iops ebs="VolumeType=gp3"
     ami=$(aws_q ami-DRYRUN ssm get-parameter --name "$AMI_PARAM" --query Parameter.Value --output text) \
         || die "could not read the AMI from SSM parameter $AMI_PARAM in $REGION"
-    ensure_role
+    read -r store_gb ebs_mbps ebs_iops < <(instance_disks)
+    data=$( [[ $DRY_RUN == 1 ]] || data_gb )
+    if [[ $PREPARE == 1 ]]; then  # the source's copy (the zip, or the tree) and a shard or two
+        DISK_GB=${DISK_GB:-250}
+        ensure_role "$NAME_PREFIX-prepare" "$(prepare_policy_json)"
+    else
+        if [[ -z $data ]]; then  # no shards yet: data falls back to the zip, unzipped beside itself
+            DISK_GB=${DISK_GB:-400}
+            say "no shards in $S3_DATA: this instance copies the data itself, which takes long (run ./run_ec2.sh prepare once)"
+        elif (( store_gb * 9 / 10 > data )); then DISK_GB=${DISK_GB:-100}  # the data goes on the instance store
+        else DISK_GB=${DISK_GB:-$(( 100 + data ))}; fi
+        ensure_role "$NAME_PREFIX" "$(policy_json)"
+    fi
+    if (( store_gb == 0 )) && [[ $PREPARE != 1 ]]; then  # the data on the root volume: make it as fast as the link
+        throughput=$(( ebs_mbps < 1000 ? ebs_mbps : 1000 ))
+        throughput=$(( throughput > 125 ? throughput : 125 ))
+        iops=$(( ebs_iops < 16000 ? ebs_iops : 16000 ))
+        iops=$(( iops > 3000 ? iops : 3000 ))
+        ebs+=",Throughput=$throughput,Iops=$iops"
+        say "$INSTANCE_TYPE has no instance store: the root volume gets gp3's $throughput MB/s and $iops IOPS (its EBS" \
+            "link's baseline), which adds \$$(awk -v t="$throughput" -v i="$iops" 'BEGIN { printf "%.3f", ((t - 125) * 0.04 + (i - 3000) * 0.005) / 730 }')/h"
+    fi
     sg=$(ensure_sg)
     if [[ $SPOT == 1 ]]; then
         market=(--instance-market-options 'MarketType=spot,SpotOptions={SpotInstanceType=one-time,InstanceInterruptionBehavior=terminate}')
     fi
     local ud
-    ud=$(RUN_USER=$REMOTE_USER REPO="$home/resnet" OUT="$home/resnet/runs/$RUN" user_data)
+    ud=$(RUN_USER=$REMOTE_USER REPO="$home/resnet" OUT="$home/resnet/runs/$RUN" FORMAT_STORE=1 user_data)
     if [[ $DRY_RUN == 1 ]]; then printf '%s\n' "--- user-data ---" "$ud" "--- end of user-data ---" >&2; fi
     for attempt in 1 2 3 4 5 6; do  # a new instance profile takes a few seconds to be usable
         id=$(aws_q i-DRYRUN ec2 run-instances --image-id "$ami" --instance-type "$INSTANCE_TYPE" --key-name "$KEY_NAME" \
-            --security-group-ids "$sg" --iam-instance-profile "Name=$NAME_PREFIX" "${market[@]}" \
-            --block-device-mappings "DeviceName=/dev/sda1,Ebs={VolumeSize=$DISK_GB,VolumeType=gp3,DeleteOnTermination=true}" \
+            --security-group-ids "$sg" --iam-instance-profile "Name=$NAME_PREFIX$([[ $PREPARE == 1 ]] && echo -prepare)" \
+            "${market[@]}" --instance-initiated-shutdown-behavior terminate \
+            --block-device-mappings "DeviceName=/dev/sda1,Ebs={VolumeSize=$DISK_GB,$ebs,DeleteOnTermination=true}" \
             --user-data "$ud" --tag-specifications "ResourceType=instance,Tags=[{Key=Name,Value=$NAME_PREFIX-$RUN},{Key=run,Value=$RUN}]" \
             --query 'Instances[0].InstanceId' --output text) && break
         [[ $attempt == 6 ]] && die "run-instances failed (see above): capacity, a quota, or the instance profile"
@@ -650,8 +871,13 @@ cmd_launch() {
     done
     run mkdir -p "$STATE_DIR"
     if [[ $DRY_RUN != 1 ]]; then echo "$id" > "$(state_file)"; fi
-    say "launched $id ($INSTANCE_TYPE, $([[ $SPOT == 1 ]] && echo spot || echo on-demand), ${DISK_GB} GB gp3) for run $RUN;" \
-        "it sets up, fetches the data and trains on its own: ./run_ec2.sh logs, ./run_ec2.sh ssh, ./run_ec2.sh terminate"
+    if [[ $PREPARE == 1 ]]; then
+        say "launched $id ($INSTANCE_TYPE, ${DISK_GB} GB gp3): it packs $S3_DATA into $SHARDS, copies its log there" \
+            "(prepare.log) and terminates itself; an interrupted prepare resumes when launched again"
+    else
+        say "launched $id ($INSTANCE_TYPE, $([[ $SPOT == 1 ]] && echo spot || echo on-demand), ${DISK_GB} GB gp3) for run $RUN;" \
+            "it sets up, stages the data and trains on its own: ./run_ec2.sh logs, ./run_ec2.sh ssh, ./run_ec2.sh terminate"
+    fi
 }
 
 cmd_resume() {
@@ -698,6 +924,7 @@ main() {
     if [[ ${1:-} == --help || ${1:-} == -h ]]; then usage "$sub"; return 0; fi
     case $sub in
         setup) cmd_setup "$@" ;;
+        prepare) cmd_prepare "$@" ;;
         data) cmd_data "$@" ;;
         train) cmd_train "$@" ;;
         backup) cmd_backup "$@" ;;

@@ -158,7 +158,7 @@ def check_run_args(p, args):
             p.error(message)
     if args.tensorboard:  # optional: imported only when asked for, and refused before any work when missing
         try:
-            import torch.utils.tensorboard  # noqa: F401
+            import torch.utils.tensorboard  # noqa: F401 (only whether it imports)
         except ImportError:
             p.error("--tensorboard needs the tensorboard package, which is not installed: pip install tensorboard "
                     "(run_ec2.sh setup installs it when TRAIN_ARGS ask for --tensorboard)")
@@ -183,8 +183,8 @@ def parse_args(argv=None):
         p.error(f"unrecognized arguments: {' '.join(unknown)}")
     # a run's folder is named after what it trains, so that an Imagenette quick start and an ImageNet run never share
     # one (auto-resume would find the other's last.pt)
-    args.out = args.out or os.path.join("runs", f"{os.path.basename(os.path.normpath(args.data or data.default_root()))}"
-                                                f"-{args.arch}")
+    data_name = os.path.basename(os.path.normpath(args.data or data.default_root()))
+    args.out = args.out or os.path.join("runs", f"{data_name}-{args.arch}")
     return check_run_args(p, check_step_args(p, args))
 
 
@@ -507,6 +507,7 @@ def plot_curves(rows, png_path):
 # the run
 
 def train(args):
+    t_start = time.time()  # for the line of the session's first step: what a restart costs before it trains
     ddp, rank, world, device = init_distributed(args.device)
     master = rank == 0
     print0 = partial(print, flush=True) if master else (lambda *a, **k: None)
@@ -601,6 +602,10 @@ def train(args):
             scheduler.step()
             if ema is not None:
                 ema.update_parameters(raw_model)
+            if t_start is not None:  # run_ec2.sh's status reads this line: launch to the first step
+                print0(f"first step at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}, "
+                       f"{time.time() - t_start:.0f} s after train.py started")
+                t_start = None
 
             # log; .item() syncs with the device, so only every --log-every steps
             if (step + 1) % args.log_every == 0 or step + 1 == steps_per_epoch:

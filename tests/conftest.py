@@ -1,7 +1,9 @@
 """Shared fixtures: the real images in ../shared/data, small dataset trees built from them, and a runner."""
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -64,3 +66,37 @@ def error_line(main, argv, capsys, code=2):
     err = capsys.readouterr().err
     assert exit_.value.code == code and "Traceback" not in err, err
     return [line for line in err.splitlines() if line.strip()][-1]
+
+
+BIN = str(Path(sys.executable).parent)  # the venv's aws and moto_server
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def aws(env, *args, check=True):
+    """The real aws CLI, pointed by env at moto's server: nothing leaves 127.0.0.1."""
+    p = subprocess.run([str(Path(BIN) / "aws"), *args], capture_output=True, text=True, env={**os.environ, **env})
+    assert not check or p.returncode == 0, p.stderr
+    return p
+
+
+@pytest.fixture(scope="session")
+def moto():
+    """A local S3/EC2/IAM/SSM (moto's server) on 127.0.0.1, and the environment that points the aws CLI at it."""
+    if not (Path(BIN) / "moto_server").exists() or not (Path(BIN) / "aws").exists():
+        pytest.skip("moto[server] and awscli are test dependencies (requirements-dev.txt)")
+    port = free_port()
+    server = subprocess.Popen([str(Path(BIN) / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "REGION": "us-east-1"}
+    for _ in range(100):
+        if aws(env, "s3", "ls", check=False).returncode == 0:
+            break
+        time.sleep(0.2)
+    yield env
+    server.kill()

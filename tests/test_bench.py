@@ -16,7 +16,7 @@ from conftest import ROOT, SAMPLES, SHARED, needs_samples, run
 
 @needs_samples
 def test_bench_measures_the_loader_the_step_and_projects(tmp_path):
-    p = run([sys.executable, str(ROOT / "bench.py"), "--images", SAMPLES, "--passes", "2", "--loader-sizes", "128",
+    p = run([sys.executable, str(ROOT / "bench.py"), "--images", SAMPLES, "--passes", "1", "--loader-sizes", "128",
              "--shrink-side", "256", "--sizes", "32", "--batch-size", "4", "--steps", "2", "--workers", "1",
              "--instance", "g5.xlarge", "--hourly-usd", "2.5"], timeout=600)
     res = json.loads(p.stdout.strip().splitlines()[-1])
@@ -52,6 +52,7 @@ def test_instance_facts_are_aws_describe_instance_types_as_moto_ships_it():
             (t["VCpuInfo"]["DefaultVCpus"], t["MemoryInfo"]["SizeInMiB"], gpus["Count"], gpus["Name"]), name
         assert inst["store"] == (disks["Count"], disks["SizeInGB"]), name
         assert inst["net_gbps"] == sum(c["BaselineBandwidthInGbps"] for c in t["NetworkInfo"]["NetworkCards"]), name
+        assert inst["net_peak_gbps"] == sum(c["PeakBandwidthInGbps"] for c in t["NetworkInfo"]["NetworkCards"]), name
         assert inst["ebs_mbps"] == t["EbsInfo"]["EbsOptimizedInfo"]["BaselineThroughputInMBps"], name
         assert t["VCpuInfo"]["DefaultThreadsPerCore"] == 2  # a vCPU is a hyperthread: bench.VCPU
 

@@ -8,7 +8,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,10 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import BIN, ROOT, aws, free_port
 
 SCRIPT = str(ROOT / "run_ec2.sh")
-BIN = str(Path(sys.executable).parent)  # the venv's aws and moto_server come first on PATH
 
 
 def sh(args, env=None, check=True, timeout=120):
@@ -173,12 +171,6 @@ def test_watch_spot_sends_sigterm_to_the_trainer(tmp_path):
         server.shutdown()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_backup_and_restore_round_trip_through_local_s3(tmp_path):
     moto = Path(BIN) / "moto_server"
     if not moto.exists() or not (Path(BIN) / "aws").exists():
@@ -235,30 +227,6 @@ def imds():
     IMDS.notice_at, IMDS.seen = time.time() + 3600, []
     yield f"http://127.0.0.1:{server.server_port}"
     server.shutdown()
-
-
-@pytest.fixture(scope="module")
-def moto():
-    """A local S3/EC2/IAM/SSM (moto's server) on 127.0.0.1, and the environment that points the aws CLI at it."""
-    if not (Path(BIN) / "moto_server").exists() or not (Path(BIN) / "aws").exists():
-        pytest.skip("moto[server] and awscli are test dependencies (requirements-dev.txt)")
-    port = free_port()
-    server = subprocess.Popen([str(Path(BIN) / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "REGION": "us-east-1"}
-    for _ in range(100):
-        if aws(env, "s3", "ls", check=False).returncode == 0:
-            break
-        time.sleep(0.2)
-    yield env
-    server.kill()
-
-
-def aws(env, *args, check=True):
-    p = subprocess.run([str(Path(BIN) / "aws"), *args], capture_output=True, text=True, env={**os.environ, **env})
-    assert not check or p.returncode == 0, p.stderr
-    return p
 
 
 PREEMPTIBLE = """#!/usr/bin/env python3
@@ -641,3 +609,140 @@ def test_the_default_run_is_named_after_the_data_and_the_network(tmp_path):
     p = sh(["launch"], env)
     assert "Value=resnet-ec2-imagenet-1k-resnet18" in p.stderr and "/resnet/runs/imagenet-1k-resnet18" in p.stderr
     assert "Value=resnet-ec2-imagenet-1k-resnet50" in sh(["launch"], {**env, "TRAIN_ARGS": ""}).stderr
+
+
+# -----------------------------------------------------------------------------
+# EC2, part 3: the instance store, with stand-ins for every disk command; no test names a real device
+
+DISK_TOOLS = r"""#!/usr/bin/env python3
+# stand-ins for lsblk, wipefs, mkfs.ext4, mdadm and mount: they read the disks from STORE (name:bytes:mountpoint, a
+# space between disks; a name ending in * carries a signature, one ending in + a partition), and log every call
+import os, sys
+tool, args = os.path.basename(sys.argv[0]), sys.argv[1:]
+open(os.environ["DISK_LOG"], "a").write(" ".join([tool, *args]) + "\n")
+disks = [d.split(":") for d in os.environ.get("STORE", "").split()]
+plain = lambda name: name.rstrip("*+")
+if tool == "lsblk" and "-P" in args:
+    print('NAME="nvme0n1" MODEL="Amazon Elastic Block Store" SIZE="107374182400" MOUNTPOINT="/" TYPE="disk"')
+    for name, size, mp in disks:
+        print(f'NAME="{plain(name)}" MODEL="Amazon EC2 NVMe Instance Storage" SIZE="{size}" MOUNTPOINT="{mp}" '
+              'TYPE="disk"')
+elif tool == "lsblk":
+    name = args[-1].split("/")[-1]
+    disk = next(d for d in disks if plain(d[0]) == name)
+    print(disk[2] if "MOUNTPOINT" in args else plain(disk[0]))
+    if "NAME" in args and disk[0].endswith("+"):
+        print(plain(disk[0]) + "p1")
+elif tool == "wipefs":
+    name = args[-1].split("/")[-1]
+    if any(d[0] == name + "*" for d in disks):
+        print(f"DEVICE OFFSET TYPE UUID LABEL\n{name} 0x438 ext4 1234 somebody-else")
+"""
+
+
+@pytest.fixture(scope="module")
+def two_manifests(moto):
+    """Shards in S3 whose manifests say full-size ImageNet (147 GB) and a shrunk copy (60 GB)."""
+    aws(moto, "s3", "mb", "s3://disk-test")
+    for name, gb in (("shards", 147), ("shards-shorter320", 60)):
+        subprocess.run([str(Path(BIN) / "aws"), "s3", "cp", "-", f"s3://disk-test/imagenet/{name}/manifest.json"],
+                       input=json.dumps({"bytes": gb * 10**9, "shards": []}), text=True, check=True,
+                       env={**os.environ, **moto})
+
+
+@pytest.fixture
+def disk_tools(tmp_path, moto, two_manifests):
+    """The stand-ins on their own paths, and the settings that point run_ec2.sh at them and at the manifests."""
+    d = tmp_path / "disk-bin"
+    d.mkdir()
+    for tool in ("lsblk", "wipefs", "mkfs.ext4", "mdadm", "mount"):
+        (d / tool).write_text(DISK_TOOLS)
+        (d / tool).chmod(0o755)
+    return {**moto, "LSBLK": str(d / "lsblk"), "WIPEFS": str(d / "wipefs"), "MKFS": str(d / "mkfs.ext4"),
+            "MDADM": str(d / "mdadm"), "MOUNT": str(d / "mount"), "SUDO": "", "DISK_LOG": str(tmp_path / "disk.log"),
+            "FSTAB": str(tmp_path / "fstab"), "S3_DATA": "s3://disk-test/imagenet", "DATA_DIR": str(tmp_path / "data"),
+            "OUT": str(tmp_path / "out"), "DRY_RUN": "1"}
+
+
+@pytest.mark.parametrize("store,fmt,expected", [
+    ("nvme1n1:1000000000000:", "1", ["mkfs.ext4 -q -L resnet-data /dev/nvme1n1", "mount -o noatime /dev/nvme1n1 {data}",
+                                     "append to {fstab}: LABEL=resnet-data {data} ext4 defaults,noatime,nofail 0 2",
+                                     "shards.py unpack s3://disk-test/imagenet/shards {data}"]),
+    ("nvme1n1:1000000000000: nvme2n1:1000000000000:", "1",
+     ["mdadm --create /dev/md/resnet-data --level=0 --raid-devices=2 /dev/nvme1n1 /dev/nvme2n1 --run",
+      "mkfs.ext4 -q -L resnet-data /dev/md/resnet-data", "(/dev/nvme1n1 /dev/nvme2n1, RAID 0) formatted and mounted"]),
+    ("", "1", ["no instance store on this instance: DATA_DIR stays on the root volume",
+               "shards.py unpack s3://disk-test/imagenet/shards"]),
+    ("nvme1n1:125000000000:", "1", ["staging s3://disk-test/imagenet/shards-shorter320 (60 GB)",
+                                    "mkfs.ext4 -q -L resnet-data /dev/nvme1n1"]),  # g4dn.xlarge: the shrunk copy
+    ("nvme1n1:3800000000000:/opt/dlami/nvme", "1",
+     ["mkdir -p /opt/dlami/nvme/imagenet", "ln -s /opt/dlami/nvme/imagenet {data}", "mounted at /opt/dlami/nvme"]),
+    ("nvme1n1:1000000000000:", "0",
+     ["only launch's user-data formats it (FORMAT_STORE=1): DATA_DIR stays on the root"]),
+])
+def test_data_puts_the_shards_on_the_instance_store(disk_tools, store, fmt, expected, tmp_path):
+    """One device is formatted and mounted at DATA_DIR (and in fstab, nofail); several are striped; none, or a hand
+    run of data, leaves DATA_DIR on the root volume and formats nothing; a store too small for full-size ImageNet
+    gets the shrunk copy; a store the AMI mounted is used as it is. (DRY_RUN: the commands are shown.)"""
+    p = sh(["data"], {**disk_tools, "STORE": store, "FORMAT_STORE": fmt})
+    shown = p.stdout + p.stderr
+    for line in expected:
+        assert line.format(data=tmp_path / "data", fstab=tmp_path / "fstab") in shown, shown
+    calls = (tmp_path / "disk.log").read_text() if (tmp_path / "disk.log").exists() else ""
+    assert "mkfs" not in calls and "mount " not in calls and "mdadm" not in calls  # DRY_RUN ran none of them
+    if fmt == "0" or not store:
+        assert "mkfs" not in shown and "mdadm" not in shown
+
+
+def test_a_disk_with_a_signature_is_never_formatted(disk_tools, tmp_path):
+    """A device that carries anything (a filesystem, a partition table, a RAID or LVM member) is refused with one
+    line, even with FORMAT_STORE=1 and not in DRY_RUN; and nothing is mounted over a non-empty DATA_DIR."""
+    env = {**disk_tools, "DRY_RUN": "0", "FORMAT_STORE": "1"}
+    for store, expected in (("nvme1n1:1000000000000: nvme2n1*:1000000000000:", "/dev/nvme2n1 carries a signature"),
+                            ("nvme1n1+:1000000000000:", "/dev/nvme1n1 carries a signature (wipefs -n /dev/nvme1n1 "
+                                                        "lists it) or partitions")):
+        p = sh(["data"], {**env, "STORE": store}, check=False)
+        assert p.returncode == 2 and expected in p.stderr.strip().splitlines()[-1], p.stderr
+        calls = (tmp_path / "disk.log").read_text().splitlines()
+        assert not [c for c in calls if c.split()[0] in ("mkfs.ext4", "mdadm", "mount")]
+    (tmp_path / "data").mkdir(exist_ok=True)
+    (tmp_path / "data" / "notes.txt").write_text("the user's")
+    p = sh(["data"], {**env, "STORE": "nvme1n1:1000000000000:"}, check=False)
+    assert p.returncode == 2 and "is not empty: the instance store is not mounted over it" in p.stderr
+    assert (tmp_path / "data" / "notes.txt").read_text() == "the user's"
+
+
+def test_launch_without_an_instance_store_asks_for_a_faster_gp3(tmp_path, moto):
+    """A type with no instance store keeps the data on its root volume: launch asks gp3 for its EBS link's baseline
+    throughput and IOPS, and says what that adds an hour. (moto keeps no Throughput: the CLI's arguments are read.)"""
+    image = aws(moto, "ec2", "describe-images", "--query", "Images[0].ImageId", "--output", "text").stdout.strip()
+    aws(moto, "ssm", "put-parameter", "--name", "/test/dlami3", "--value", image, "--type", "String", "--overwrite")
+    log = tmp_path / "aws.log"
+    recorder = tmp_path / "aws"
+    recorder.write_text(f'#!/bin/sh\necho "$@" >> {log}\nexec {Path(BIN) / "aws"} "$@"\n')
+    recorder.chmod(0o755)
+    env = {**moto, "AWS": str(recorder), "INSTANCE_TYPE": "c6i.4xlarge", "KEY_NAME": "k", "AMI_PARAM": "/test/dlami3",
+           "S3_DATA": "s3://no-shards/imagenet", "S3_RUNS": "s3://runs/ec2", "REPO_URL": "https://example.com/r.git",
+           "MY_IP": "198.51.100.7", "STATE_DIR": str(tmp_path / "state"), "RUN": "gp3", "NAME_PREFIX": "resnet-gp3"}
+    p = sh(["launch"], env)
+    assert "c6i.4xlarge has no instance store: the root volume gets gp3's 625 MB/s and 16000 IOPS" in p.stderr
+    run_instances = [line for line in log.read_text().splitlines() if "run-instances" in line][0]
+    assert "Ebs={VolumeSize=400,VolumeType=gp3,Throughput=625,Iops=16000,DeleteOnTermination=true}" in run_instances
+    assert "which adds $0.116/h" in p.stderr  # ((625 - 125) MB/s x $0.04 + (16000 - 3000) IOPS x $0.005) / 730 h
+
+
+def test_status_counts_the_wait_from_launch_to_the_first_step(tmp_path, imds):
+    """Boot, setup, data (alongside setup) and the first step, from OUT/timeline.jsonl (kept with the run, so a
+    reboot or a reclaim keeps it) and train.py's "first step at" line."""
+    now = time.time()
+    IMDS.pending = datetime.fromtimestamp(now - 600, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    out = tmp_path / "out"
+    out.mkdir()
+    moments = dict(setup_start=540, data_start=540, setup_end=420, data_end=360, train_start=355)
+    (out / "timeline.jsonl").write_text("".join(json.dumps({"event": e, "t": round(now - ago)}) + "\n"
+                                                for e, ago in moments.items()))
+    first = datetime.fromtimestamp(now - 300, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    (out / "train.log").write_text(f"first step at {first}, 40 s after train.py started\n")
+    p = sh(["status"], {"IMDS_URL": imds, "OUT": str(out), "HOURLY_USD": "4"})
+    assert ("launch to first step: 5.0 min (boot 1.0 min, setup 2.0 min, data 3.0 min (alongside setup), first "
+            "step 1.0 min after both)") in p.stdout, p.stdout

@@ -1,0 +1,177 @@
+"""shards.py through the real aws CLI against moto's S3 on 127.0.0.1, on real JPEGs in the Kaggle layout: prepare,
+then stage, gives the source back file for file; interruptions resume; a damaged or missing shard is one line."""
+import hashlib
+import json
+import os
+import shutil
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import BIN, ROOT, SAMPLES, aws, needs_samples, run
+
+pytestmark = needs_samples
+KAGGLE_EXTRAS = ("LOC_train_solution.csv", "LOC_sample_submission.csv",
+                 "ILSVRC/Data/CLS-LOC/test/ILSVRC2012_test_1.JPEG",
+                 "ILSVRC/Annotations/CLS-LOC/train/n01514859/n01514859_1.xml")
+
+
+@pytest.fixture(scope="module")
+def kaggle(tmp_path_factory):
+    """The Kaggle download's layout with 24 real full-size JPEGs (3 classes x 6 train, 6 flat val) and its label
+    files, a truncated JPEG among the training images, and what the loader never reads (test images, annotations,
+    the train CSV)."""
+    root = tmp_path_factory.mktemp("kaggle") / "imagenet"
+    photos = sorted(SAMPLES.iterdir())
+    wnids = ["n01440764", "n02102040", "n03000684"]
+    cls = root / "ILSVRC" / "Data" / "CLS-LOC"
+    for c, wnid in enumerate(wnids):
+        (cls / "train" / wnid).mkdir(parents=True)
+        for k in range(6):
+            shutil.copy(photos[6 * c + k], cls / "train" / wnid / f"{wnid}_{k}.JPEG")
+    (cls / "train" / wnids[0] / f"{wnids[0]}_0.JPEG").write_bytes(photos[0].read_bytes()[:5000])  # truncated
+    (cls / "val").mkdir()
+    rows = ["ImageId,PredictionString"]
+    for k in range(6):
+        shutil.copy(photos[20 + k], cls / "val" / f"ILSVRC2012_val_{k:08d}.JPEG")
+        rows.append(f"ILSVRC2012_val_{k:08d},{wnids[k % 3]} 1 2 3 4")
+    (root / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
+    (root / "LOC_synset_mapping.txt").write_text("".join(f"{w} name {w}\n" for w in wnids))
+    for extra in KAGGLE_EXTRAS:
+        (root / extra).parent.mkdir(parents=True, exist_ok=True)
+        (root / extra).write_bytes(photos[30].read_bytes() if extra.endswith("JPEG") else b"not for the loader")
+    return root
+
+
+def tree(root):
+    """{path: sha256} of every file under root, but the stager's own marks."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*")
+            if p.is_file() and ".shards" not in p.parts}
+
+
+def shards(*args, env, check=True):
+    return run([sys.executable, str(ROOT / "shards.py"), *map(str, args)],
+               env={**env, "PATH": f"{BIN}:{os.environ['PATH']}"}, check=check, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def packed(kaggle, moto):
+    """The tree in S3, packed into shards of about 1 MB (3 of them) by `prepare`'s command."""
+    aws(moto, "s3", "mb", "s3://shards-test")
+    aws(moto, "s3", "sync", str(kaggle), "s3://shards-test/imagenet")
+    p = shards("pack", "s3://shards-test/imagenet", "s3://shards-test/imagenet/shards", "--shard-mb", "1",
+               "--workers", "1", env=moto)
+    manifest = json.loads(aws(moto, "s3", "cp", "s3://shards-test/imagenet/shards/manifest.json", "-").stdout)
+    return manifest, p.stdout
+
+
+def test_prepare_then_stage_gives_the_source_back_file_for_file(kaggle, packed, moto, tmp_path):
+    """Every image of train/ and val/ and both label files, byte for byte, and nothing else; the decode check ran
+    once, at prepare, and named the truncated JPEG; train.py --check-data accepts the staged tree."""
+    manifest, log = packed
+    expected = {rel: h for rel, h in tree(kaggle).items() if rel not in KAGGLE_EXTRAS}
+    assert len(expected) == 3 * 6 + 6 + 2 and manifest["files"] == len(expected) and len(manifest["shards"]) == 3
+    assert manifest["unreadable"][0].startswith("ILSVRC/Data/CLS-LOC/train/n01440764/n01440764_0.JPEG (")
+    assert "in 3 shards of about 0.001 GB" in log
+    out = tmp_path / "staged"
+    p = shards("unpack", "s3://shards-test/imagenet/shards", out, "--jobs", "3", env=moto)
+    assert "MB/s, ETA" in p.stdout and "checked against their sha256" in p.stdout
+    assert tree(out) == expected
+    report = run([sys.executable, str(ROOT / "train.py"), "--data", str(out), "--check-data", "--workers", "1"]).stdout
+    assert "Kaggle ILSVRC" in report and "18 train images" in report and "1 unreadable files" in report
+
+
+def test_a_zip_packs_as_its_tree_and_shrinks_the_training_images(kaggle, packed, moto, tmp_path):
+    """The Kaggle zip, found in S3 and read in place, holds for prepare what its tree does; --shrink shrinks only the
+    training images (the truncated one stays as it was, named by the check)."""
+    import shards as module
+    zipped = tmp_path / "imagenet-object-localization-challenge.zip"
+    with zipfile.ZipFile(zipped, "w") as z:
+        for p in sorted(kaggle.rglob("*")):
+            if p.is_file():
+                z.write(p, str(p.relative_to(kaggle)))
+    assert [f[:2] for f in module.list_source(str(zipped))] == [f[:2] for f in module.list_source(str(kaggle))]
+    aws(moto, "s3", "cp", str(zipped), "s3://shards-test/zipped/")
+    shards("pack", "s3://shards-test/zipped", "s3://shards-test/zipped/shards", "--shrink", "100", "--shrink-by",
+           "longer", "--workers", "1", env=moto)
+    out = tmp_path / "small"
+    shards("unpack", "s3://shards-test/zipped/shards", out, env=moto)
+    staged, source = tree(out), tree(kaggle)
+    assert sorted(staged) == sorted(rel for rel in source if rel not in KAGGLE_EXTRAS)
+    for rel, digest in staged.items():
+        if "/train/" in rel and not rel.endswith("n01440764_0.JPEG"):
+            assert max(Image.open(out / rel).size) == 100 and digest != source[rel], rel
+        else:
+            assert digest == source[rel], rel
+    small = json.loads(aws(moto, "s3", "cp", "s3://shards-test/zipped/shards/manifest.json", "-").stdout)
+    assert small["shrink"] == {"side": 100, "by": "longer"} and small["bytes"] < packed[0]["bytes"] / 3
+    assert len(small["unreadable"]) == 1
+
+
+FAILING_AWS = """#!/bin/sh
+# the real aws, but that the upload of shard-00001.tar fails: prepare is interrupted there
+if [ "$1 $2" = "s3 cp" ]; then case "$3" in *shard-00001.tar) echo "upload failed" >&2; exit 1 ;; esac; fi
+exec {aws} "$@"
+"""
+
+
+def test_an_interrupted_prepare_resumes_and_finishes(kaggle, packed, moto, tmp_path):
+    stand_in = tmp_path / "aws"
+    stand_in.write_text(FAILING_AWS.format(aws=Path(BIN) / "aws"))
+    stand_in.chmod(0o755)
+    dest = "s3://shards-test/again/shards"
+    p = shards("pack", kaggle, dest, "--shard-mb", "1", "--workers", "1", env={**moto, "AWS": str(stand_in)},
+               check=False)
+    assert p.returncode == 2 and "shards.py: error: aws s3 cp" in p.stderr.strip().splitlines()[-1]
+    assert aws(moto, "s3", "ls", f"{dest}/manifest.json", check=False).returncode != 0  # not committed
+    p = shards("pack", kaggle, dest, "--shard-mb", "1", "--workers", "1", env=moto)
+    assert "1 already there" in p.stdout
+    got = json.loads(aws(moto, "s3", "cp", f"{dest}/manifest.json", "-").stdout)
+    assert [s["sha256"] for s in got["shards"]] == [s["sha256"] for s in packed[0]["shards"]]
+
+
+def test_a_damaged_or_missing_shard_is_one_line_and_staging_resumes(kaggle, packed, moto, tmp_path):
+    """A shard whose bytes changed in S3 fails its sha256: one line names it and the fix, its own files are removed
+    and the other shards stay extracted; restored, the same command extracts that shard alone. A missing one is
+    named too."""
+    manifest, _ = packed
+    prefix = "s3://shards-test/imagenet/shards"
+    victim = manifest["shards"][1]["name"]
+    original = tmp_path / "original.tar"
+    aws(moto, "s3", "cp", f"{prefix}/{victim}", str(original))
+    damaged = bytearray(original.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    (tmp_path / "damaged.tar").write_bytes(bytes(damaged))
+    aws(moto, "s3", "cp", str(tmp_path / "damaged.tar"), f"{prefix}/{victim}")
+    out = tmp_path / "staged"
+    p = shards("unpack", prefix, out, env=moto, check=False)
+    line = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 2 and f"{prefix}/{victim} does not match its sha256" in line and "prepare" in line
+    theirs = {rel for rel, _ in manifest["shards"][1]["files"]}
+    assert not theirs & set(tree(out)) and len(tree(out)) == manifest["files"] - len(theirs)
+    aws(moto, "s3", "cp", str(original), f"{prefix}/{victim}")
+    p = shards("unpack", prefix, out, env=moto)
+    assert "1 to extract" in p.stdout and tree(out) == {r: h for r, h in tree(kaggle).items() if r not in KAGGLE_EXTRAS}
+    aws(moto, "s3", "rm", f"{prefix}/{victim}")
+    p = shards("unpack", prefix, tmp_path / "fresh", env=moto, check=False)
+    assert p.returncode == 2 and f"{prefix}/{victim} is missing from S3" in p.stderr.strip().splitlines()[-1]
+    aws(moto, "s3", "cp", str(original), f"{prefix}/{victim}")  # as it was, for the other tests
+
+
+def test_run_ec2_data_stages_the_shards_it_finds_beside_s3_data(kaggle, packed, moto, tmp_path):
+    """`./run_ec2.sh data` finds the shards from S3_DATA alone and stages them (here onto the root volume: a stand-in
+    lsblk lists no instance store), marking the wait in OUT/timeline.jsonl."""
+    lsblk = tmp_path / "lsblk"
+    lsblk.write_text("#!/bin/sh\nexit 0\n")
+    lsblk.chmod(0o755)
+    env = {**moto, "S3_DATA": "s3://shards-test/imagenet", "DATA_DIR": str(tmp_path / "data"), "LSBLK": str(lsblk),
+           "OUT": str(tmp_path / "out"), "PATH": f"{BIN}:{os.environ['PATH']}", "IMDS_URL": "http://127.0.0.1:9"}
+    p = run([str(ROOT / "run_ec2.sh"), "data"], env=env, timeout=300)
+    assert "no instance store on this instance: DATA_DIR stays on the root volume" in p.stderr
+    assert f"staging s3://shards-test/imagenet/shards (0 GB) into {tmp_path / 'data'}" in p.stderr
+    assert tree(tmp_path / "data") == {r: h for r, h in tree(kaggle).items() if r not in KAGGLE_EXTRAS}
+    events = [json.loads(line)["event"] for line in (tmp_path / "out" / "timeline.jsonl").read_text().splitlines()]
+    assert events == ["data_start", "data_end"]
