@@ -238,8 +238,12 @@ GP3_MBPS = 125  # a gp3 volume as launch made it before the shards: its included
 # gp3 root volume, unzipped there, then --check-data decodes every file once.
 ZIP_GB = 155
 # With the shards (run_ec2.sh prepare, once): data streams them from S3 onto the instance store while setup runs.
-EXTRACT_MBPS = 0.0   # MB/s of shards one core streams, checks (sha256) and extracts: measured, BENCHMARKS.md
+# MB/s of shards one core checks (sha256) and extracts into a folder, measured here (VM-B, 2026-12-03: the median of
+# the warm runs of `python bench.py --images ../shared/data/imagenet-samples --shards-only`, BENCHMARKS.md); the
+# aws CLI's own streaming is not in it
+EXTRACT_MBPS = dict(full=275, shrunk=179)
 NVME_MBPS = 1000     # assumed: an instance store disk writes about 1 GB/s (AWS publishes no per-type figure)
+STAGE_JOBS, STREAM_MBPS = 8, 100  # run_ec2.sh's STAGE_JOBS shards at a time; assumed: one `aws s3 cp ... -` stream
 # Assumed, not measured: launch to the instance running our user-data; setup (a venv on the AMI's CUDA torch, the
 # requirements); the first step after both (train.py's start, the dataset scan, cuDNN's first kernels)
 BOOT_MIN, SETUP_MIN, FIRST_STEP_MIN = 2, 2, 1
@@ -264,21 +268,20 @@ def data_gb(kind):
     return (IMAGENET_TRAIN * JPEG_KB[kind] + IMAGENET_VAL * VAL_KB) / 1e6
 
 
-def where(inst):
-    """The data's disk on this instance, and the kind of JPEGs staged there: its instance store, with full-size ImageNet
-    where it fits and the shrunk copy where only that does (run_ec2.sh data), else the root volume."""
+def where(inst, kind="shrunk"):
+    """The data's disk on this instance: its instance store where the shards fit (run_ec2.sh data), else the root
+    volume; and the JPEGs staged: the shrunk copy, which run_ec2.sh prepare makes by default."""
     store_gb = inst["store"][0] * inst["store"][1] if inst.get("store") else 0
-    for kind in ("full", "shrunk"):
-        if data_gb(kind) < 0.9 * store_gb:
-            return "store", kind
-    return "ebs", "full"
+    return ("store" if data_gb(kind) < 0.9 * store_gb else "ebs"), kind
 
 
 def staging_minutes(inst, kind, peak=False):
     """Minutes to stream the shards from S3 onto the instance store: the data over the slowest of the network
-    (baseline, or peak), the cores that check and extract it, and the disks that take it. Returns (minutes, bound)."""
+    (baseline, or peak), the S3 streams, the cores that check and extract it, and the disks that take it. Returns
+    (minutes, bound)."""
     rates = {"network": (inst["net_peak_gbps"] if peak else inst["net_gbps"]) * 1000 / 8,
-             "cores": inst["vcpus"] * inst.get("vcpu", VCPU) * EXTRACT_MBPS,
+             "S3 streams": STAGE_JOBS * STREAM_MBPS,
+             "cores": inst["vcpus"] * inst.get("vcpu", VCPU) * EXTRACT_MBPS[kind],
              "disk": NVME_MBPS * inst["store"][0]}
     bound = min(rates, key=rates.get)
     return data_gb(kind) * 1000 / rates[bound] / 60, bound
@@ -290,7 +293,7 @@ def first_step_minutes(inst, kind, decode_per_core=None, shards=True):
     is the zip: copied at the slower of the network and the volume; unzipped through the volume, which reads the zip
     unless the page cache still holds it, and writes the images; then every file decoded once by --check-data, or
     read, when the volume is the slower and the cache does not hold them."""
-    if shards and where(inst)[0] == "store":
+    if shards and where(inst, kind)[0] == "store":
         return BOOT_MIN + max(SETUP_MIN, staging_minutes(inst, kind)[0]) + FIRST_STEP_MIN
     net_mbps = inst["net_gbps"] * 1000 / 8
     train_gb = IMAGENET_TRAIN * JPEG_KB["full"] / 1e6
@@ -305,7 +308,7 @@ def first_step_minutes(inst, kind, decode_per_core=None, shards=True):
 def disk_rate(inst, kind, shards=True):
     """Images/s the data's disk reads: the instance store's NVMe, or a gp3 volume (raised to the EBS link's baseline
     by launch, where an instance has no store, since the shards)."""
-    if shards and where(inst)[0] == "store":
+    if shards and where(inst, kind)[0] == "store":
         return NVME_MBPS * inst["store"][0] * 1000 / JPEG_KB[kind]
     mbps = min(1000, inst["ebs_mbps"]) if shards else GP3_MBPS
     return mbps * 1000 / JPEG_KB[kind]
@@ -382,21 +385,25 @@ def cost_table(names=None, measured=None, kind=None):
 
 
 def staging_table(names=None):
-    """Projected minutes from the first byte read from S3 to the first step (run_ec2.sh data, then train), for
-    full-size ImageNet and the shrunk copy, at the network's baseline and at its peak."""
-    lines = ["| instance | instance store | data staged | GB | network Gbit/s, baseline / peak | bound by | staging "
-             "min, baseline / peak | first byte to first step, min | no shards: launch to first step, min |",
-             "| --- | --- | --- | ---: | --- | --- | --- | ---: | ---: |"]
+    """Projected minutes to stage ImageNet's shards (run_ec2.sh data), full size and shrunk, at the network's baseline
+    and at its peak; then from the first byte read from S3 to the first step with prepare's default (the shrunk
+    copy; setup alongside), and launch to the first step without the shards (the zip)."""
+    lines = ["| instance | instance store | network Gbit/s, baseline / peak | full size (147 GB): min, baseline / peak "
+             "| shrunk (60 GB): min, baseline / peak | first byte to first step, min | no shards: launch to first "
+             "step, min |", "| --- | --- | --- | --- | --- | ---: | ---: |"]
     for name in names or INSTANCES:
         inst = INSTANCES[name]
-        disk, kind = where(inst)
-        base, bound = staging_minutes(inst, kind)
-        peak, _ = staging_minutes(inst, kind, peak=True)
-        store = f"{inst['store'][0]} x {inst['store'][1]:,} GB"
-        lines.append(f"| {name} | {store} | {kind} | {data_gb(kind):.0f} | {inst['net_gbps']:g} / "
-                     f"{inst['net_peak_gbps']:g} | {bound} | {base:.1f} / {peak:.1f} | "
-                     f"{max(SETUP_MIN, base) + FIRST_STEP_MIN:.1f} | "
-                     f"{first_step_minutes(inst, 'full', shards=False):.0f} |")
+        cells = []
+        for kind in ("full", "shrunk"):
+            if where(inst, kind)[0] != "store":
+                cells.append("does not fit: the root volume")
+                continue
+            (base, bound), (peak, _) = staging_minutes(inst, kind), staging_minutes(inst, kind, peak=True)
+            cells.append(f"{base:.1f} / {peak:.1f} ({bound})")
+        base = staging_minutes(inst, "shrunk")[0]
+        lines.append(f"| {name} | {inst['store'][0]} x {inst['store'][1]:,} GB | {inst['net_gbps']:g} / "
+                     f"{inst['net_peak_gbps']:g} | {cells[0]} | {cells[1]} | "
+                     f"{max(SETUP_MIN, base) + FIRST_STEP_MIN:.1f} | {first_step_minutes(inst, 'full', shards=False):.0f} |")
     return "\n".join(lines)
 
 
@@ -459,6 +466,39 @@ def measure_loader(files, sizes, shrink_sides, passes, workers, batch, n, tmp, e
     return rows, evaluation, dl
 
 
+def measure_shards(files, tmp, side=320):
+    """run_ec2.sh prepare's and data's work per core, on the JPEGs: packing (read, decode once, shrink the training
+    images to `side` or not) and extracting a shard (sha256 and tar into a folder), files/s and MB/s of one process."""
+    import io
+    import tarfile
+    import shards
+    rows = []
+    for label, shrink in (("full size", None), (f"shrunk to a {side} px shorter side", side)):
+        jobs = [(f"train/n0/{os.path.basename(f)}", ("file", f), shrink, "shorter") for f in files]
+        t0 = time.perf_counter()
+        packed = [shards.prepare_file(job) for job in jobs]
+        pack_s = time.perf_counter() - t0
+        tar_path, tree = os.path.join(tmp, f"shard-{side if shrink else 0}.tar"), os.path.join(tmp, "tree")
+        with tarfile.open(tar_path, "w", format=tarfile.GNU_FORMAT) as tar:
+            for rel, body, _, _ in packed:
+                tar.addfile(shards.tar_member(rel, body), io.BytesIO(body))
+        entry = dict(name="shard", files=[[rel, len(body)] for rel, body, _, _ in packed])
+        shutil.rmtree(tree, ignore_errors=True)
+        t0 = time.perf_counter()
+        with open(tar_path, "rb") as f:
+            shards.extract_stream(f, entry, tree)
+        extract_s = time.perf_counter() - t0
+        source_mb = sum(os.path.getsize(f) for f in files) / 1e6
+        tar_mb = os.path.getsize(tar_path) / 1e6
+        rows.append(dict(kind=label, files=len(files), pack_files_s=len(files) / pack_s, pack_mb_s=source_mb / pack_s,
+                         shard_mb=tar_mb, extract_files_s=len(files) / extract_s, extract_mb_s=tar_mb / extract_s))
+    table("Shards, one process: packing (read, decode once, shrink) and extracting (sha256, tar to a folder)",
+          ["JPEGs", "pack files/s", "pack MB/s of source", "shard MB", "extract files/s", "extract MB/s"],
+          [(r["kind"], r["pack_files_s"], r["pack_mb_s"], r["shard_mb"], r["extract_files_s"], r["extract_mb_s"])
+           for r in rows])
+    return rows
+
+
 def measure_steps(arch, sizes, batch, steps, amp, low, compile_mode, device):
     """Section 2: the bare training step in every precision and layout (and compiled), images/s."""
     amps = ["fp32", low] if device.type == "cuda" or amp != "fp32" else ["fp32"]
@@ -501,6 +541,8 @@ def parse_args(argv=None):
                    "published rates and exit, measuring nothing; with --instance, that instance's row")
     p.add_argument("--instance", help=f"the EC2 instance to project for ({', '.join(INSTANCES)}); after measuring, "
                    f"with this machine's rates in place of the published ones (./run_ec2.sh bench passes its own)")
+    p.add_argument("--shards-only", action="store_true", help="measure only packing and extracting shards per core "
+                                                              "(run_ec2.sh prepare and data) on the JPEGs, and exit")
     p.add_argument("--kind", choices=["full", "shrunk"], help="the training JPEGs to project with: full size, or a "
                    "copy at a 320 px shorter side (train.py --shrink); default: what run_ec2.sh data stages there")
     p.add_argument("--data", default=os.environ.get("DATA_DIR"), help="a dataset root whose training JPEGs to time "
@@ -545,6 +587,13 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as e:
         print(f"bench.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    if args.shards_only:
+        tmp = tempfile.mkdtemp()
+        try:
+            print(json.dumps(dict(shards=measure_shards(files, tmp))))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
     gpu = device.type == "cuda"
     sizes = args.sizes or ([160, 176, 192, 224] if gpu else [128])
     batch = args.batch_size or (256 if gpu else 32)

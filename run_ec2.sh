@@ -24,9 +24,9 @@ REPO_DIR=${REPO_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)}
 VENV=${VENV:-$REPO_DIR/.venv}                        # the virtual environment setup creates
 DATA_DIR=${DATA_DIR:-/mnt/imagenet}                  # the data on the instance: its instance store where it has one
 S3_DATA=${S3_DATA:-}                                 # s3://bucket/imagenet-1k: an ImageFolder tree or the Kaggle zip
-SHRINK=${SHRINK:-}                                   # prepare: shrink the training images to this side, px (empty: no)
-SHRINK_BY=${SHRINK_BY:-shorter}                      # prepare: the side SHRINK caps, shorter or longer
-SHARDS=${SHARDS:-$S3_DATA/shards${SHRINK:+-$SHRINK_BY$SHRINK}}  # prepare writes the shards there; data looks in S3_DATA
+SHRINK=${SHRINK-320}                                 # prepare: the training images' side cap, px; empty: full size
+SHRINK_BY=${SHRINK_BY:-shorter}                      # (shrinking cost no measurable top-1: BENCHMARKS.md) its side
+SHARDS=${SHARDS:-$S3_DATA/shards${SHRINK:+-$SHRINK_BY$SHRINK}}  # prepare writes there; data stages those first
 STAGE_JOBS=${STAGE_JOBS:-8}                          # data: shards streamed and extracted at a time
 FORMAT_STORE=${FORMAT_STORE:-0}                      # 1: data may format an empty instance store (launch's user-data)
 S3_RUNS=${S3_RUNS:-}                                 # s3://bucket/runs: where OUT is backed up
@@ -94,8 +94,8 @@ run() { if [[ $DRY_RUN == 1 ]]; then printf '+ %s\n' "$*"; else "$@"; fi; }
 usage() {
     case ${1:-} in
         setup) echo "setup: check the commands it needs (NEEDED; installed where missing on an instance, else named), create $VENV (reusing a CUDA torch already on the system), install requirements.txt (and tensorboard when TRAIN_ARGS ask), and check nvidia-smi, free disk (MIN_FREE_GB) and /dev/shm (MIN_SHM_GB)." ;;
-        prepare) echo "prepare: once per dataset, S3_DATA (the Kaggle zip or a tree) into tar shards of about 1 GB under SHARDS (default S3_DATA/shards, or S3_DATA/shards-<SHRINK_BY><SHRINK> with SHRINK), every image decoded once on the way, the training images shrunk with SHRINK; resumes. On a laptop, or on a CPU instance: PREPARE=1 INSTANCE_TYPE=c7i.4xlarge ./run_ec2.sh launch." ;;
-        data) echo "data: DATA_DIR onto the instance store (formatted only when launch's user-data sets FORMAT_STORE=1; striped over several disks; one the AMI mounted is used as it is), then the shards under S3_DATA streamed into it, checked against their sha256 (the full-size ones where they fit, else the shrunk ones); with no shards, the zip or the tree copied and train.py --check-data." ;;
+        prepare) echo "prepare: once per dataset, S3_DATA (the Kaggle zip or a tree) into tar shards of about 1 GB under SHARDS (default S3_DATA/shards-<SHRINK_BY><SHRINK>, shards-shorter320; S3_DATA/shards with SHRINK= for full size), every image decoded once on the way, the training images shrunk to SHRINK px; resumes. On a laptop, or on a CPU instance: PREPARE=1 INSTANCE_TYPE=c7i.4xlarge ./run_ec2.sh launch." ;;
+        data) echo "data: DATA_DIR onto the instance store (formatted only when launch's user-data sets FORMAT_STORE=1; striped over several disks; one the AMI mounted is used as it is), then the shards under S3_DATA streamed into it, checked against their sha256 (SHARDS where they fit, else the smallest that do); with no shards, the zip or the tree copied and train.py --check-data." ;;
         train) echo "train [train.py flags]: torchrun --nproc_per_node=<GPUs> train.py --data DATA_DIR --out OUT [flags] in tmux session SESSION (nohup without tmux), every setting passed explicitly, output to OUT/train.log. Restarted after 'preempted', and after 'crashed' only when last.pt moved on since the start; stopped on done, a config error, or BUDGET_USD. Starts the S3 backup and the spot watcher (S3_RUNS) and the budget guard (BUDGET_USD). With no OUT/last.pt it first restores OUT from S3_RUNS." ;;
         backup) echo "backup: aws s3 sync OUT to S3_RUNS/<name of OUT> every BACKUP_MIN minutes while training runs, and once more at the end (train starts it)." ;;
         watch-spot) echo "watch-spot: poll IMDS_URL (IMDSv2) every SPOT_POLL_S seconds; on a spot interruption notice, SIGTERM the trainer (train.py checkpoints) and back up to S3_RUNS, which it requires (train starts it)." ;;
@@ -232,16 +232,16 @@ manifest_bytes() {  # the bytes of the shards under prefix $1, or nothing when t
     "$AWS" s3 cp "$1/manifest.json" - 2>/dev/null | python3 -c 'import json, sys; print(json.load(sys.stdin)["bytes"])' 2>/dev/null || true
 }
 
-pick_shards() {  # "prefix bytes" of the complete shards under S3_DATA to stage on a disk of $1 bytes: the full-size
-    # ones when they fit, else the smallest (shrunk) ones; nothing when there are none
-    local fit=$1 name bytes full="" small="" small_bytes=""
+pick_shards() {  # "prefix bytes" of the complete shards under S3_DATA to stage on a disk of $1 bytes: SHARDS (the
+    # ones prepare makes by default) when they fit, else the smallest that do, else the smallest; none: nothing
+    local fit=$1 name bytes mine="" small="" small_bytes=""
     while read -r name; do
         bytes=$(manifest_bytes "$S3_DATA/$name")
         [[ -n $bytes ]] || continue
-        if [[ $name == shards ]]; then full=$bytes; fi
+        if [[ $S3_DATA/$name == "${SHARDS%/}" ]]; then mine=$bytes; fi
         if [[ -z $small_bytes ]] || (( bytes < small_bytes )); then small=$name; small_bytes=$bytes; fi
     done < <("$AWS" s3 ls "$S3_DATA/" 2>/dev/null | awk '$1 == "PRE" && $2 ~ /^shards/ {sub("/$", "", $2); print $2}')
-    if [[ -n $full ]] && (( full < fit )); then echo "$S3_DATA/shards $full"; elif [[ -n $small ]]; then echo "$S3_DATA/$small $small_bytes"; fi
+    if [[ -n $mine ]] && (( mine < fit )); then echo "${SHARDS%/} $mine"; elif [[ -n $small ]]; then echo "$S3_DATA/$small $small_bytes"; fi
 }
 
 free_bytes() { df -B1 --output=avail "$1" 2>/dev/null | tail -1 | tr -dc '0-9'; }
@@ -663,15 +663,22 @@ s3_path() {  # s3://bucket/a/b -> "bucket a/b"
     echo "${rest%%/*} ${prefix#/}"
 }
 
-policy_json() {  # the instance role may read S3_DATA, read and write S3_RUNS, and nothing else
-    local db dp rb rp
+read_data_json() {  # the statements that let a role list and read S3_DATA (the shards beside it included)
+    local db dp
     read -r db dp < <(s3_path "$S3_DATA")
-    read -r rb rp < <(s3_path "$S3_RUNS")
     cat <<JSON
-{"Version": "2012-10-17", "Statement": [
   {"Sid": "ListData", "Effect": "Allow", "Action": "s3:ListBucket", "Resource": "arn:aws:s3:::$db",
    "Condition": {"StringLike": {"s3:prefix": ["${dp:-*}", "${dp:+$dp/*}"]}}},
   {"Sid": "ReadData", "Effect": "Allow", "Action": "s3:GetObject", "Resource": "arn:aws:s3:::$db/${dp:+$dp/}*"},
+JSON
+}
+
+policy_json() {  # the training instance's role may read S3_DATA, read and write S3_RUNS, and nothing else
+    local rb rp
+    read -r rb rp < <(s3_path "$S3_RUNS")
+    cat <<JSON
+{"Version": "2012-10-17", "Statement": [
+$(read_data_json)
   {"Sid": "ListRuns", "Effect": "Allow", "Action": "s3:ListBucket", "Resource": "arn:aws:s3:::$rb",
    "Condition": {"StringLike": {"s3:prefix": ["${rp:-*}", "${rp:+$rp/*}"]}}},
   {"Sid": "ReadWriteRuns", "Effect": "Allow", "Action": ["s3:GetObject", "s3:PutObject"],
@@ -681,14 +688,11 @@ JSON
 }
 
 prepare_policy_json() {  # prepare's instance may read S3_DATA and write SHARDS (multipart uploads too), nothing else
-    local db dp sb sp
-    read -r db dp < <(s3_path "$S3_DATA")
+    local sb sp
     read -r sb sp < <(s3_path "$SHARDS")
     cat <<JSON
 {"Version": "2012-10-17", "Statement": [
-  {"Sid": "ListData", "Effect": "Allow", "Action": "s3:ListBucket", "Resource": "arn:aws:s3:::$db",
-   "Condition": {"StringLike": {"s3:prefix": ["${dp:-*}", "${dp:+$dp/*}"]}}},
-  {"Sid": "ReadData", "Effect": "Allow", "Action": "s3:GetObject", "Resource": "arn:aws:s3:::$db/${dp:+$dp/}*"},
+$(read_data_json)
   {"Sid": "ListUploads", "Effect": "Allow", "Action": "s3:ListBucketMultipartUploads", "Resource": "arn:aws:s3:::$sb"},
   {"Sid": "WriteShards", "Effect": "Allow", "Action": ["s3:PutObject", "s3:AbortMultipartUpload",
    "s3:ListMultipartUploadParts"], "Resource": "arn:aws:s3:::$sb/$sp/*"}
@@ -843,7 +847,7 @@ cmd_launch() {
         else DISK_GB=${DISK_GB:-$(( 100 + data ))}; fi
         ensure_role "$NAME_PREFIX" "$(policy_json)"
     fi
-    if (( store_gb == 0 )) && [[ $PREPARE != 1 ]]; then  # the data on the root volume: make it as fast as the link
+    if (( store_gb == 0 )); then  # the data (or prepare's copy of the zip) on the root volume: as fast as the link
         throughput=$(( ebs_mbps < 1000 ? ebs_mbps : 1000 ))
         throughput=$(( throughput > 125 ? throughput : 125 ))
         iops=$(( ebs_iops < 16000 ? ebs_iops : 16000 ))

@@ -282,19 +282,27 @@ def remove_listed(entry, root):
             os.remove(path)
 
 
+def extract_stream(raw, entry, root):
+    """The tar read from the binary stream `raw` into `root`, the files its manifest entry lists and nothing else;
+    returns the sha256 of every byte read."""
+    stream, listed = Hashing(raw), {rel for rel, _ in entry["files"]}
+    with tarfile.open(fileobj=io.BufferedReader(stream, 1 << 20), mode="r|") as tar:
+        for member in tar:
+            if member.name not in listed or not member.isfile():
+                raise ShardError(f"{entry['name']} holds {member.name}, which its manifest does not list")
+            tar.extract(member, root, filter="data")
+    while stream.read(1 << 20):  # the tar's padding, into the hash too
+        pass
+    return stream.digest.hexdigest()
+
+
 def extract(url, entry, root):
     """Stream one shard from S3 into `root`, checking its sha256; its files stay only if it matches."""
+    fix = f"delete parts/{entry['name']}.json beside it and run ./run_ec2.sh prepare again, which packs it anew"
     proc = subprocess.Popen([AWS, "s3", "cp", url, "-", "--only-show-errors"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
-    stream, listed = Hashing(proc.stdout), {rel for rel, _ in entry["files"]}
     try:
-        with tarfile.open(fileobj=io.BufferedReader(stream, 1 << 20), mode="r|") as tar:
-            for member in tar:
-                if member.name not in listed or not member.isfile():
-                    raise ShardError(f"{url} holds {member.name}, which its manifest does not list")
-                tar.extract(member, root, filter="data")
-        while stream.read(1 << 20):  # the tar's padding, into the hash too
-            pass
+        digest = extract_stream(proc.stdout, entry, root)
     except (tarfile.TarError, OSError, ShardError) as e:
         proc.kill()
         remove_listed(entry, root)
@@ -304,19 +312,16 @@ def extract(url, entry, root):
         error = proc.stderr.read().decode().strip()
         proc.wait()
         if "does not exist" in error or "404" in error or "NoSuchKey" in error:
-            raise ShardError(f"{url} is missing from S3 though the manifest lists it; run ./run_ec2.sh prepare "
-                             f"again: it packs the missing shards (after deleting {url}.json in parts/)") from None
-        raise ShardError(f"{url} cannot be read as a tar ({e}); run ./run_ec2.sh prepare again after deleting "
-                         f"parts/{entry['name']}.json, which repacks it") from None
+            raise ShardError(f"{url} is missing from S3 though the manifest lists it; {fix}") from None
+        raise ShardError(f"{url} cannot be read as a tar ({e}); {fix}") from None
     error = proc.stderr.read().decode().strip()
     if proc.wait() != 0:
         remove_listed(entry, root)
         raise ShardError(f"{url} could not be read from S3 ({error.splitlines()[-1:]}); check S3_DATA and the "
                          f"instance's role, then run ./run_ec2.sh data again")
-    if stream.digest.hexdigest() != entry["sha256"]:
+    if digest != entry["sha256"]:
         remove_listed(entry, root)
-        raise ShardError(f"{url} does not match its sha256 in the manifest: the object was damaged or replaced; "
-                         f"delete parts/{entry['name']}.json beside it and run ./run_ec2.sh prepare again")
+        raise ShardError(f"{url} does not match its sha256 in the manifest: the object was damaged or replaced; {fix}")
     return entry["bytes"]
 
 

@@ -95,20 +95,37 @@ def test_the_readme_table_is_what_bench_prints(capsys):
 
 
 def test_the_projection_is_the_formula():
-    """project() against the formula written out here: a GPU-bound instance (many cores, data in the page cache)
-    runs its first epoch at the disk's rate and the others at the GPUs' rate at each size, plus the evaluations at
-    the GPUs' forward rate and the time to the first step; a GPU without a published rate gives a lower bound."""
-    inst = dict(gpus=2, gpu="A10G", vcpus=4000, ram_gib=10_000, net_gbps=100, on_demand=3.0, spot=(1.0, 2.0))
+    """project() against the formula written out here: a GPU-bound instance (many cores, its data on an instance
+    store that holds it) trains each epoch at the GPUs' rate at that epoch's size, evaluates at the GPUs' forward
+    rate, and waits once for boot, the staging (beside setup) and the first step; a GPU without a published rate
+    gives a lower bound; without the shards, the first step waits for today's zip."""
+    inst = dict(gpus=2, gpu="A10G", vcpus=4000, ram_gib=10_000, store=(2, 1000), net_gbps=100, net_peak_gbps=100,
+                ebs_mbps=1000, on_demand=3.0, spot=(1.0, 2.0))
     args = train.parse_args(["--preset", "fast"])
     proj = bench.project(inst, args)
     per_gpu = 638 * bench.SCALING
-    disk = bench.GP3_MBPS * 1000 / bench.JPEG_KB["full"]
     sizes = train.epoch_sizes(args)
-    train_s = bench.IMAGENET_TRAIN / disk + sum(bench.IMAGENET_TRAIN / (2 * per_gpu * (224 / s) ** 2)
-                                               for s in sizes[1:])
+    train_s = sum(bench.IMAGENET_TRAIN / (2 * per_gpu * (224 / s) ** 2) for s in sizes)
     eval_s = args.epochs * bench.IMAGENET_VAL / (2 * per_gpu * bench.FORWARD_PER_STEP * (224 / 256) ** 2 / 2)
-    hours = (train_s + eval_s) / 3600 + bench.first_step_minutes(inst, "full") / 60
-    assert proj["hours"] == pytest.approx(hours, rel=1e-9) and proj["bottleneck"] == "GPU"
+    gb = (bench.IMAGENET_TRAIN * 42 + bench.IMAGENET_VAL * 110) / 1e6  # prepare's default: the shrunk copy
+    staging = gb * 1000 / min(100 * 1000 / 8, bench.STAGE_JOBS * bench.STREAM_MBPS,
+                              4000 * bench.VCPU * bench.EXTRACT_MBPS["shrunk"], 2 * bench.NVME_MBPS) / 60
+    first = bench.BOOT_MIN + max(bench.SETUP_MIN, staging) + bench.FIRST_STEP_MIN
+    hours = (train_s + eval_s) / 3600 + first / 60
+    assert proj["hours"] == pytest.approx(hours, rel=1e-9) and proj["bottleneck"] == "GPU" and proj["kind"] == "shrunk"
     assert proj["usd"] == pytest.approx(3 * hours) and proj["usd_spot"] == pytest.approx([hours, 2 * hours])
+    zipped = bench.project(inst, args, shards=False)
+    assert zipped["first_step_min"] > 3 * proj["first_step_min"]  # the zip copied, unzipped and checked
     t4 = bench.project(bench.INSTANCES["g4dn.xlarge"], args)
-    assert not t4["gpu_known"] and t4["bottleneck"] in ("loader", "disk") and math.isfinite(t4["hours"])
+    assert not t4["gpu_known"] and t4["bottleneck"] in ("loader", "disk")
+
+
+@needs_samples
+def test_bench_measures_packing_and_extracting_shards(capsys):
+    """The rates behind run_ec2.sh prepare's and data's projections, per core, on the real JPEGs: the shrunk shard
+    is much smaller, and its images are all there after extraction (extract_stream checks the names)."""
+    bench.main(["--images", str(SAMPLES), "--shards-only", "--device", "cpu"])
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["shards"]
+    assert [r["kind"] for r in rows] == ["full size", "shrunk to a 320 px shorter side"]
+    assert all(r["files"] == 100 and r["pack_files_s"] > 0 and r["extract_mb_s"] > 0 for r in rows)
+    assert rows[1]["shard_mb"] < rows[0]["shard_mb"] / 1.5

@@ -661,6 +661,7 @@ def disk_tools(tmp_path, moto, two_manifests):
     return {**moto, "LSBLK": str(d / "lsblk"), "WIPEFS": str(d / "wipefs"), "MKFS": str(d / "mkfs.ext4"),
             "MDADM": str(d / "mdadm"), "MOUNT": str(d / "mount"), "SUDO": "", "DISK_LOG": str(tmp_path / "disk.log"),
             "FSTAB": str(tmp_path / "fstab"), "S3_DATA": "s3://disk-test/imagenet", "DATA_DIR": str(tmp_path / "data"),
+            "SHARDS": "s3://disk-test/imagenet/shards",  # asked for full size (SHRINK= at prepare)
             "OUT": str(tmp_path / "out"), "DRY_RUN": "1"}
 
 
@@ -692,6 +693,14 @@ def test_data_puts_the_shards_on_the_instance_store(disk_tools, store, fmt, expe
     assert "mkfs" not in calls and "mount " not in calls and "mdadm" not in calls  # DRY_RUN ran none of them
     if fmt == "0" or not store:
         assert "mkfs" not in shown and "mdadm" not in shown
+
+
+def test_data_stages_the_shards_prepare_makes_by_default(disk_tools):
+    """prepare shrinks by default (to a 320 px shorter side: it cost no measurable top-1), and data stages those
+    first, even where the full-size ones would fit."""
+    env = {k: v for k, v in disk_tools.items() if k != "SHARDS"}
+    p = sh(["data"], {**env, "STORE": "nvme1n1:1000000000000:", "FORMAT_STORE": "1"})
+    assert "staging s3://disk-test/imagenet/shards-shorter320 (60 GB)" in p.stderr
 
 
 def test_a_disk_with_a_signature_is_never_formatted(disk_tools, tmp_path):
@@ -746,3 +755,31 @@ def test_status_counts_the_wait_from_launch_to_the_first_step(tmp_path, imds):
     p = sh(["status"], {"IMDS_URL": imds, "OUT": str(out), "HOURLY_USD": "4"})
     assert ("launch to first step: 5.0 min (boot 1.0 min, setup 2.0 min, data 3.0 min (alongside setup), first "
             "step 1.0 min after both)") in p.stdout, p.stdout
+
+
+def test_prepare_launches_a_cpu_instance_that_may_write_the_shards_alone(tmp_path):
+    """PREPARE=1 launch: a role that reads S3_DATA and writes its shards' prefix alone (multipart uploads too), an
+    instance that runs prepare and terminates itself on shutdown; the training role stays read-only on S3_DATA."""
+    env = {"DRY_RUN": "1", "PREPARE": "1", "INSTANCE_TYPE": "c7i.4xlarge", "KEY_NAME": "k",
+           "S3_DATA": "s3://data/imagenet", "REPO_URL": "https://example.com/r.git", "MY_IP": "198.51.100.7",
+           "STATE_DIR": str(tmp_path / "state")}
+    p = sh(["launch"], env)
+
+    def policy(role):
+        pattern = rf"put-role-policy --role-name {role} --policy-name {role}-s3 --policy-document (\{{.*?\n\]\}})"
+        doc = re.search(pattern, p.stderr, re.S)
+        return {s["Sid"]: (s["Action"], s["Resource"]) for s in json.loads(doc.group(1))["Statement"]}
+
+    grants = policy("resnet-ec2-prepare")
+    assert grants["WriteShards"] == (["s3:PutObject", "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts"],
+                                     "arn:aws:s3:::data/imagenet/shards-shorter320/*")
+    assert grants["ReadData"] == ("s3:GetObject", "arn:aws:s3:::data/imagenet/*")
+    writes = [r for a, r in grants.values() for a in ([a] if isinstance(a, str) else a) if a == "s3:PutObject"]
+    assert writes == ["arn:aws:s3:::data/imagenet/shards-shorter320/*"]
+    assert "--instance-initiated-shutdown-behavior terminate" in p.stderr and "PREPARE=1" in p.stderr
+    assert "Name=resnet-ec2-prepare" in p.stderr and "VolumeSize=250" in p.stderr
+    p = sh(["launch"], {**env, "PREPARE": "0", "S3_RUNS": "s3://runs/ec2", "INSTANCE_TYPE": "g6e.xlarge"})
+    training = policy("resnet-ec2")
+    assert {a for a, _ in training.values() for a in ([a] if isinstance(a, str) else a)} == \
+        {"s3:ListBucket", "s3:GetObject", "s3:PutObject"}
+    assert training["ReadWriteRuns"][1] == "arn:aws:s3:::runs/ec2/*"  # the only write: the run's own prefix

@@ -62,8 +62,16 @@ def packed(kaggle, moto):
     """The tree in S3, packed into shards of about 1 MB (3 of them) by `prepare`'s command."""
     aws(moto, "s3", "mb", "s3://shards-test")
     aws(moto, "s3", "sync", str(kaggle), "s3://shards-test/imagenet")
+
+    def source():  # every object of the source, with its ETag and time: what prepare must never touch
+        listing = aws(moto, "s3api", "list-objects-v2", "--bucket", "shards-test", "--prefix", "imagenet/").stdout
+        return {o["Key"]: (o["ETag"], o["LastModified"]) for o in json.loads(listing)["Contents"]
+                if not o["Key"].startswith("imagenet/shards/")}
+
+    before = source()
     p = shards("pack", "s3://shards-test/imagenet", "s3://shards-test/imagenet/shards", "--shard-mb", "1",
                "--workers", "1", env=moto)
+    assert source() == before and len(before) == 30  # nothing of the source deleted, changed or added
     manifest = json.loads(aws(moto, "s3", "cp", "s3://shards-test/imagenet/shards/manifest.json", "-").stdout)
     return manifest, p.stdout
 
