@@ -403,7 +403,8 @@ def staging_table(names=None):
         base = staging_minutes(inst, "shrunk")[0]
         lines.append(f"| {name} | {inst['store'][0]} x {inst['store'][1]:,} GB | {inst['net_gbps']:g} / "
                      f"{inst['net_peak_gbps']:g} | {cells[0]} | {cells[1]} | "
-                     f"{max(SETUP_MIN, base) + FIRST_STEP_MIN:.1f} | {first_step_minutes(inst, 'full', shards=False):.0f} |")
+                     f"{max(SETUP_MIN, base) + FIRST_STEP_MIN:.1f} | "
+                     f"{first_step_minutes(inst, 'full', shards=False):.0f} |")
     return "\n".join(lines)
 
 

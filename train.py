@@ -17,6 +17,7 @@ Writes last.pt, best.pt, log.jsonl, curves.png and model_summary.txt to --out. T
 also from inside an epoch: on SIGTERM (a spot reclaim) rank 0 checkpoints after the step and all exit with 75.
 """
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -157,9 +158,7 @@ def check_run_args(p, args):
         if bad:
             p.error(message)
     if args.tensorboard:  # optional: imported only when asked for, and refused before any work when missing
-        try:
-            import torch.utils.tensorboard  # noqa: F401 (only whether it imports)
-        except ImportError:
+        if importlib.util.find_spec("tensorboard") is None:
             p.error("--tensorboard needs the tensorboard package, which is not installed: pip install tensorboard "
                     "(run_ec2.sh setup installs it when TRAIN_ARGS ask for --tensorboard)")
     # FFCV's 160 -> 192 px, evaluated at 256: 5/6 and 4/3 of --img-size, in multiples of 16 px as FFCV's sizes are

@@ -1,5 +1,8 @@
 """Shared fixtures: the real images in ../shared/data, small dataset trees built from them, and a runner."""
+import contextlib
+import io
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -55,6 +58,32 @@ def train_cmd(*args):
 def torchrun_cmd(nproc, *args, script="train.py"):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
             str(ROOT / script), *map(str, args)]
+
+
+def run_here(main, args, capfd=None, check=True):
+    """A script's main(args) in this process, as a real process of it would run (its sys.argv, its output, its exit
+    status, the SIGTERM handler given back), without its seconds of start-up: importing torch in a fresh process
+    costs about 5 s here. Tests about the process itself (signals, torchrun) run a real one. Without capfd (in a
+    fixture of wider scope) only this process's own prints are returned, not those of its workers."""
+    args = [str(a) for a in args]
+    if capfd:
+        capfd.readouterr()
+    out, err = io.StringIO(), io.StringIO()
+    argv, handler, code = sys.argv, signal.getsignal(signal.SIGTERM), 0
+    sys.argv = [f"{getattr(main, '__module__', 'main')}.py", *args]
+    try:
+        with contextlib.redirect_stdout(out) if not capfd else contextlib.nullcontext(), \
+                contextlib.redirect_stderr(err) if not capfd else contextlib.nullcontext():
+            main(args)
+    except SystemExit as e:
+        code = e.code or 0
+    finally:
+        sys.argv = argv
+        signal.signal(signal.SIGTERM, handler)
+    out, err = capfd.readouterr() if capfd else (out.getvalue(), err.getvalue())
+    if check and code != 0:
+        pytest.fail(f"{main.__module__}.py {' '.join(args)} exited {code}\n{out[-3000:]}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(args, code, out, err)
 
 
 def error_line(main, argv, capsys, code=2):

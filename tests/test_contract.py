@@ -14,7 +14,7 @@ import evaluate
 import lr_finder
 import model as M
 import train
-from conftest import ROOT, run, train_cmd
+from conftest import ROOT, run, run_here
 from test_survive import run_until
 
 # the last commit that wrote checkpoint format 1 (no "format" key, the progress at the top level, app.py's
@@ -55,13 +55,14 @@ def test_format_1_files_are_what_the_upgrade_reads(format_1):
     assert space["ema_weights"] is True and "epoch" not in space
 
 
-def test_a_format_1_mid_epoch_checkpoint_resumes_as_the_old_code_would_have_continued(tiny_data, format_1, tmp_path):
+def test_a_format_1_mid_epoch_checkpoint_resumes_as_the_old_code_would_have_continued(tiny_data, format_1, tmp_path,
+                                                                                     capfd):
     """Today's train.py resumes the old last.pt at its step and ends with the same weights as the old code's
     uninterrupted run, bitwise; the epoch's running sums carry over, so its log row matches too."""
     out = tmp_path / "run"
     subprocess.run(["cp", "-r", str(format_1 / "run"), str(out)], check=True)
     step = torch.load(out / "last.pt", weights_only=True)["step"]  # 4 or 5: where SIGTERM caught the old run
-    p = run(train_cmd("--data", tiny_data, *TINY, "--out", out))
+    p = run_here(train.main, ["--data", tiny_data, *TINY, "--out", out], capfd)
     assert f"resumed from {out / 'last.pt'}: epoch 3, step {step}/10" in p.stdout
     assert (out / "status").read_text() == "done\n"
     new, old = M.read_checkpoint(out / "last.pt"), M.read_checkpoint(format_1 / "full" / "last.pt")
@@ -133,7 +134,7 @@ def test_a_new_step_flag_reaches_the_lr_test_and_its_command_with_no_second_edit
     assert train.parse_args(["--color-jitter", "0.4"]).color_jitter == 0.4  # and train.py takes it too
 
 
-def test_one_default_for_the_loader_workers(tiny_data):
+def test_one_default_for_the_loader_workers(tiny_data, capfd):
     """--check-data without --workers uses data.default_workers(), as training and evaluation do."""
-    p = run(train_cmd("--data", tiny_data, "--check-data"))
+    p = run_here(train.main, ["--data", tiny_data, "--check-data"], capfd)
     assert f"decoding every file with {data.default_workers()} processes" in p.stdout

@@ -11,8 +11,10 @@ import torch
 import torchvision
 from torchvision import transforms as T
 
+import evaluate
 import gradcam
-from conftest import ROOT, SAMPLES, error_line, link_tree, needs_imagenette, run, torchrun_cmd, train_cmd
+import train
+from conftest import ROOT, SAMPLES, error_line, link_tree, needs_imagenette, run, run_here, torchrun_cmd
 
 pytestmark = needs_imagenette
 
@@ -25,9 +27,9 @@ def trained(tmp_path_factory):
     data_root = link_tree(root / "data", 30, 9)
     first = sorted((data_root / "val" / "n01440764").iterdir())[0]
     first.unlink()
-    run(train_cmd("--data", data_root, "--arch", "resnet18", "--img-size", "64", "--batch-size", "30",
-                  "--epochs", "2", "--workers", "1", "--ema", "0.9", "--eval-size", "64", "--no-tta",
-                  "--no-blurpool", "--out", root / "run"))
+    run_here(train.main, ["--data", data_root, "--arch", "resnet18", "--img-size", "64", "--batch-size", "30",
+                          "--epochs", "2", "--workers", "1", "--ema", "0.9", "--eval-size", "64", "--no-tta",
+                          "--no-blurpool", "--out", root / "run"])
     return data_root, root / "run" / "last.pt"
 
 
@@ -72,11 +74,10 @@ def test_evaluate_equals_plain_torchvision_one_process_and_two_ranks(trained, tm
     assert (tmp_path / "one" / "predictions.csv").read_text() == (tmp_path / "two" / "predictions.csv").read_text()
 
 
-def test_evaluate_reports_tta_and_ema(trained, tmp_path):
+def test_evaluate_reports_tta_and_ema(trained, tmp_path, capfd):
     data_root, ckpt = trained
     top1, top5, _ = torchvision_reference(data_root, ckpt, flip=True)
-    res = last_json(run([sys.executable, str(ROOT / "evaluate.py"), "--checkpoint", str(ckpt), "--tta", "flip",
-                         "--out", str(tmp_path)]).stdout)
+    res = last_json(run_here(evaluate.main, ["--checkpoint", ckpt, "--tta", "flip", "--out", tmp_path], capfd).stdout)
     assert (res["top1"], res["top5"]) == (100 * top1 / 89, 100 * top5 / 89) and res["tta"] == "flip"
     rows = list(csv.DictReader(open(tmp_path / "predictions.csv")))
     assert len(rows) == 89 and set(rows[0]) >= {"path", "true", "pred", "confidence", "top5"}
@@ -86,24 +87,22 @@ def test_evaluate_reports_tta_and_ema(trained, tmp_path):
     confusions = list(csv.DictReader(open(tmp_path / "confusions.csv")))
     assert sum(int(r["count"]) for r in confusions) == 89 - top1
     assert (tmp_path / "confusion.png").stat().st_size > 10_000
-    ema = last_json(run([sys.executable, str(ROOT / "evaluate.py"), "--checkpoint", str(ckpt), "--ema",
-                         "--out", str(tmp_path / "ema")]).stdout)
+    ema = last_json(run_here(evaluate.main, ["--checkpoint", ckpt, "--ema", "--out", tmp_path / "ema"], capfd).stdout)
     assert ema["ema"] is True and ema["n"] == 89
 
 
-def test_evaluate_bare_torchvision_state_dict_and_bad_input(trained, tmp_path):
+def test_evaluate_bare_torchvision_state_dict_and_bad_input(trained, tmp_path, capfd):
     data_root, ckpt = trained
     sd = torch.load(ckpt, weights_only=True)["model"]
     torch.save(sd, tmp_path / "tv.pth")
-    res = last_json(run([sys.executable, str(ROOT / "evaluate.py"), "--checkpoint", str(tmp_path / "tv.pth"),
-                         "--arch", "resnet18", "--data", str(data_root), "--img-size", "64",
-                         "--out", str(tmp_path / "tv")]).stdout)
+    res = last_json(run_here(evaluate.main, ["--checkpoint", tmp_path / "tv.pth", "--arch", "resnet18", "--data",
+                                             data_root, "--img-size", "64", "--out", tmp_path / "tv"], capfd).stdout)
     top1, _, _ = torchvision_reference(data_root, ckpt)
     assert res["top1"] == 100 * top1 / 89
     for argv, expected in ((["--checkpoint", str(tmp_path / "tv.pth"), "--data", str(data_root)], "--arch"),
                            (["--checkpoint", str(tmp_path / "nope.pt")], "does not exist"),
                            (["--checkpoint", str(ckpt), "--data", str(SAMPLES)], "neither train/ and val/")):
-        p = run([sys.executable, str(ROOT / "evaluate.py"), *argv], check=False)
+        p = run_here(evaluate.main, argv, capfd, check=False)
         assert p.returncode == 2 and "Traceback" not in p.stderr and expected in p.stderr.splitlines()[-1]
 
 
@@ -140,15 +139,18 @@ def test_gradcam_matches_pytorch_grad_cam(trained):
     torch.testing.assert_close(ours224, torch.from_numpy(ref224), atol=1e-5, rtol=0)
 
 
-def test_gradcam_worst_rows_images_and_csv_equals_recompute(trained, tmp_path):
+def test_gradcam_worst_rows_images_and_csv_equals_recompute(trained, tmp_path, capfd):
     data_root, ckpt = trained
     gc = [sys.executable, str(ROOT / "gradcam.py"), "--checkpoint", str(ckpt)]
+
+    def here(*flags):
+        return run_here(gradcam.main, ["--checkpoint", ckpt, *flags], capfd)
     # fresh: no predictions.csv yet, so it evaluates first
-    p = run([*gc, "--worst", "6", "--out", str(tmp_path / "fresh"), "--workers", "0"])
+    p = here("--worst", "6", "--out", tmp_path / "fresh", "--workers", "0")
     assert "evaluating" in p.stdout
     # from evaluate.py's CSV
-    run([sys.executable, str(ROOT / "evaluate.py"), "--checkpoint", str(ckpt), "--out", str(tmp_path / "csv")])
-    p = run([*gc, "--worst", "6", "--out", str(tmp_path / "csv")])
+    run_here(evaluate.main, ["--checkpoint", ckpt, "--out", tmp_path / "csv"], capfd)
+    p = here("--worst", "6", "--out", tmp_path / "csv")
     assert "reading" in p.stdout
     fresh = (tmp_path / "fresh" / "worst.csv").read_text()
     assert fresh == (tmp_path / "csv" / "worst.csv").read_text()
@@ -163,24 +165,23 @@ def test_gradcam_worst_rows_images_and_csv_equals_recompute(trained, tmp_path):
     page = (tmp_path / "csv" / "worst.html").read_text()
     assert page.count("<figure>") == 6 and "worst_cases/005.png" in page
     # --best: correct ones; --image: one file with its top-5
-    run([*gc, "--best", "3", "--out", str(tmp_path / "csv")])
+    here("--best", "3", "--out", tmp_path / "csv")
     assert all(r["true"] == r["pred"] for r in csv.DictReader(open(tmp_path / "csv" / "best.csv")))
-    p = run([*gc, "--image", str(sorted(SAMPLES.iterdir())[0]), "--class", "4", "--out", str(tmp_path / "one")])
+    p = here("--image", sorted(SAMPLES.iterdir())[0], "--class", "4", "--out", tmp_path / "one")
     assert len([line for line in p.stdout.splitlines() if "%" in line]) == 5
     assert (tmp_path / "one" / "image_gradcam.png").exists()
     not_image = tmp_path / "notes.JPEG"
     not_image.write_text("not a JPEG")
-    p = run([*gc, "--image", str(not_image), "--out", str(tmp_path / "one")], check=False)
+    p = run([*gc, "--image", str(not_image), "--out", str(tmp_path / "one")], check=False)  # a real process
     assert p.returncode == 2 and "cannot be read as an image" in p.stderr and "Traceback" not in p.stderr
 
 
-def test_classification_report_matches_scikit_learn(trained, tmp_path):
+def test_classification_report_matches_scikit_learn(trained, tmp_path, capfd):
     """per_class.csv's precision, recall and F1, and the JSON line's macro and weighted means, against
     scikit-learn's (a test-only dependency) on the same predictions."""
     metrics = pytest.importorskip("sklearn.metrics")
     _, ckpt = trained
-    res = last_json(run([sys.executable, str(ROOT / "evaluate.py"), "--checkpoint", str(ckpt),
-                         "--out", str(tmp_path)]).stdout)
+    res = last_json(run_here(evaluate.main, ["--checkpoint", ckpt, "--out", tmp_path], capfd).stdout)
     rows = list(csv.DictReader(open(tmp_path / "predictions.csv")))
     y, pred = [int(r["true"]) for r in rows], [int(r["pred"]) for r in rows]
     p, r, f, n = metrics.precision_recall_fscore_support(y, pred, labels=list(range(10)), zero_division=0)
@@ -194,16 +195,15 @@ def test_classification_report_matches_scikit_learn(trained, tmp_path):
         assert [res[f"{avg}_{k}"] for k in ("precision", "recall", "f1")] == pytest.approx(ref[:3], abs=1e-9)
 
 
-def test_a_bare_evaluate_agrees_with_the_training_log(tmp_path):
+def test_a_bare_evaluate_agrees_with_the_training_log(tmp_path, capfd):
     """train.py's defaults evaluate at 4/3 of the training size with flip TTA; `python evaluate.py` with nothing
     but the checkpoint does the same, so its top-1 is the log's."""
     data_root = link_tree(tmp_path / "data", 16, 5)
     out = tmp_path / "run"
-    run(train_cmd("--data", data_root, "--arch", "resnet18", "--img-size", "64", "--batch-size", "16",
-                  "--epochs", "1", "--workers", "1", "--out", out))
+    run_here(train.main, ["--data", data_root, "--arch", "resnet18", "--img-size", "64", "--batch-size", "16",
+                          "--epochs", "1", "--workers", "1", "--out", out], capfd)
     logged = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
-    res = last_json(run([sys.executable, str(ROOT / "evaluate.py"), "--checkpoint", str(out / "last.pt"),
-                         "--workers", "1"]).stdout)
+    res = last_json(run_here(evaluate.main, ["--checkpoint", out / "last.pt", "--workers", "1"], capfd).stdout)
     assert (res["img_size"], res["tta"]) == (80, "flip")
     assert res["top1"] == pytest.approx(logged["val_top1"]) and res["top5"] == pytest.approx(logged["val_top5"])
 
@@ -212,7 +212,6 @@ def test_gradcam_reuses_predictions_only_from_the_same_evaluation(trained, tmp_p
     """predictions.csv stands in for an evaluation only when it came from the same checkpoint, data, size, TTA and
     EMA choice (predictions.json says); otherwise gradcam.py evaluates again and says which setting differs. (Both
     scripts run in this process: their start-up is what the other tests time.)"""
-    import evaluate
     _, ckpt = trained
     base = ["--checkpoint", str(ckpt), "--out", str(tmp_path), "--workers", "0"]
 
@@ -235,7 +234,6 @@ def test_gradcam_reuses_predictions_only_from_the_same_evaluation(trained, tmp_p
 def test_without_a_checkpoint_the_newest_run_is_taken_and_named(trained, tmp_path, monkeypatch, capsys):
     """evaluate.py and gradcam.py given no --checkpoint take the newest runs/*/best.pt and say which, and which data;
     with none, one line says how to get one."""
-    import evaluate
     _, ckpt = trained
     for name, age in (("old", 100), ("new", 0)):
         (tmp_path / "runs" / name).mkdir(parents=True)

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 import lr_finder
 import train
-from conftest import ROOT, error_line, link_tree, needs_imagenette, run
+from conftest import ROOT, error_line, link_tree, needs_imagenette, run, run_here
 
 
 def test_lr_schedule_is_exponential_from_start_to_end():
@@ -115,12 +115,12 @@ def test_bad_flags_in_a_real_process(tmp_path):
     assert "--epochs is a flag of a whole training run" in p.stderr.splitlines()[-1]
 
 
-def test_real_images_plot_suggestion_and_printed_command(tiny_data, tmp_path):
+def test_real_images_plot_suggestion_and_printed_command(tiny_data, tmp_path, capfd):
     """Real imagenette JPEGs (160 of them, cycled), ResNet-18 at 64 px, 40 steps."""
     out = tmp_path / "lr"
-    p = run([sys.executable, str(ROOT / "lr_finder.py"), "--data", str(tiny_data), "--arch", "resnet18",
-             "--img-size", "64", "--batch-size", "16", "--iters", "40", "--start-lr", "1e-5", "--end-lr", "10",
-             "--workers", "1", "--out", str(out), "--run-batch-size", "64", "--run-gpus", "4"], timeout=600)
+    p = run_here(lr_finder.main, ["--data", tiny_data, "--arch", "resnet18", "--img-size", "64", "--batch-size", "16",
+                                  "--iters", "40", "--start-lr", "1e-5", "--end-lr", "10", "--workers", "1",
+                                  "--out", out, "--run-batch-size", "64", "--run-gpus", "4"], capfd)
     result = json.loads(p.stdout.strip().splitlines()[-1])
     assert (out / "lr_finder_resnet18_64px_b16.png").stat().st_size > 20_000
     assert 1e-3 <= result["suggested_lr"] <= 3, result
@@ -130,14 +130,14 @@ def test_real_images_plot_suggestion_and_printed_command(tiny_data, tmp_path):
     assert command == result["command"] and command.startswith("torchrun --nproc_per_node=4 train.py")
     # the printed command runs: here on one CPU process, one short epoch
     argv = shlex.split(command)[shlex.split(command).index("train.py") + 1:]
-    run([sys.executable, str(ROOT / "train.py"), *argv, "--epochs", "1", "--batch-size", "16",
-         "--workers", "1", "--out", str(tmp_path / "train")], timeout=600)
+    run_here(train.main, [*argv, "--epochs", "1", "--batch-size", "16", "--workers", "1", "--out", tmp_path / "train"],
+             capfd)
     assert (tmp_path / "train" / "last.pt").exists()
 
 
-def test_small_data_cycles_and_says_so(tiny_data, tmp_path):
-    p = run([sys.executable, str(ROOT / "lr_finder.py"), "--data", str(tiny_data), "--arch", "resnet18",
-             "--img-size", "32", "--batch-size", "16", "--iters", "25", "--workers", "0", "--out", str(tmp_path)])
+def test_small_data_cycles_and_says_so(tiny_data, tmp_path, capfd):
+    p = run_here(lr_finder.main, ["--data", tiny_data, "--arch", "resnet18", "--img-size", "32", "--batch-size", "16",
+                                  "--iters", "25", "--workers", "0", "--out", tmp_path], capfd)
     assert "the data gave only 10 batches for 25 steps: cycling" in p.stdout
     assert json.loads(p.stdout.strip().splitlines()[-1])["steps"] >= 10
 
@@ -191,19 +191,19 @@ def test_on_the_sweeps_real_curves_the_rule_lands_in_the_best_band_and_beats_the
 
 
 @needs_imagenette
-def test_the_suggestion_trains_on_real_images(tmp_path):
+def test_the_suggestion_trains_on_real_images(tmp_path, capfd):
     """Real images, end to end as a user runs it: the range test on 1,000 Imagenette photos (ResNet-18, 32 px,
     batch 32), then six epochs at its suggestion: no divergence, and well above chance (10%) on 200 held-out
     photos. (At this size the rule's LR does not reliably beat the old rule's: see BENCHMARKS.md.)"""
     data_root = link_tree(tmp_path / "data", 100, 20)
     common = ["--data", str(data_root), "--arch", "resnet18", "--img-size", "32", "--batch-size", "32",
               "--workers", "1"]
-    p = run([sys.executable, str(ROOT / "lr_finder.py"), *common, "--out", str(tmp_path / "lr")], timeout=900)
+    p = run_here(lr_finder.main, [*common, "--out", tmp_path / "lr"], capfd)
     result = json.loads(p.stdout.strip().splitlines()[-1])
     assert result["rise_found"]
     out = tmp_path / "run"
-    run([sys.executable, str(ROOT / "train.py"), *common, "--epochs", "6", "--lr", str(result["suggested_lr"]),
-         "--out", str(out), "--log-every", "100"], timeout=900)
+    run_here(train.main, [*common, "--epochs", "6", "--lr", result["suggested_lr"], "--out", out, "--log-every", "100"],
+             capfd)
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["train_loss"]) for r in rows) and (out / "status").read_text() == "done\n"
     assert rows[-1]["val_top1"] >= 25, (result, rows[-1])

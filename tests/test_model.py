@@ -8,7 +8,7 @@ import torch
 import torchvision
 
 import model as M
-from conftest import ROOT, SAMPLES, run
+from conftest import ROOT, SAMPLES, run, run_here
 
 TORCHVISION_ARCHS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
 
@@ -215,7 +215,7 @@ def test_a_blurpool_checkpoint_does_not_load_silently_into_torchvision(tmp_path)
     torchvision.models.resnet18(num_classes=10).load_state_dict(exact)
 
 
-def test_the_export_runs_with_torch_alone_and_equals_model_py(tmp_path):
+def test_the_export_runs_with_torch_alone_and_equals_model_py(tmp_path, capfd):
     """python model.py --export: a torch.export program of uint8 images to probabilities, the normalization inside,
     with classes.txt and model.json beside it; loaded by a process that has nothing of this repository, it gives
     model.py's outputs on real photos, at any batch size."""
@@ -224,7 +224,7 @@ def test_the_export_runs_with_torch_alone_and_equals_model_py(tmp_path):
     names = ["tench", "church", "golf ball"]
     M.save_checkpoint(dict(model=net.state_dict(), args=dict(arch="resnet18", blurpool=True, eval_size=64, tta=True),
                            classes=["n01440764", "n03028079", "n03445777"], class_names=names), tmp_path / "c.pt")
-    p = run([sys.executable, str(ROOT / "model.py"), "--export", str(tmp_path / "c.pt"), "--out", str(tmp_path / "x")])
+    p = run_here(M.main, ["--export", tmp_path / "c.pt", "--out", tmp_path / "x"], capfd)
     assert "model.pt2" in p.stdout
     assert (tmp_path / "x" / "classes.txt").read_text().splitlines() == names
     meta = json.loads((tmp_path / "x" / "model.json").read_text())

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, ROOT, aws, free_port
+from conftest import BIN, ROOT, aws
 
 SCRIPT = str(ROOT / "run_ec2.sh")
 
@@ -171,40 +171,23 @@ def test_watch_spot_sends_sigterm_to_the_trainer(tmp_path):
         server.shutdown()
 
 
-def test_backup_and_restore_round_trip_through_local_s3(tmp_path):
-    moto = Path(BIN) / "moto_server"
-    if not moto.exists() or not (Path(BIN) / "aws").exists():
-        pytest.skip("moto[server] and awscli are test dependencies (requirements-dev.txt)")
-    port = free_port()
-    server = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "S3_RUNS": "s3://runs/ec2"}
-    try:
-        aws = [str(Path(BIN) / "aws")]
-        for _ in range(50):
-            ok = subprocess.run(aws + ["s3", "mb", "s3://runs"], env={**os.environ, **env}, capture_output=True)
-            if ok.returncode == 0:
-                break
-            time.sleep(0.2)
-        assert ok.returncode == 0, ok.stderr
-        first = tmp_path / "first" / "run1"
-        first.mkdir(parents=True)
-        blob = os.urandom(3_000_000)
-        (first / "last.pt").write_bytes(blob)
-        (first / "log.jsonl").write_text('{"epoch": 0}\n')
-        sh(["backup"], {**env, "OUT": str(first)})  # no trainer running: one sync
-        # a new spot instance: an empty OUT of the same name, and `train` pulls the checkpoint first
-        second = tmp_path / "second" / "run1"
-        trainer = tmp_path / "trainer.py"
-        trainer.write_text(STAND_IN)
-        trainer.chmod(0o755)
-        sh(["train"], {**env, "OUT": str(second), "TRAIN_CMD": str(trainer), "FOREGROUND": "1",
-                       "SEQUENCE": "done"})
-        assert (second / "last.pt").read_bytes() == blob
-        assert (second / "log.jsonl").read_text() == '{"epoch": 0}\n'
-    finally:
-        server.kill()
+def test_backup_and_restore_round_trip_through_local_s3(tmp_path, moto):
+    env = {**moto, "S3_RUNS": "s3://backup-runs/ec2"}
+    aws(moto, "s3", "mb", "s3://backup-runs")
+    first = tmp_path / "first" / "run1"
+    first.mkdir(parents=True)
+    blob = os.urandom(3_000_000)
+    (first / "last.pt").write_bytes(blob)
+    (first / "log.jsonl").write_text('{"epoch": 0}\n')
+    sh(["backup"], {**env, "OUT": str(first)})  # no trainer running: one sync
+    # a new spot instance: an empty OUT of the same name, and `train` pulls the checkpoint first
+    second = tmp_path / "second" / "run1"
+    trainer = tmp_path / "trainer.py"
+    trainer.write_text(STAND_IN)
+    trainer.chmod(0o755)
+    sh(["train"], {**env, "OUT": str(second), "TRAIN_CMD": str(trainer), "FOREGROUND": "1", "SEQUENCE": "done"})
+    assert (second / "last.pt").read_bytes() == blob
+    assert (second / "log.jsonl").read_text() == '{"epoch": 0}\n'
 
 
 # -----------------------------------------------------------------------------

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import BIN, ROOT, SAMPLES, aws, needs_samples, run
+import shards as shards_py
+import train
+from conftest import BIN, ROOT, SAMPLES, aws, needs_samples, run, run_here
 
 pytestmark = needs_samples
 KAGGLE_EXTRAS = ("LOC_train_solution.csv", "LOC_sample_submission.csv",
@@ -57,6 +59,15 @@ def shards(*args, env, check=True):
                env={**env, "PATH": f"{BIN}:{os.environ['PATH']}"}, check=check, timeout=300)
 
 
+def pack(*args, env, capfd=None, check=True):
+    """`shards.py pack` in this process (a real one imports torch, for the check: 5 s); its aws CLI calls are real."""
+    with pytest.MonkeyPatch.context() as m:
+        for k, v in {**env, "PATH": f"{BIN}:{os.environ['PATH']}"}.items():
+            m.setenv(k, v)
+        m.setattr(shards_py, "AWS", env.get("AWS", "aws"))
+        return run_here(shards_py.main, ["pack", *args], capfd, check)
+
+
 @pytest.fixture(scope="module")
 def packed(kaggle, moto):
     """The tree in S3, packed into shards of about 1 MB (3 of them) by `prepare`'s command."""
@@ -69,14 +80,14 @@ def packed(kaggle, moto):
                 if not o["Key"].startswith("imagenet/shards/")}
 
     before = source()
-    p = shards("pack", "s3://shards-test/imagenet", "s3://shards-test/imagenet/shards", "--shard-mb", "1",
-               "--workers", "1", env=moto)
+    p = pack("s3://shards-test/imagenet", "s3://shards-test/imagenet/shards", "--shard-mb", "1", "--workers", "1",
+             env=moto)
     assert source() == before and len(before) == 30  # nothing of the source deleted, changed or added
     manifest = json.loads(aws(moto, "s3", "cp", "s3://shards-test/imagenet/shards/manifest.json", "-").stdout)
     return manifest, p.stdout
 
 
-def test_prepare_then_stage_gives_the_source_back_file_for_file(kaggle, packed, moto, tmp_path):
+def test_prepare_then_stage_gives_the_source_back_file_for_file(kaggle, packed, moto, tmp_path, capfd):
     """Every image of train/ and val/ and both label files, byte for byte, and nothing else; the decode check ran
     once, at prepare, and named the truncated JPEG; train.py --check-data accepts the staged tree."""
     manifest, log = packed
@@ -88,23 +99,22 @@ def test_prepare_then_stage_gives_the_source_back_file_for_file(kaggle, packed, 
     p = shards("unpack", "s3://shards-test/imagenet/shards", out, "--jobs", "3", env=moto)
     assert "MB/s, ETA" in p.stdout and "checked against their sha256" in p.stdout
     assert tree(out) == expected
-    report = run([sys.executable, str(ROOT / "train.py"), "--data", str(out), "--check-data", "--workers", "1"]).stdout
+    report = run_here(train.main, ["--data", out, "--check-data", "--workers", "1"], capfd).stdout
     assert "Kaggle ILSVRC" in report and "18 train images" in report and "1 unreadable files" in report
 
 
 def test_a_zip_packs_as_its_tree_and_shrinks_the_training_images(kaggle, packed, moto, tmp_path):
     """The Kaggle zip, found in S3 and read in place, holds for prepare what its tree does; --shrink shrinks only the
     training images (the truncated one stays as it was, named by the check)."""
-    import shards as module
     zipped = tmp_path / "imagenet-object-localization-challenge.zip"
     with zipfile.ZipFile(zipped, "w") as z:
         for p in sorted(kaggle.rglob("*")):
             if p.is_file():
                 z.write(p, str(p.relative_to(kaggle)))
-    assert [f[:2] for f in module.list_source(str(zipped))] == [f[:2] for f in module.list_source(str(kaggle))]
+    assert [f[:2] for f in shards_py.list_source(str(zipped))] == [f[:2] for f in shards_py.list_source(str(kaggle))]
     aws(moto, "s3", "cp", str(zipped), "s3://shards-test/zipped/")
-    shards("pack", "s3://shards-test/zipped", "s3://shards-test/zipped/shards", "--shrink", "100", "--shrink-by",
-           "longer", "--workers", "1", env=moto)
+    pack("s3://shards-test/zipped", "s3://shards-test/zipped/shards", "--shrink", "100", "--shrink-by", "longer",
+         "--workers", "1", env=moto)
     out = tmp_path / "small"
     shards("unpack", "s3://shards-test/zipped/shards", out, env=moto)
     staged, source = tree(out), tree(kaggle)
@@ -126,16 +136,16 @@ exec {aws} "$@"
 """
 
 
-def test_an_interrupted_prepare_resumes_and_finishes(kaggle, packed, moto, tmp_path):
+def test_an_interrupted_prepare_resumes_and_finishes(kaggle, packed, moto, tmp_path, capfd):
     stand_in = tmp_path / "aws"
     stand_in.write_text(FAILING_AWS.format(aws=Path(BIN) / "aws"))
     stand_in.chmod(0o755)
     dest = "s3://shards-test/again/shards"
-    p = shards("pack", kaggle, dest, "--shard-mb", "1", "--workers", "1", env={**moto, "AWS": str(stand_in)},
-               check=False)
+    p = pack(kaggle, dest, "--shard-mb", "1", "--workers", "1", env={**moto, "AWS": str(stand_in)}, capfd=capfd,
+             check=False)
     assert p.returncode == 2 and "shards.py: error: aws s3 cp" in p.stderr.strip().splitlines()[-1]
     assert aws(moto, "s3", "ls", f"{dest}/manifest.json", check=False).returncode != 0  # not committed
-    p = shards("pack", kaggle, dest, "--shard-mb", "1", "--workers", "1", env=moto)
+    p = pack(kaggle, dest, "--shard-mb", "1", "--workers", "1", env=moto, capfd=capfd)
     assert "1 already there" in p.stdout
     got = json.loads(aws(moto, "s3", "cp", f"{dest}/manifest.json", "-").stdout)
     assert [s["sha256"] for s in got["shards"]] == [s["sha256"] for s in packed[0]["shards"]]

@@ -1,5 +1,5 @@
 """Long runs that survive: SIGTERM at random points, kill -9 during a save, a full disk, bad JPEGs, NaN losses.
-Real processes, real signals, real JPEGs."""
+Real signals to real processes, on real JPEGs; the runs that only resume or only refuse run in this process."""
 import json
 import os
 import random
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import train
-from conftest import IMAGENETTE, ROOT, error_line, link_tree, needs_imagenette, run, torchrun_cmd, train_cmd
+from conftest import IMAGENETTE, ROOT, error_line, link_tree, needs_imagenette, run, run_here, torchrun_cmd, train_cmd
 
 pytestmark = needs_imagenette
 FAST = ["--arch", "resnet18", "--img-size", "32", "--batch-size", "16", "--workers", "1", "--log-every", "1",
@@ -52,11 +52,11 @@ def assert_same_weights(a, b):
     assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"]
 
 
-def test_sigterm_at_three_random_points_then_resume_is_bitwise_identical(tiny_data, tmp_path):
+def test_sigterm_at_three_random_points_then_resume_is_bitwise_identical(tiny_data, tmp_path, capfd):
     """Identical weights, not close ones: the data order, every augmentation and every mixup draw are seeded
     from (seed, epoch, index), and the checkpoint holds the exact optimizer, schedule, EMA and loss sums."""
     common = ["--data", tiny_data, *FAST]
-    run(train_cmd(*common, "--out", tmp_path / "full"))
+    run_here(train.main, [*common, "--out", tmp_path / "full"], capfd)
     points = sorted(random.Random(7).sample(range(2, 19), 3))  # of 20 steps; mid-epoch ones among them
     out = tmp_path / "split"
     for point in points:
@@ -64,7 +64,7 @@ def test_sigterm_at_three_random_points_then_resume_is_bitwise_identical(tiny_da
         assert code == train.EXIT["preempted"] == 75, log
         assert (out / "status").read_text() == "preempted\n"
         assert "preempted: checkpoint saved" in log
-    resumed = run(train_cmd(*common, "--out", out))
+    resumed = run_here(train.main, [*common, "--out", out], capfd)
     assert (out / "status").read_text() == "done\n"
     assert "resumed from" in resumed.stdout
     (a, log_a), (b, log_b) = final_state(tmp_path / "full"), final_state(out)
@@ -119,7 +119,7 @@ def assert_close_run(reference, out, atol):
 ELASTIC_ATOL = 2e-4  # the largest difference measured, fp32 after 20 steps: 1.2e-7 (2 ranks -> 1), 4.3e-5 (1 -> 2)
 
 
-def test_a_run_continues_on_another_number_of_gpus(tiny_data, tmp_path, two_ranks, capsys):
+def test_a_run_continues_on_another_number_of_gpus(tiny_data, tmp_path, two_ranks, capfd):
     """Spot capacity changes: a run stopped on 2 ranks continues on 1, and one started on 1 rank (--accum-steps 2)
     continues on 2 with the same flags. The global batch (16) stays, so every step sees the images, crops, flips,
     mixing and BatchNorm groups of the uninterrupted 2-rank run; only the order of float sums differs (all-reduced
@@ -131,7 +131,7 @@ def test_a_run_continues_on_another_number_of_gpus(tiny_data, tmp_path, two_rank
     down = tmp_path / "two_then_one"
     run_until(torchrun_cmd(2, *common, "--out", down), 6, env=env)
     assert torch.load(down / "last.pt", weights_only=True)["world"] == 2
-    p = run(train_cmd(*common, "--out", down))
+    p = run_here(train.main, [*common, "--out", down], capfd)
     assert "resuming on 1 processes instead of 2: 2 micro-batches of 8 per step on each, the same 16 images per " \
            "step" in p.stdout and "global batch 16 = 8 x 1 ranks x 2 accum" in p.stdout
     assert_close_run(two_ranks, down, ELASTIC_ATOL)
@@ -140,7 +140,7 @@ def test_a_run_continues_on_another_number_of_gpus(tiny_data, tmp_path, two_rank
     code, _ = run_until(train_cmd(*common, "--accum-steps", "2", "--out", up), 14)
     assert code == 75
     before = (up / "last.pt").read_bytes()
-    line = error_line(train.main, [*common, "--out", str(up), "--batch-size", "5"], capsys)
+    line = error_line(train.main, [*common, "--out", str(up), "--batch-size", "5"], capfd)
     assert "16 images a step, which 1 ranks of --batch-size 5 cannot split into whole micro-batches; resume with " \
            "--batch-size 4" in line
     with pytest.raises(ValueError, match="which 3 ranks cannot share equally; resume on a number of GPUs that div"):
@@ -205,7 +205,7 @@ def plant_bad_files(root):
     return bad
 
 
-def test_bad_images_are_replaced_named_once_and_counted(tmp_path):
+def test_bad_images_are_replaced_named_once_and_counted(tmp_path, capfd):
     data_root = link_tree(tmp_path / "data", 16, 4)
     for cls in sorted((data_root / "train").iterdir())[:3]:
         sorted(cls.iterdir())[0].unlink()  # 157 real + 3 bad = 160 = 10 full batches: no file is dropped
@@ -216,33 +216,35 @@ def test_bad_images_are_replaced_named_once_and_counted(tmp_path):
     src.save(real / "png.JPEG", format="PNG")
     sorted(real.iterdir())[0].unlink()
     sorted(real.iterdir())[0].unlink()
-    p = run(train_cmd("--data", data_root, "--out", tmp_path / "run", *FAST))
+    p = run_here(train.main, ["--data", data_root, "--out", tmp_path / "run", *FAST], capfd)
     for f in bad:
         assert p.stderr.count(str(f)) == 1, p.stderr  # named once over both epochs
     rows = [__import__("json").loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["bad_images"] for r in rows] == [3, 3]  # every epoch reads every file once (no batch is dropped)
-    report = run(train_cmd("--data", data_root, "--check-data", "--workers", "2")).stdout
+    report = run_here(train.main, ["--data", data_root, "--check-data", "--workers", "2"], capfd).stdout
     assert "160 train images" in report and "3 unreadable files" in report
     assert all(f"unreadable: {f}" in report for f in bad)
     assert "1 CMYK" in report and "1 PNG named .JPEG" in report
 
 
-def test_nan_loss_stops_with_a_clear_message(tiny_data, tmp_path):
-    p = run(train_cmd("--data", tiny_data, "--out", tmp_path / "nan", *FAST, "--lr", "1e30"), check=False)
+def test_nan_loss_stops_with_a_clear_message(tiny_data, tmp_path, capfd):
+    p = run_here(train.main, ["--data", tiny_data, "--out", tmp_path / "nan", *FAST, "--lr", "1e30"], capfd,
+                 check=False)
     assert p.returncode == train.EXIT["diverged"] == 3, p.stderr
     assert "Traceback" not in p.stderr and "lower --lr" in p.stderr.splitlines()[-1]
     assert (tmp_path / "nan" / "status").read_text() == "diverged\n"
     assert not (tmp_path / "nan" / "last.pt").exists()  # nothing non-finite was saved
 
 
-def test_resume_with_safe_flag_changes_is_allowed_and_logged(tiny_data, tmp_path, capsys):
+def test_resume_with_safe_flag_changes_is_allowed_and_logged(tiny_data, tmp_path, capfd):
     out = tmp_path / "run"
-    run(train_cmd("--data", tiny_data, "--out", out, *FAST, "--stop-epoch", "1"))
-    p = run(train_cmd("--data", tiny_data, "--out", out, *FAST, "--mixup", "0", "--cutmix", "0", "--workers", "0"))
+    run_here(train.main, ["--data", tiny_data, "--out", out, *FAST, "--stop-epoch", "1"], capfd)
+    p = run_here(train.main, ["--data", tiny_data, "--out", out, *FAST, "--mixup", "0", "--cutmix", "0", "--workers",
+                              "0"], capfd)
     assert "--mixup 0.2 -> 0.0" in p.stdout and "--cutmix 1.0 -> 0.0" in p.stdout and "--workers 1 -> 0" in p.stdout
     before = (out / "last.pt").read_bytes()
     for flag, value in (("--lr", "0.5"), ("--arch", "resnet34")):  # (--batch-size may change: the elastic tests)
-        line = error_line(train.main, ["--data", str(tiny_data), "--out", str(out), *FAST, flag, value], capsys)
+        line = error_line(train.main, ["--data", str(tiny_data), "--out", str(out), *FAST, flag, value], capfd)
         assert f"{flag} is {value} but" in line
     assert (out / "last.pt").read_bytes() == before
 
@@ -263,7 +265,7 @@ def test_chaos_two_ranks_interrupted_four_times(tiny_data, tmp_path):
     assert_same_weights(final_state(tmp_path / "full")[0], final_state(out)[0])
 
 
-def test_timed_saves_bound_what_kill_9_loses(tiny_data, tmp_path):
+def test_timed_saves_bound_what_kill_9_loses(tiny_data, tmp_path, capfd):
     """--save-every-min writes mid-epoch checkpoints; after a kill -9 the same command resumes from one."""
     out = tmp_path / "run"
     cmd = train_cmd("--data", tiny_data, "--out", out, *FAST, "--save-every-min", "0.0001")
@@ -275,7 +277,7 @@ def test_timed_saves_bound_what_kill_9_loses(tiny_data, tmp_path):
     p.wait()
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["progress"]["epochs_done"] == 0 and 4 <= ckpt["progress"]["step"] < 10
-    resumed = run(cmd)
+    resumed = run_here(train.main, cmd[2:], capfd)
     assert f"resumed from {out / 'last.pt'}: epoch 1, step {ckpt['progress']['step']}/10" in resumed.stdout
     assert (out / "status").read_text() == "done\n"
 

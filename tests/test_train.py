@@ -8,8 +8,9 @@ import sys
 import pytest
 import torch
 
+import evaluate
 import train
-from conftest import IMAGENETTE, ROOT, error_line, needs_imagenette, run, torchrun_cmd, train_cmd
+from conftest import IMAGENETTE, error_line, needs_imagenette, run, run_here, torchrun_cmd, train_cmd
 
 # small and fast: ResNet-18 at 32 px, batches of 16, on 160 real training images (10 steps per epoch)
 FAST = ["--arch", "resnet18", "--img-size", "32", "--batch-size", "16", "--workers", "1", "--log-every", "1"]
@@ -20,10 +21,10 @@ def read_log(out):
         return [json.loads(line) for line in f]
 
 
-def test_onecycle_lr_follows_torch_reference_every_step(tiny_data, tmp_path):
+def test_onecycle_lr_follows_torch_reference_every_step(tiny_data, tmp_path, capfd):
     out = tmp_path / "run"
-    p = run(train_cmd("--data", tiny_data, "--out", out, "--epochs", "2", "--mix-off-epoch", "1", "--mixup", "0.1",
-                      "--cutmix", "1.0", *FAST))
+    p = run_here(train.main, ["--data", tiny_data, "--out", out, "--epochs", "2", "--mix-off-epoch", "1", "--mixup",
+                              "0.1", "--cutmix", "1.0", *FAST], capfd)
     printed = [float(v) for v in re.findall(r" lr ([0-9.e+-]+) ", p.stdout)]
     steps_per_epoch = 160 // 16
     assert len(printed) == 2 * steps_per_epoch
@@ -109,10 +110,9 @@ def test_resume_equals_uninterrupted_run_bitwise(tiny_data, tmp_path):
     assert scalars(tmp_path / "split") == full
 
 
-def test_tensorboard_without_its_package_is_one_line(tmp_path):
-    code = "import sys; sys.modules['tensorboard'] = None; import train; train.main(sys.argv[1:])"
-    p = run([sys.executable, "-c", code, "--tensorboard", "--out", str(tmp_path / "x")], check=False, cwd=ROOT)
-    line = one_line_error(p)
+def test_tensorboard_without_its_package_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if it were not installed
+    line = error_line(train.main, ["--tensorboard", "--out", str(tmp_path / "x")], capsys)
     assert "--tensorboard needs the tensorboard package" in line and "pip install tensorboard" in line
 
 
@@ -150,9 +150,9 @@ def test_torchrun_two_ranks_matches_one_process(tiny_data, tmp_path):
     assert ckpt["world"] == 2 and all(not k.startswith("module.") for k in ckpt["model"])
 
 
-def test_gradient_accumulation_keeps_the_global_batch(tiny_data, tmp_path):
-    p = run(train_cmd("--data", tiny_data, "--out", tmp_path / "acc", "--epochs", "1", *FAST,
-                      "--batch-size", "8", "--accum-steps", "2"))
+def test_gradient_accumulation_keeps_the_global_batch(tiny_data, tmp_path, capfd):
+    p = run_here(train.main, ["--data", tiny_data, "--out", tmp_path / "acc", "--epochs", "1", *FAST,
+                              "--batch-size", "8", "--accum-steps", "2"], capfd)
     assert "global batch 16 = 8 x 1 ranks x 2 accum; 10 steps/epoch" in p.stdout
     assert len(re.findall(r"step \d+/10 ", p.stdout)) == 10
 
@@ -196,10 +196,13 @@ def test_bad_input_in_a_real_process(tmp_path):
     assert "is not a folder" in one_line_error(p)
 
 
-def test_no_network_for_default_data_says_pass_data(tmp_path):
+def test_no_network_for_default_data_says_pass_data(tmp_path, capfd, monkeypatch):
     # a proxy on a closed local port stands in for "no network", wherever this runs
-    env = {k: "http://127.0.0.1:9" for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")}
-    p = run(train_cmd("--out", tmp_path / "x"), check=False, cwd=tmp_path, env=env, timeout=120)
+    for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(k, "http://127.0.0.1:9")
+    monkeypatch.delenv("DATA_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    p = run_here(train.main, ["--out", tmp_path / "x"], capfd, check=False)
     line = one_line_error(p)
     assert "could not download Imagenette" in line and "pass --data" in line
     assert "downloading Imagenette" in p.stdout
@@ -207,7 +210,7 @@ def test_no_network_for_default_data_says_pass_data(tmp_path):
 
 def test_resume_with_another_arch_is_refused(tiny_data, tmp_path, capsys):
     out = tmp_path / "run"
-    run(train_cmd("--data", tiny_data, "--out", out, "--epochs", "2", "--stop-epoch", "1", *FAST))
+    run_here(train.main, ["--data", tiny_data, "--out", out, "--epochs", "2", "--stop-epoch", "1", *FAST], capsys)
     before = (out / "last.pt").read_bytes()
     common = ["--data", str(tiny_data), "--out", str(out), *FAST]
     line = error_line(train.main, [*common, "--epochs", "2", "--arch", "resnet34"], capsys)
@@ -216,7 +219,7 @@ def test_resume_with_another_arch_is_refused(tiny_data, tmp_path, capsys):
     assert (out / "last.pt").read_bytes() == before  # nothing already written is lost
 
 
-def test_resume_from_unsafe_or_foreign_checkpoint_is_refused(tiny_data, tmp_path):
+def test_resume_from_unsafe_or_foreign_checkpoint_is_refused(tiny_data, tmp_path, capfd):
     import pickle
 
     from test_model import Exploit
@@ -226,7 +229,8 @@ def test_resume_from_unsafe_or_foreign_checkpoint_is_refused(tiny_data, tmp_path
     torch.save(train.build_model("resnet18", num_classes=10).state_dict(), bare)
     for path, expected in ((evil, "cannot be loaded safely"), (bare, "is not a train.py checkpoint"),
                            (tmp_path / "missing.pt", "does not exist")):
-        p = run(train_cmd("--data", tiny_data, "--out", tmp_path / "x", *FAST, "--resume", path), check=False)
+        p = run_here(train.main, ["--data", tiny_data, "--out", tmp_path / "x", *FAST, "--resume", path], capfd,
+                     check=False)
         assert expected in one_line_error(p)
         assert "this ran at load time" not in p.stdout
 
@@ -248,61 +252,60 @@ def test_epoch_sizes_ramp_like_ffcv():
     assert train.parse_args(["--preset", "long", "--mixup", "0.1"]).mixup == 0.1  # a flag beats the preset
 
 
-def test_fast_recipe_runs_and_its_eval_matches_evaluate_py(tiny_data, tmp_path):
+def test_fast_recipe_runs_and_its_eval_matches_evaluate_py(tiny_data, tmp_path, capfd):
     """Progressive resizing, BlurPool, FixRes and flip TTA in one small run; train.py's last top-1 equals what
     evaluate.py reports for the same checkpoint, which re-reads its eval size and BlurPool from the checkpoint."""
     out = tmp_path / "fast"
-    run(train_cmd("--data", tiny_data, "--out", out, *FAST, "--preset", "fast", "--epochs", "4",
-                  "--min-img-size", "32", "--img-size", "64", "--eval-size", "80"))
+    run_here(train.main, ["--data", tiny_data, "--out", out, *FAST, "--preset", "fast", "--epochs", "4",
+                          "--min-img-size", "32", "--img-size", "64", "--eval-size", "80"], capfd)
     rows = read_log(out)
     assert [r["img_size"] for r in rows] == [32, 32, 32, 48]
-    p = run([train_cmd()[0], str(train_cmd()[1]).replace("train.py", "evaluate.py"), "--checkpoint", out / "last.pt",
-             "--tta", "flip", "--workers", "1", "--out", tmp_path / "eval"])
+    p = run_here(evaluate.main, ["--checkpoint", out / "last.pt", "--tta", "flip", "--workers", "1",
+                                 "--out", tmp_path / "eval"], capfd)
     res = json.loads(p.stdout.strip().splitlines()[-1])
     assert res["img_size"] == 80 and res["n"] == rows[-1]["val_n"]
     assert res["top1"] == pytest.approx(rows[-1]["val_top1"]) and res["top5"] == pytest.approx(rows[-1]["val_top5"])
 
 
-def test_shrink_mode_writes_a_smaller_copy_that_trains(tiny_data, tmp_path):
-    p = run(train_cmd("--data", tiny_data, "--shrink", tmp_path / "small", "--max-side", "96", "--workers", "2"))
+def test_shrink_mode_writes_a_smaller_copy_that_trains(tiny_data, tmp_path, capfd):
+    p = run_here(train.main, ["--data", tiny_data, "--shrink", tmp_path / "small", "--max-side", "96", "--workers",
+                              "2"], capfd)
     assert "160 shrunk, 80 copied as they were" in p.stdout and f"train with --data {tmp_path / 'small'}" in p.stdout
-    run(train_cmd("--data", tmp_path / "small", "--out", tmp_path / "run", "--epochs", "1", *FAST))
+    run_here(train.main, ["--data", tmp_path / "small", "--out", tmp_path / "run", "--epochs", "1", *FAST], capfd)
     assert read_log(tmp_path / "run")[-1]["val_n"] == 80
 
 
-OOM = """
-import sys, torch, train
 def out_of_memory(*args, **kwargs):  # what a 16 GB T4 says to 256 images of 224 px
     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (a stand-in for the GPU)")
-train.forward_backward = out_of_memory
-train.main(sys.argv[1:])
-"""
 
 
-def test_out_of_memory_is_a_bad_input_with_flags_that_keep_the_global_batch(tiny_data, tmp_path):
+def test_out_of_memory_is_a_bad_input_with_flags_that_keep_the_global_batch(tiny_data, tmp_path, capfd,
+                                                                           monkeypatch):
     """Not a crash to restart but a config error (status bad_input, the restart loop stops), with one line that
     names the per-GPU batch and the flags that keep the global batch. The OOM itself is raised by a stand-in for
     the step: this machine has no GPU to run out of."""
     out = tmp_path / "oom"
-    p = run([sys.executable, "-c", OOM, "--data", tiny_data, "--out", out, *FAST], check=False, cwd=ROOT)
-    line = one_line_error(p)
+    step = train.forward_backward
+    monkeypatch.setattr(train, "forward_backward", out_of_memory)
+    line = one_line_error(run_here(train.main, ["--data", tiny_data, "--out", out, *FAST], capfd, check=False))
     assert "out of memory with --batch-size 16" in line and "--batch-size 8 --accum-steps 2" in line
     assert (out / "status").read_text() == "bad_input\n"
     # resuming (on a GPU with less memory, say): the run's global batch stays, so a smaller --batch-size is enough
-    run(train_cmd("--data", tiny_data, "--out", out, *FAST, "--epochs", "2", "--stop-epoch", "1"))
-    p = run([sys.executable, "-c", OOM, "--data", tiny_data, "--out", out, *FAST, "--epochs", "2"], check=False,
-            cwd=ROOT)
+    monkeypatch.setattr(train, "forward_backward", step)
+    run_here(train.main, ["--data", tiny_data, "--out", out, *FAST, "--epochs", "2", "--stop-epoch", "1"], capfd)
+    monkeypatch.setattr(train, "forward_backward", out_of_memory)
+    p = run_here(train.main, ["--data", tiny_data, "--out", out, *FAST, "--epochs", "2"], capfd, check=False)
     assert "resume with --batch-size 8: the run keeps its global batch" in one_line_error(p)
 
 
-def test_init_from_runs_the_phased_plan_with_a_fresh_optimizer(tiny_data, tmp_path, capsys):
+def test_init_from_runs_the_phased_plan_with_a_fresh_optimizer(tiny_data, tmp_path, capfd):
     """The students' plan: train on a stratified 50% subset, fine-tune from those weights at a lower LR, then
     train on all of the data; each phase starts from the last one's weights with its own optimizer, schedule and
     epochs. A checkpoint of other classes keeps its body and gets a fresh head, and a torchvision state_dict works."""
     common = ["--data", tiny_data, *FAST, "--epochs", "1"]
-    run(train_cmd(*common, "--subset", "0.5", "--out", tmp_path / "p1"))
-    p = run(train_cmd(*common, "--subset", "0.5", "--lr", "1e-9", "--init-from", tmp_path / "p1" / "last.pt",
-                      "--out", tmp_path / "p2"))
+    run_here(train.main, [*common, "--subset", "0.5", "--out", tmp_path / "p1"], capfd)
+    p = run_here(train.main, [*common, "--subset", "0.5", "--lr", "1e-9", "--init-from", tmp_path / "p1" / "last.pt",
+                              "--out", tmp_path / "p2"], capfd)
     assert f"initialized from the weights of {tmp_path / 'p1' / 'last.pt'}" in p.stdout
     p1, p2 = (torch.load(tmp_path / d / "last.pt", weights_only=True) for d in ("p1", "p2"))
     # an LR of 1e-9: the weights are p1's (a fresh init would be far off), the schedule and epochs p2's own
@@ -310,7 +313,7 @@ def test_init_from_runs_the_phased_plan_with_a_fresh_optimizer(tiny_data, tmp_pa
     fresh = train.make_model(train.parse_args(["--arch", "resnet18"]), 10, torch.device("cpu"))
     assert not torch.allclose(fresh.conv1.weight, p1["model"]["conv1.weight"].float(), atol=1e-3)
     assert p2["progress"]["epochs_done"] == 1 and p2["scheduler"]["last_epoch"] == 5 == p1["scheduler"]["last_epoch"]
-    run(train_cmd(*common, "--init-from", tmp_path / "p2" / "best.pt", "--out", tmp_path / "p3"))
+    run_here(train.main, [*common, "--init-from", tmp_path / "p2" / "best.pt", "--out", tmp_path / "p3"], capfd)
     assert read_log(tmp_path / "p3")[-1]["val_n"] == 80
     # other classes: 5 of the 10 folders
     five = tmp_path / "five"
@@ -318,27 +321,27 @@ def test_init_from_runs_the_phased_plan_with_a_fresh_optimizer(tiny_data, tmp_pa
         for cls in sorted((tiny_data / split).iterdir())[:5]:
             (five / split).mkdir(parents=True, exist_ok=True)
             (five / split / cls.name).symlink_to(cls)
-    p = run(train_cmd("--data", five, *FAST, "--epochs", "1", "--init-from", tmp_path / "p1" / "last.pt",
-                      "--out", tmp_path / "five_run"))
+    p = run_here(train.main, ["--data", five, *FAST, "--epochs", "1", "--init-from", tmp_path / "p1" / "last.pt",
+                              "--out", tmp_path / "five_run"], capfd)
     assert "its head predicts 10 other classes than the 5 of the data, so the fc layer starts afresh" in p.stdout
     tv = tmp_path / "tv.pth"
     torch.save(train.build_model("resnet18", num_classes=10).state_dict(), tv)
-    p = run(train_cmd(*common, "--init-from", tv, "--out", tmp_path / "tv_run"))
+    p = run_here(train.main, [*common, "--init-from", tv, "--out", tmp_path / "tv_run"], capfd)
     assert "initialized from the weights of" in p.stdout and "starts afresh" not in p.stdout
     # a run to continue is continued, --init-from or not; and --resume keeps its strict meaning
-    p = run(train_cmd(*common, "--subset", "0.5", "--init-from", tv, "--out", tmp_path / "p1"))
+    p = run_here(train.main, [*common, "--subset", "0.5", "--init-from", tv, "--out", tmp_path / "p1"], capfd)
     assert "--init-from is for a new run: continuing" in p.stdout
     argv = [*map(str, common), "--init-from", str(tv), "--out", str(tmp_path / "p1"), "--subset", "0.5",
             "--epochs", "2"]
-    assert "--epochs is 2 but" in error_line(train.main, argv, capsys)
+    assert "--epochs is 2 but" in error_line(train.main, argv, capfd)
 
 
-def test_keep_every_target_top1_summary_and_the_log(tiny_data, tmp_path):
+def test_keep_every_target_top1_summary_and_the_log(tiny_data, tmp_path, capfd):
     """--keep-every keeps epoch_NNN.pt (only the newest with the optimizer state); the log has train top-1, the
     LR of each logged step and the trend; model_summary.txt; then --target-top1 stops early and says what it saved."""
     out = tmp_path / "run"
-    p = run(train_cmd("--data", tiny_data, "--out", out, *FAST, "--epochs", "3", "--log-every", "2",
-                      "--keep-every", "1"))
+    p = run_here(train.main, ["--data", tiny_data, "--out", out, *FAST, "--epochs", "3", "--log-every", "2",
+                              "--keep-every", "1"], capfd)
     kept = {e: torch.load(out / f"epoch_{e:03d}.pt", weights_only=True) for e in (1, 2, 3)}
     assert "optimizer" in kept[3] and all("optimizer" not in kept[e] and "model" in kept[e] for e in (1, 2))
     assert (out / "epoch_001.pt").stat().st_size < 0.75 * (out / "epoch_003.pt").stat().st_size
@@ -360,8 +363,8 @@ def test_keep_every_target_top1_summary_and_the_log(tiny_data, tmp_path):
     from PIL import Image
     assert Image.open(out / "curves.png").size[0] > 1500  # three panels: loss, accuracy, LR
     # --target-top1: reached after the first epoch, with the time (and money) it saved
-    p = run(train_cmd("--data", tiny_data, "--out", tmp_path / "target", *FAST, "--epochs", "3", "--ema", "0.5",
-                      "--target-top1", "1", "--hourly-usd", "3"))
+    p = run_here(train.main, ["--data", tiny_data, "--out", tmp_path / "target", *FAST, "--epochs", "3", "--ema",
+                              "0.5", "--target-top1", "1", "--hourly-usd", "3"], capfd)
     rows = read_log(tmp_path / "target")
     assert len(rows) == 1 and (tmp_path / "target" / "status").read_text() == "done\n"
     assert f"EMA top-1 {rows[0]['ema_top1']:.2f}%, a new best" in p.stdout
