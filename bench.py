@@ -268,11 +268,14 @@ def data_gb(kind):
     return (IMAGENET_TRAIN * JPEG_KB[kind] + IMAGENET_VAL * VAL_KB) / 1e6
 
 
-def where(inst, kind="shrunk"):
-    """The data's disk on this instance: its instance store where the shards fit (run_ec2.sh data), else the root
-    volume; and the JPEGs staged: the shrunk copy, which run_ec2.sh prepare makes by default."""
+STAGED = "shrunk"  # the JPEGs run_ec2.sh data stages: the copy prepare makes by default (SHRINK=320)
+
+
+def on_store(inst, kind):
+    """Whether the shards of `kind` fit this instance's store, where run_ec2.sh data stages them (else the root
+    volume)."""
     store_gb = inst["store"][0] * inst["store"][1] if inst.get("store") else 0
-    return ("store" if data_gb(kind) < 0.9 * store_gb else "ebs"), kind
+    return data_gb(kind) < 0.9 * store_gb
 
 
 def staging_minutes(inst, kind, peak=False):
@@ -293,7 +296,7 @@ def first_step_minutes(inst, kind, decode_per_core=None, shards=True):
     is the zip: copied at the slower of the network and the volume; unzipped through the volume, which reads the zip
     unless the page cache still holds it, and writes the images; then every file decoded once by --check-data, or
     read, when the volume is the slower and the cache does not hold them."""
-    if shards and where(inst, kind)[0] == "store":
+    if shards and on_store(inst, kind):
         return BOOT_MIN + max(SETUP_MIN, staging_minutes(inst, kind)[0]) + FIRST_STEP_MIN
     net_mbps = inst["net_gbps"] * 1000 / 8
     train_gb = IMAGENET_TRAIN * JPEG_KB["full"] / 1e6
@@ -308,7 +311,7 @@ def first_step_minutes(inst, kind, decode_per_core=None, shards=True):
 def disk_rate(inst, kind, shards=True):
     """Images/s the data's disk reads: the instance store's NVMe, or a gp3 volume (raised to the EBS link's baseline
     by launch, where an instance has no store, since the shards)."""
-    if shards and where(inst, kind)[0] == "store":
+    if shards and on_store(inst, kind):
         return NVME_MBPS * inst["store"][0] * 1000 / JPEG_KB[kind]
     mbps = min(1000, inst["ebs_mbps"]) if shards else GP3_MBPS
     return mbps * 1000 / JPEG_KB[kind]
@@ -318,14 +321,14 @@ def project(inst, preset, kind=None, measured=None, shards=True):
     """Hours and dollars of --preset `preset` (train.py's args) on ImageNet-1k on one instance (a row of INSTANCES,
     or this machine as bench.py measured it), from the published rates, or from `measured` where it has them:
     {"gpu": {px: a GPU's training img/s}, "eval": a GPU's forward img/s at the eval size, "loader": {px: img/s of one
-    core}, "eval_loader": img/s of one core}. kind: the training JPEGs, "full" or "shrunk" (default: what
-    run_ec2.sh data stages on this instance). shards: the data staged from prepare's shards (else today's zip).
+    core}, "eval_loader": img/s of one core}. kind: the training JPEGs, "full" or "shrunk" (default: STAGED,
+    what run_ec2.sh data stages). shards: the data staged from prepare's shards (else today's zip).
 
     Each epoch trains at the slowest of the GPUs (GPUs x a GPU's rate at that epoch's size), the loader (the vCPUs
     left to workers x a core's rate x VCPU) and the disk (its MB/s / the JPEGs' size, for the first epoch, and for
     every epoch when the data does not fit the page cache), then evaluates the 50,000 val images at the slower of the
     GPUs' forward pass (halved by flip TTA) and the val loader; the time to the first step is added once."""
-    measured, kind = measured or {}, kind or where(inst)[1]
+    measured, kind = measured or {}, kind or STAGED
     cores = (inst["vcpus"] - inst["gpus"]) * inst.get("vcpu", VCPU)  # a vCPU per GPU runs its training process
     cached = fits_in_cache(inst, data_gb(kind))
     disk = disk_rate(inst, kind, shards)
@@ -363,7 +366,7 @@ def cost_table(names=None, measured=None, kind=None):
              "| --- | --- | ---: | ---: | --- | --- | --- | ---: | --- | --- | --- |"]
     for name in names or INSTANCES:
         inst = INSTANCES[name]
-        row_kind = kind or where(inst)[1]  # the JPEGs run_ec2.sh data stages there
+        row_kind = kind or STAGED  # the JPEGs run_ec2.sh data stages there
         gpu = [measured["gpu"][s] if measured else gpu_rate(inst, s) for s in (160, 192)]
         cores = (inst["vcpus"] - inst["gpus"]) * inst.get("vcpu", VCPU)
         per_core = (measured or {}).get("loader", LOADER_PER_CORE[row_kind])
@@ -395,7 +398,7 @@ def staging_table(names=None):
         inst = INSTANCES[name]
         cells = []
         for kind in ("full", "shrunk"):
-            if where(inst, kind)[0] != "store":
+            if not on_store(inst, kind):
                 cells.append("does not fit: the root volume")
                 continue
             (base, bound), (peak, _) = staging_minutes(inst, kind), staging_minutes(inst, kind, peak=True)
@@ -470,8 +473,6 @@ def measure_loader(files, sizes, shrink_sides, passes, workers, batch, n, tmp, e
 def measure_shards(files, tmp, side=320):
     """run_ec2.sh prepare's and data's work per core, on the JPEGs: packing (read, decode once, shrink the training
     images to `side` or not) and extracting a shard (sha256 and tar into a folder), files/s and MB/s of one process."""
-    import io
-    import tarfile
     import shards
     rows = []
     for label, shrink in (("full size", None), (f"shrunk to a {side} px shorter side", side)):
@@ -480,10 +481,7 @@ def measure_shards(files, tmp, side=320):
         packed = [shards.prepare_file(job) for job in jobs]
         pack_s = time.perf_counter() - t0
         tar_path, tree = os.path.join(tmp, f"shard-{side if shrink else 0}.tar"), os.path.join(tmp, "tree")
-        with tarfile.open(tar_path, "w", format=tarfile.GNU_FORMAT) as tar:
-            for rel, body, _, _ in packed:
-                tar.addfile(shards.tar_member(rel, body), io.BytesIO(body))
-        entry = dict(name="shard", files=[[rel, len(body)] for rel, body, _, _ in packed])
+        entry = dict(name="shard", **shards.write_shard(tar_path, packed))
         shutil.rmtree(tree, ignore_errors=True)
         t0 = time.perf_counter()
         with open(tar_path, "rb") as f:

@@ -146,6 +146,23 @@ def tar_member(rel, body):
     return info
 
 
+def write_shard(path, packed):
+    """The tar of `packed` (prepare_file's (rel, body, kind, error), in order) at `path`; returns its manifest entry
+    but the name: bytes, sha256, the files listed, the kinds of image and the unreadable ones."""
+    digest, listed, kinds, bad = hashlib.sha256(), [], {}, []
+    with open(path, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for rel, body, kind, error in packed:
+            tar.addfile(tar_member(rel, body), io.BytesIO(body))
+            listed.append([rel, len(body)])
+            if kind:
+                kinds[kind] = kinds.get(kind, 0) + 1
+            bad += [f"{rel} ({error})"] if error else []
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return dict(bytes=os.path.getsize(path), sha256=digest.hexdigest(), files=listed, kinds=kinds, unreadable=bad)
+
+
 def pack(src, dest, side=None, by="shorter", workers=None, scratch=None, shard_bytes=SHARD_BYTES):
     """The shards of `src` (a folder, a zip, or the s3:// prefix of either) under `dest` (s3://...), resuming."""
     import multiprocessing
@@ -172,19 +189,9 @@ def pack(src, dest, side=None, by="shorter", workers=None, scratch=None, shard_b
             name = f"shard-{k:05d}.tar"
             if name in done:
                 continue
-            path, digest, listed, kinds, bad = os.path.join(scratch, name), hashlib.sha256(), [], {}, []
-            with open(path, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.GNU_FORMAT) as tar:
-                jobs = [(rel, source, side, by) for rel, _, source in shard]
-                for rel, body, kind, error in pool.imap(prepare_file, jobs, chunksize=16):
-                    tar.addfile(tar_member(rel, body), io.BytesIO(body))
-                    listed.append([rel, len(body)])
-                    kinds[kind] = kinds.get(kind, 0) + (kind is not None)
-                    bad += [f"{rel} ({error})"] if error else []
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 24), b""):
-                    digest.update(block)
-            entry = entries[name] = dict(name=name, bytes=os.path.getsize(path), sha256=digest.hexdigest(),
-                                         files=listed, kinds={k: v for k, v in kinds.items() if k}, unreadable=bad)
+            path, jobs = os.path.join(scratch, name), [(rel, source, side, by) for rel, _, source in shard]
+            entry = entries[name] = dict(name=name, **write_shard(path, pool.imap(prepare_file, jobs, chunksize=16)))
+            bad = entry["unreadable"]
             if upload is not None:
                 upload.join()  # one upload at a time, while the next shard packs
                 if upload.error:

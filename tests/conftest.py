@@ -70,10 +70,12 @@ def run_here(main, args, capfd=None, check=True):
         capfd.readouterr()
     out, err = io.StringIO(), io.StringIO()
     argv, handler, code = sys.argv, signal.getsignal(signal.SIGTERM), 0
-    sys.argv = [f"{getattr(main, '__module__', 'main')}.py", *args]
+    sys.argv = [f"{main.__module__}.py", *args]
     try:
-        with contextlib.redirect_stdout(out) if not capfd else contextlib.nullcontext(), \
-                contextlib.redirect_stderr(err) if not capfd else contextlib.nullcontext():
+        with contextlib.ExitStack() as stack:
+            if not capfd:
+                stack.enter_context(contextlib.redirect_stdout(out))
+                stack.enter_context(contextlib.redirect_stderr(err))
             main(args)
     except SystemExit as e:
         code = e.code or 0
@@ -86,15 +88,12 @@ def run_here(main, args, capfd=None, check=True):
     return subprocess.CompletedProcess(args, code, out, err)
 
 
-def error_line(main, argv, capsys, code=2):
-    """Run a script's main(argv) in this process and return the one line it printed on its way out with `code`
-    (argparse's errors and the scripts' own both exit so); no traceback. The same check as a real process, without
-    its seconds of start-up: tests that need the process itself (signals, exit status, the environment) run one."""
-    with pytest.raises(SystemExit) as exit_:
-        main(argv)
-    err = capsys.readouterr().err
-    assert exit_.value.code == code and "Traceback" not in err, err
-    return [line for line in err.splitlines() if line.strip()][-1]
+def error_line(main, argv, capture, code=2):
+    """The one line a script's main(argv), run here (run_here), printed on its way out with `code` (argparse's errors
+    and the scripts' own both exit so), with no traceback; capture: capsys or capfd."""
+    p = run_here(main, argv, capture, check=False)
+    assert p.returncode == code and "Traceback" not in p.stderr, p.stderr
+    return [line for line in p.stderr.splitlines() if line.strip()][-1]
 
 
 BIN = str(Path(sys.executable).parent)  # the venv's aws and moto_server
