@@ -219,30 +219,53 @@ def build_page(model, names, size, device, about, examples, classes=()):
 # -----------------------------------------------------------------------------
 # a Hugging Face Space in one command
 
+SPACE_FILES = ".space_files"  # beside an export: the files it wrote, one a line, which alone --push uploads
+
+
 def export_space(out, checkpoint, ema, examples, num_examples):
-    """--export-space: a folder that runs as a Space (sdk gradio) with nothing else beside it. Returns its files."""
+    """--export-space: a folder that runs as a Space (sdk gradio) with nothing else beside it. Returns its files (the
+    ones it wrote: a folder of yours beside them stays out of the Space, and a folder with files it did not write is
+    refused, so that nothing of yours is overwritten or published)."""
+    listed = os.path.join(out, SPACE_FILES)
+    if os.path.isdir(out) and os.listdir(out) and not os.path.exists(listed):
+        raise ValueError(f"{out} holds files that --export-space did not write: export into a new or empty folder")
+    before = set(open(listed).read().split("\n")) - {""} if os.path.exists(listed) else set()
     _, meta = load_checkpoint(checkpoint, ema=ema)  # the names, the eval size and the run's records, checked
-    os.makedirs(out, exist_ok=True)
-    for name in SPACE_MODULES:
-        shutil.copyfile(os.path.join(HERE, f"{name}.py"), os.path.join(out, f"{name}.py"))
-    shutil.copyfile(os.path.join(HERE, "LICENSE"), os.path.join(out, "LICENSE"))  # the code's, MIT
-    save_weights(read_checkpoint(checkpoint), os.path.join(out, "model.pt"), only="ema" if ema else "model")
     os.makedirs(os.path.join(out, "examples"), exist_ok=True)
+    files = []
+
+    def copy(src, name):
+        shutil.copyfile(src, os.path.join(out, name))
+        files.append(name)
+
+    for name in SPACE_MODULES:
+        copy(os.path.join(HERE, f"{name}.py"), f"{name}.py")
+    copy(os.path.join(HERE, "LICENSE"), "LICENSE")  # the code's, MIT
+    save_weights(read_checkpoint(checkpoint), os.path.join(out, "model.pt"), only="ema" if ema else "model")
+    files.append("model.pt")
     classes = meta["classes"] or []
     for k, path in enumerate(pick_examples(examples or meta["args"].get("data"), num_examples)):
         img, _ = read_photo(path)
         img.thumbnail((512, 512))  # a copy small enough for the Space's repository
-        name = caption(path, classes, meta["names"])
-        img.save(os.path.join(out, "examples", f"{k:02d} {name.replace('/', '-')}.jpg"), quality=90)
+        name = f"examples/{k:02d} {caption(path, classes, meta['names']).replace('/', '-')}.jpg"
+        img.save(os.path.join(out, name), quality=90)
+        files.append(name)
     with open(os.path.join(out, "requirements.txt"), "w") as f:  # Spaces install gradio at sdk_version themselves
         f.write("--extra-index-url https://download.pytorch.org/whl/cpu\ntorch\ntorchvision\nnumpy\npillow\n"
                 "matplotlib\n")
+    files.append("requirements.txt")
     run_dir = os.path.dirname(os.path.abspath(checkpoint))
     if os.path.exists(os.path.join(run_dir, "curves.png")):
-        shutil.copyfile(os.path.join(run_dir, "curves.png"), os.path.join(out, "curves.png"))
+        copy(os.path.join(run_dir, "curves.png"), "curves.png")
     with open(os.path.join(out, "README.md"), "w") as f:
-        f.write(model_card(meta, ema, checkpoint, os.path.exists(os.path.join(out, "curves.png"))))
-    return sorted(os.path.relpath(os.path.join(d, n), out) for d, _, files in os.walk(out) for n in files)
+        f.write(model_card(meta, ema, checkpoint, "curves.png" in files))
+    files.append("README.md")
+    for name in before - set(files):  # an earlier export's own files that this one did not write again
+        if os.path.isfile(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
+    with open(listed, "w") as f:
+        f.write("\n".join(sorted(files)) + "\n")
+    return sorted(files)
 
 
 def model_card(meta, ema, checkpoint, curves):
@@ -250,7 +273,12 @@ def model_card(meta, ema, checkpoint, curves):
     import gradio as gr
     saved = meta["args"]
     log = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "log.jsonl")
-    rows = [json.loads(line) for line in open(log) if line.strip()] if os.path.exists(log) else []
+    rows = []
+    for line in open(log) if os.path.exists(log) else []:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # a torn last line (train.py writes rows whole since, and skips such a line)
+            pass
     key = "ema_top1" if ema and rows and "ema_top1" in rows[-1] else "val_top1"
     best = max(rows, key=lambda r: r[key]) if rows else None
     argv = meta["argv"]
@@ -278,14 +306,15 @@ def model_card(meta, ema, checkpoint, curves):
     return "\n".join(lines)
 
 
-def push_space(folder, repo_id):
-    """--push USER/NAME: create the Space if needed and upload the folder, with huggingface_hub (gradio's)."""
-    from huggingface_hub import HfApi
+def push_space(folder, repo_id, files):
+    """--push USER/NAME: create the Space if needed and commit the files the export wrote (nothing else of the
+    folder), with huggingface_hub (gradio's)."""
+    from huggingface_hub import CommitOperationAdd, HfApi
     api = HfApi()
     try:
         api.create_repo(repo_id, repo_type="space", space_sdk="gradio", exist_ok=True)
-        api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="space",
-                          commit_message="app.py --export-space")
+        api.create_commit(repo_id, [CommitOperationAdd(path_in_repo=f, path_or_fileobj=os.path.join(folder, f))
+                                    for f in files], repo_type="space", commit_message="app.py --export-space")
     except Exception as e:  # no token, no network, a name taken: the Hub's own words, on one line
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ValueError(f"could not push {folder} to the Space {repo_id} ({type(e).__name__}: {first}); log in with "
@@ -333,7 +362,7 @@ def main(argv=None):
             files = export_space(args.export_space, path, args.ema, args.examples, args.num_examples)
             print(f"wrote {args.export_space}: {', '.join(files)}", flush=True)
             if args.push:
-                print(f"pushed to {push_space(args.export_space, args.push)}", flush=True)
+                print(f"pushed to {push_space(args.export_space, args.push, files)}", flush=True)
             return
         device = pick_device(args.device)
         model, names, size, about, info = load_model(path, args.ema, device)

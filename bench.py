@@ -184,31 +184,16 @@ def train_script(arch, size, batch, amp, device, workers, root):
 # -----------------------------------------------------------------------------
 # 3. the projection: one table of EC2 facts, prices and published rates, and one function for every projection
 
-# Prices, USD an hour, Linux, us-east-1: the SkyPilot catalog (skypilot-org/skypilot-catalog, catalogs/v9/aws/vms.csv
-# at commit 2c3d7ea7d76bf84cf80d382e946c1609571485fd, a snapshot taken after AWS's June 2025 P5 price cut; its date is
-# not recorded). Spot: that snapshot's range over the zones of us-east-1; spot prices move all the time. "list": no
-# row in the catalog, so AWS's list price, as factualminds.com (2026-06-17) and cloudurable.com (2025-06-28) give it.
-# Facts: AWS's DescribeInstanceTypes as moto ships it (moto/ec2/resources/instance_types.json.gz): vCPUs, RAM in GiB,
-# instance store (disks, GB each), network baseline and peak in Gbit/s (all cards), EBS link baseline in MB/s. Plan on
-# the baselines: an "up to" figure is a burst.
-INSTANCES = {
-    "g4dn.xlarge": dict(gpus=1, gpu="T4", vcpus=4, ram_gib=16, store=(1, 125), net_gbps=5, net_peak_gbps=25,
-                        ebs_mbps=118.75, on_demand=0.526, list_price=True, spot=None, no_spot="not in the snapshot"),
-    "g5.xlarge": dict(gpus=1, gpu="A10G", vcpus=4, ram_gib=16, store=(1, 250), net_gbps=2.5, net_peak_gbps=10,
-                      ebs_mbps=87.5, on_demand=1.006, spot=(0.43, 0.45)),
-    "g5.2xlarge": dict(gpus=1, gpu="A10G", vcpus=8, ram_gib=32, store=(1, 450), net_gbps=5, net_peak_gbps=10,
-                       ebs_mbps=106.25, on_demand=1.212, list_price=True, spot=None, no_spot="not in the snapshot"),
-    "g5.12xlarge": dict(gpus=4, gpu="A10G", vcpus=48, ram_gib=192, store=(1, 3800), net_gbps=40, net_peak_gbps=40,
-                        ebs_mbps=2000, on_demand=5.672, spot=(2.05, 2.79)),
-    "g6e.xlarge": dict(gpus=1, gpu="L40S", vcpus=4, ram_gib=32, store=(1, 250), net_gbps=2.5, net_peak_gbps=20,
-                       ebs_mbps=125, on_demand=1.861, spot=(0.88, 1.33)),
-    "p4d.24xlarge": dict(gpus=8, gpu="A100", vcpus=96, ram_gib=1152, store=(8, 1000), net_gbps=400, net_peak_gbps=400,
-                         ebs_mbps=2375, on_demand=21.96, spot=(6.53, 13.99)),
-    "p5.4xlarge": dict(gpus=1, gpu="H100", vcpus=16, ram_gib=256, store=(1, 3800), net_gbps=100, net_peak_gbps=100,
-                       ebs_mbps=1250, on_demand=6.88, spot=(5.40, 6.60)),
-    "p5.48xlarge": dict(gpus=8, gpu="H100", vcpus=192, ram_gib=2048, store=(8, 3800), net_gbps=3200,
-                        net_peak_gbps=3200, ebs_mbps=10000, on_demand=55.04, spot=(16.95, 18.73)),
-}
+# The instances: their facts and prices, in the one file that run_ec2.sh reads too (launch's price for the budget);
+# its "prices_source" and "facts_source" say where each figure comes from.
+def read_instances(path=os.path.join(HERE, "ec2_instances.json")):
+    with open(path) as f:
+        rows = json.load(f)["instances"]
+    return {name: dict(row, store=tuple(row["store"]), spot=tuple(row["spot"]) if row["spot"] else None)
+            for name, row in rows.items()}
+
+
+INSTANCES = read_instances()
 # Published ResNet-50 training rates, images/s per GPU, mixed precision, 224 px, plain PyTorch. MLPerf's stacks (GPU
 # JPEG decoding, fused kernels: about 7,160 on an H100, 1,850 on an L40S) are a ceiling, not what train.py does.
 GPU_RATES = {

@@ -3,8 +3,8 @@
 # spot reclaims and never paying for a run that cannot make progress.
 #
 # On the laptop (AWS CLI only):
-#   ./run_ec2.sh launch            AMI, IAM role, security group, spot or on-demand instance, user-data that runs
-#                                  setup, data and train (and again after a reboot); README "From zero"
+#   ./run_ec2.sh launch            AMI, IAM role of the run, security group, spot or on-demand instance, user-data
+#                                  that runs setup, data and train (and again after a reboot); README "From zero"
 #   ./run_ec2.sh ssh | logs | status-remote | terminate
 #   ./run_ec2.sh tunnel [PORT ...] app.py's page and TensorBoard on the instance, here (ports 7860, 6006)
 #   ./run_ec2.sh resume            a new instance for a run whose instance was reclaimed: it continues from S3
@@ -13,12 +13,26 @@
 #   ./run_ec2.sh setup             venv + requirements; check the commands, the GPUs and shared memory
 #   ./run_ec2.sh data              the shards from S3 onto the instance store (DATA_DIR), while setup runs
 #   ./run_ec2.sh train [flags]     torchrun train.py on every GPU, in tmux, restarted after a preemption or a crash
-#                                  that made progress; starts the S3 backup, the spot watcher and the budget guard
+#                                  that made progress; starts the S3 backup, the spot watcher, the budget guard and
+#                                  the watchdog
 #   ./run_ec2.sh bench             bench.py on this GPU and these JPEGs: the projected hours and dollars
 #   ./run_ec2.sh status | stop
+#   ./run_ec2.sh end STAGE [CODE]  the end step of a launched instance: the final backup and OUT/ended.json
+#
+# What ends a launched instance: the end of its work, whatever it was (done, the budget, a stop, a config error, a
+# diverged or hung or crashing trainer, a failed clone, setup or data), then the end step (the final backup and a
+# record of why, ended.json, in S3_RUNS/RUN), then it shuts down, which terminates it; and MAX_HOURS after its
+# launch at the latest. KEEP_ALIVE=1 at launch keeps it up after the end step (terminate it yourself).
 #
 # Every setting is an environment variable; the defaults are below. DRY_RUN=1 prints each command instead.
 set -euo pipefail
+# a tmux session or a nohup start of `train` gets the settings from a file only its user may read (train writes it):
+# on a command line, an AWS key in the environment would show in `ps` and in tmux's record of the command
+if [[ -n ${SETTINGS_FILE:-} && $(basename "$SETTINGS_FILE") == run_ec2-settings.* && -O $SETTINGS_FILE ]]; then
+    # shellcheck source=/dev/null
+    . "$SETTINGS_FILE"
+    rm -f -- "$SETTINGS_FILE"
+fi
 
 REPO_DIR=${REPO_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)}
 VENV=${VENV:-$REPO_DIR/.venv}                        # the virtual environment setup creates
@@ -32,13 +46,19 @@ FORMAT_STORE=${FORMAT_STORE:-0}                      # 1: data may format an emp
 S3_RUNS=${S3_RUNS:-}                                 # s3://bucket/runs: where OUT is backed up
 BACKUP_MIN=${BACKUP_MIN:-10}                         # minutes between backups
 HOURLY_USD=${HOURLY_USD:-0}                          # the instance's price, for status, the budget and train.py's log
-BUDGET_USD=${BUDGET_USD:-}                           # stop the run (cleanly) once the instance has cost this much
+BUDGET_USD=${BUDGET_USD:-}                           # stop the run (cleanly) once its instances have cost this much
+KEEP_ALIVE=${KEEP_ALIVE:-0}                          # 1: a launched instance stays up once its work has ended
+END_BACKUP_MIN=${END_BACKUP_MIN:-30}                 # the end step retries the final backup this long, then ends
+HANG_S=${HANG_S:-1800}                               # the watchdog: a trainer that writes no log line and no
+                                                     # checkpoint this long, s (or 4x its longest silence), is hung
+KILL_WAIT_S=${KILL_WAIT_S:-300}                      # a SIGTERM'd trainer gets this long, then SIGKILL
 SESSION=${SESSION:-resnet}                           # tmux session name
 MAX_RESTARTS=${MAX_RESTARTS:-50}                     # the restart loop gives up after this many
 RESTART_DELAY_S=${RESTART_DELAY_S:-10}               # pause before a restart
 IMDS_URL=${IMDS_URL:-http://169.254.169.254}         # instance metadata service (tests point it at 127.0.0.1)
 SPOT_POLL_S=${SPOT_POLL_S:-5}                        # seconds between spot notice polls
 BUDGET_POLL_S=${BUDGET_POLL_S:-60}                   # seconds between budget checks
+HANG_POLL_S=${HANG_POLL_S:-30}                       # seconds between the watchdog's looks
 MIN_SHM_GB=${MIN_SHM_GB:-8}                          # DataLoader workers pass batches through /dev/shm
 TRAIN_CMD=${TRAIN_CMD:-}                             # replaces "torchrun ... train.py" (tests use a stand-in)
 AWS=${AWS:-$(command -v aws >/dev/null && echo aws || echo "$VENV/bin/aws")}  # the AWS CLI (setup puts one in VENV
@@ -53,6 +73,8 @@ MDADM=${MDADM:-mdadm}
 MOUNT=${MOUNT:-mount}
 FSTAB=${FSTAB:-/etc/fstab}
 NEEDED=${NEEDED:-git curl tmux unzip python3 aws}    # the commands setup checks for
+JOURNAL=${JOURNAL:-journalctl -u resnet-run.service -n 40 --no-pager -o cat}  # the service's last lines, for the end
+                                                     # step's record
 DRY_RUN=${DRY_RUN:-0}                                # 1: print the commands, run nothing
 # launch (on the laptop)
 INSTANCE_TYPE=${INSTANCE_TYPE:-}                     # e.g. g6e.xlarge or p5.4xlarge: README "Choosing an instance"
@@ -61,6 +83,11 @@ DISK_GB=${DISK_GB:-}                                 # gp3 root volume; default 
                                                      # where the data goes on the instance store, else 250 (it too)
 PREPARE=${PREPARE:-0}                                # launch: 1 makes an instance (a CPU type) that runs prepare and
                                                      # terminates itself
+PREPARE_HOURS=${PREPARE_HOURS:-6}                    # prepare's time limit on its instance
+MAX_HOURS=${MAX_HOURS:-}                             # launch: the instance shuts down this long after its start,
+                                                     # whatever it does; default 72 (PREPARE_HOURS + 1 for prepare),
+                                                     # or BUDGET_USD / HOURLY_USD + 1 where that is less
+PRICES=${PRICES:-$REPO_DIR/ec2_instances.json}       # on-demand prices (us-east-1's) and instance facts; bench.py's
 REGION=${REGION:-${AWS_DEFAULT_REGION:-us-east-1}}
 KEY_NAME=${KEY_NAME:-}                               # an EC2 key pair for ssh
 KEY_FILE=${KEY_FILE:-$HOME/.ssh/$KEY_NAME.pem}
@@ -70,6 +97,7 @@ TRAIN_ARGS=${TRAIN_ARGS:-}                           # train.py flags for the la
 # folder (<the data's folder name>-<arch>): an Imagenette try-out and the ImageNet run never share a folder
 [[ $TRAIN_ARGS =~ --arch[=\ ]+([a-z0-9]+) ]] && ARCH=${BASH_REMATCH[1]} || ARCH=resnet50
 if [[ -n ${OUT:-} ]]; then default_run=$(basename "$OUT"); else default_run=$(basename "${S3_DATA:-$DATA_DIR}")-$ARCH; fi
+if [[ $PREPARE == 1 && -z ${OUT:-} ]]; then default_run=prepare-$(basename "${S3_DATA:-data}"); fi  # its tag, its record
 RUN=${RUN:-$default_run}
 OUT=${OUT:-$REPO_DIR/runs/$RUN}                      # train.py --out; its S3 copy is S3_RUNS/<name of OUT>
 NAME_PREFIX=${NAME_PREFIX:-resnet-ec2}               # the IAM role, instance profile and security group
@@ -81,7 +109,8 @@ REMOTE_HOME=${REMOTE_HOME:-/home/$REMOTE_USER}       # where the instance clones
 
 # what a tmux session, a helper and a launched instance get explicitly: a tmux server keeps its own environment
 SETTINGS=(REPO_DIR VENV DATA_DIR S3_DATA S3_RUNS OUT BACKUP_MIN HOURLY_USD BUDGET_USD SESSION MAX_RESTARTS
-          RESTART_DELAY_S IMDS_URL SPOT_POLL_S BUDGET_POLL_S MIN_SHM_GB TRAIN_CMD AWS DRY_RUN PATH)
+          RESTART_DELAY_S IMDS_URL SPOT_POLL_S BUDGET_POLL_S HANG_S HANG_POLL_S KILL_WAIT_S MIN_SHM_GB TRAIN_CMD AWS
+          DRY_RUN PATH)
 AWS_SETTINGS=(AWS_PROFILE AWS_REGION AWS_DEFAULT_REGION AWS_ENDPOINT_URL AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY
               AWS_SESSION_TOKEN AWS_SHARED_CREDENTIALS_FILE AWS_CONFIG_FILE)
 LOG=$OUT/train.log
@@ -96,16 +125,18 @@ usage() {
         setup) echo "setup: check the commands it needs (NEEDED; installed where missing on an instance, else named), create $VENV (reusing a CUDA torch already on the system), install requirements.txt (and tensorboard when TRAIN_ARGS ask), and check nvidia-smi, free disk (MIN_FREE_GB) and /dev/shm (MIN_SHM_GB)." ;;
         prepare) echo "prepare: once per dataset, S3_DATA (the Kaggle zip or a tree) into tar shards of about 1 GB under SHARDS (default S3_DATA/shards-<SHRINK_BY><SHRINK>, shards-shorter320; S3_DATA/shards with SHRINK= for full size), every image decoded once on the way, the training images shrunk to SHRINK px; resumes. On a laptop, or on a CPU instance: PREPARE=1 INSTANCE_TYPE=c7i.4xlarge ./run_ec2.sh launch." ;;
         data) echo "data: DATA_DIR onto the instance store (formatted only when launch's user-data sets FORMAT_STORE=1; striped over several disks; one the AMI mounted is used as it is), then the shards under S3_DATA streamed into it, checked against their sha256 (SHARDS where they fit, else the smallest that do); with no shards, the zip or the tree copied and train.py --check-data." ;;
-        train) echo "train [train.py flags]: torchrun --nproc_per_node=<GPUs> train.py --data DATA_DIR --out OUT [flags] in tmux session SESSION (nohup without tmux), every setting passed explicitly, output to OUT/train.log. Restarted after 'preempted', and after 'crashed' only when last.pt moved on since the start; stopped on done, a config error, or BUDGET_USD. Starts the S3 backup and the spot watcher (S3_RUNS) and the budget guard (BUDGET_USD). With no OUT/last.pt it first restores OUT from S3_RUNS." ;;
-        backup) echo "backup: aws s3 sync OUT to S3_RUNS/<name of OUT> every BACKUP_MIN minutes while training runs, and once more at the end (train starts it)." ;;
+        train) echo "train [train.py flags]: torchrun --nproc_per_node=<GPUs> train.py --data DATA_DIR --out OUT [flags] in tmux session SESSION (nohup without tmux), every setting passed in a file only you can read, output to OUT/train.log. Restarted after 'preempted', and after 'crashed' or 'hung' only when last.pt moved on since the start; ended by done, a config error, a diverged loss, BUDGET_USD, or ./run_ec2.sh stop. Starts the S3 backup and the spot watcher (S3_RUNS), the budget guard (BUDGET_USD, which needs HOURLY_USD) and the watchdog. With no OUT/last.pt it first restores OUT from S3_RUNS." ;;
+        backup) echo "backup: aws s3 sync of a snapshot of OUT (hard links: a checkpoint replaced mid-upload arrives whole) to S3_RUNS/<name of OUT> every BACKUP_MIN minutes while training runs, and once more at the end; a failed sync is said and tried again at the next round, and OUT/backup.ok keeps the time of the last good one (train starts it)." ;;
+        watchdog) echo "watchdog: a trainer that writes no log line and no checkpoint for HANG_S seconds (30 min), or 4 times its longest silence so far, is hung: SIGTERM, SIGKILL after KILL_WAIT_S, status 'hung', restarted only if it had made progress (train starts it)." ;;
+        end) echo "end STAGE [CODE]: the end step of a launched instance (its service runs it, then shuts down unless KEEP_ALIVE=1): the final backup, retried for END_BACKUP_MIN minutes, then OUT/ended.json (why the work ended: the loop's word, or the stage that failed; the journal's last lines) copied to S3_RUNS/RUN (SHARDS for prepare)." ;;
         watch-spot) echo "watch-spot: poll IMDS_URL (IMDSv2) every SPOT_POLL_S seconds; on a spot interruption notice, SIGTERM the trainer (train.py checkpoints) and back up to S3_RUNS, which it requires (train starts it)." ;;
-        budget) echo "budget: every BUDGET_POLL_S seconds, the money spent since launch (HOURLY_USD) against BUDGET_USD: a warning in the log when the projection to the last epoch passes it, a clean stop when the spending reaches it (train starts it)." ;;
+        budget) echo "budget: every BUDGET_POLL_S seconds, the money the run's instances have spent (HOURLY_USD, spent.json) against BUDGET_USD: a warning in the log when the projection to the last epoch passes it, a clean stop when the spending reaches it, which is final (train starts it; resume with a higher BUDGET_USD continues on a new instance)." ;;
         bench) echo "bench: python bench.py --device cuda on the JPEGs of DATA_DIR for this instance's type (IMDS), with HOURLY_USD: this GPU's and this machine's loader's rates, and the projected hours and dollars with them in place of the published rates." ;;
-        status) echo "status: GPU use, the last log line, epoch and top-1, and the cost since the instance's launch (IMDS; uptime as the fallback) with the projection to the last epoch and BUDGET_USD." ;;
-        stop) echo "stop: SIGTERM the trainer (it checkpoints) and end the tmux session." ;;
-        launch) echo "launch: from INSTANCE_TYPE, SPOT, DISK_GB, S3_DATA, S3_RUNS, REPO_URL, KEY_NAME, REGION (and RUN, TRAIN_ARGS, HOURLY_USD, BUDGET_USD): the Deep Learning AMI from SSM (AMI_PARAM), an IAM role that reads S3_DATA and writes S3_RUNS, a security group open to MY_IP's SSH only, the instance, and user-data that runs setup, data and train on every boot (systemd)." ;;
+        status) echo "status: GPU use, helpers that are no longer running, the last good backup, the last log line, epoch and top-1, why the loop ended, and the cost since the instance's launch (IMDS; uptime as the fallback) with the projection to the last epoch and BUDGET_USD." ;;
+        stop) echo "stop: end the run for good: SIGTERM the trainer (it checkpoints) and the restart loop ends; a launched instance then runs its end step and shuts down (unless KEEP_ALIVE=1). resume, on the laptop, continues the run on a new instance." ;;
+        launch) echo "launch: from INSTANCE_TYPE, SPOT, DISK_GB, S3_DATA, S3_RUNS, REPO_URL, KEY_NAME, REGION (and RUN, TRAIN_ARGS, HOURLY_USD, BUDGET_USD, MAX_HOURS, KEEP_ALIVE): the Deep Learning AMI from SSM (AMI_PARAM), the run's own IAM role (reads S3_DATA, writes S3_RUNS/RUN only), a security group open to MY_IP's SSH only, the instance (IMDSv2 only), and user-data that runs setup, data and train on every boot (systemd). Refused while an instance of RUN runs. The price it counts: HOURLY_USD, else EC2's current spot price, else ec2_instances.json's on-demand one. The instance ends itself once its work ends (the end step, then a shutdown) and MAX_HOURS after launch at the latest; KEEP_ALIVE=1 keeps it up after its work." ;;
         resume) echo "resume: launch a new instance for RUN, which must have a last.pt in S3_RUNS/RUN: train restores it and continues." ;;
-        ssh|logs|status-remote|terminate) echo "ssh | logs | status-remote | terminate: log in to RUN's instance, print its last log lines (over SSH, else from S3_RUNS), run status there, or terminate it." ;;
+        ssh|logs|status-remote|terminate) echo "ssh | logs | status-remote | terminate: log in to RUN's instance, print its last log lines (over SSH, else from S3_RUNS), run status there (with its own settings), or terminate it at once (no end step) and, once it is gone, remove the run's IAM role and profile." ;;
         tunnel) echo "tunnel [PORT ...]: forward local ports (default 7860 and 6006) to RUN's instance's 127.0.0.1 over SSH: app.py's page and TensorBoard, which listen there only; the security group stays SSH-only." ;;
         *) sed -n '2,/^# Every setting/p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' ;;
     esac
@@ -117,17 +148,69 @@ gpu_count() {
 
 python_bin() { if [[ -x $VENV/bin/python ]]; then echo "$VENV/bin/python"; else echo python3; fi; }
 
-alive() { [[ -n ${1:-} ]] && kill -0 "$1" 2>/dev/null; }
+# A pid file holds "PID START BOOT": the process's start time (/proc/PID/stat) and this boot's id, so that a pid file
+# that came back from S3 with the run (written on another instance), or that outlived its process, never names a
+# process to signal: pids are reused, and another instance's pid is some other program here.
+proc_start() {  # the start time of process $1, in clock ticks after boot (field 22 of /proc/PID/stat)
+    local stat fields
+    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+    read -r -a fields <<< "${stat##*) }"
+    echo "${fields[19]}"
+}
+boot_id() { cat /proc/sys/kernel/random/boot_id 2>/dev/null || echo none; }
 
-trainer_pid() {
-    local pid
-    pid=$(cat "$PIDFILE" 2>/dev/null || true)
-    if alive "$pid"; then echo "$pid"; fi
+write_pid() {  # write_pid FILE PID
+    mkdir -p "$(dirname "$1")" && echo "$2 $(proc_start "$2" || echo -) $(boot_id)" > "$1"
 }
 
-backup_once() {
+own_pid() {  # the pid in FILE, when it is that very process, alive; else nothing
+    local pid start boot
+    [[ -f $1 ]] && read -r pid start boot < "$1" || return 0
+    [[ -n ${pid:-} && -n ${boot:-} && $boot == "$(boot_id)" && $start == "$(proc_start "$pid" || echo gone)" ]] \
+        && kill -0 "$pid" 2>/dev/null && echo "$pid"
+    return 0
+}
+
+alive() { [[ -n ${1:-} ]] && kill -0 "$1" 2>/dev/null; }
+
+trainer_pid() { own_pid "$PIDFILE"; }
+
+process_tree() {  # pid $1 and every process below it (torchrun's ranks run in sessions of their own, their loader
+    # workers too, so a process group would not reach them)
+    local f stat fields
+    echo "$1"
+    for f in /proc/[0-9]*/stat; do
+        stat=$(cat "$f" 2>/dev/null) || continue
+        read -r -a fields <<< "${stat##*) }"
+        if [[ ${fields[1]} == "$1" ]]; then process_tree "${f//[^0-9]/}"; fi
+    done
+}
+
+stop_trainer() {  # SIGTERM (train.py checkpoints after its step; torchrun passes it on to the ranks), then, after
+    # KILL_WAIT_S, SIGKILL to the trainer and every process below it
+    local pid=$1 tree
+    run kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq "$KILL_WAIT_S"); do alive "$pid" || return 0; sleep 1; done
+    tree=$(process_tree "$pid")
+    say "the trainer (pid $pid) still runs ${KILL_WAIT_S}s after SIGTERM: SIGKILL to it and its processes (${tree//$'\n'/ })"
+    # shellcheck disable=SC2086
+    run kill -KILL $tree 2>/dev/null || true
+}
+
+backup_once() {  # OUT to S3_RUNS/<name of OUT> as it is at this moment: a sync of hard links to its files, so that a
+    # file that train.py replaces mid-upload (last.pt, by os.replace) reaches S3 whole, the old one or the new one,
+    # never parts of both (the CLI opens a file again for each part of a multipart upload)
     if [[ -z $S3_RUNS ]]; then say "S3_RUNS is not set: no backup"; return 0; fi
-    run "$AWS" s3 sync "$OUT" "$S3_RUNS/$(basename "$OUT")" --only-show-errors --exclude "*.tmp"
+    local dest snap code=0
+    dest=$S3_RUNS/$(basename "$OUT")
+    if [[ $DRY_RUN == 1 ]]; then run "$AWS" s3 sync "$OUT" "$dest" --only-show-errors --exclude "*.tmp" --exclude "*.pid"; return 0; fi
+    snap=$(mktemp -d "$(dirname "$OUT")/.backup-$(basename "$OUT").XXXXXX") || return 1
+    cp -al "$OUT/." "$snap/" 2>/dev/null || cp -a "$OUT/." "$snap/" || code=$?  # links; a copy where links fail
+    if [[ $code == 0 ]]; then
+        "$AWS" s3 sync "$snap" "$dest" --only-show-errors --exclude "*.tmp" --exclude "*.pid" || code=$?
+    fi
+    rm -rf -- "$snap"  # this call's own links (OUT's files stay)
+    return "$code"
 }
 
 ensure_dir() {  # mkdir -p, with sudo where the user may not write (/mnt belongs to root on Ubuntu and the DLAMI)
@@ -141,10 +224,10 @@ ensure_dir() {  # mkdir -p, with sudo where the user may not write (/mnt belongs
     fi
 }
 
-settings_env() {  # NAME=value for every setting that is set, one a line
+settings_env() {  # `export NAME=value` for every setting that is set, one a line, for a shell to read
     local name
     for name in "${SETTINGS[@]}" "${AWS_SETTINGS[@]}"; do
-        if [[ -n ${!name+x} ]]; then printf '%s=%s\n' "$name" "${!name}"; fi
+        if [[ -n ${!name+x} ]]; then printf 'export %s=%q\n' "$name" "${!name}"; fi
     done
 }
 
@@ -177,9 +260,12 @@ cmd_setup() {
     local gpus shm_gb
     mark setup_start
     check_commands
-    if [[ $DRY_RUN != 1 ]] && python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
+    # a CUDA torch on the system (the Deep Learning AMI's) is reused: probed once, when the venv is made
+    if [[ $DRY_RUN != 1 && ! -x $VENV/bin/python ]] && python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
         say "a CUDA torch is installed system-wide: reusing it"
-        [[ -x $VENV/bin/python ]] || run python3 -m venv --system-site-packages "$VENV"
+        run python3 -m venv --system-site-packages "$VENV"
+    fi
+    if grep -qs '^include-system-site-packages = true' "$VENV/pyvenv.cfg"; then
         local reqs
         mapfile -t reqs < <(grep -v '^torch' "$REPO_DIR/requirements.txt")
         run "$VENV/bin/pip" install -q "${reqs[@]}"
@@ -350,77 +436,99 @@ trainer_cmd() {  # the command line the loop runs, one word a line
 
 ckpt_stamp() { stat -c '%Y %s' "$OUT/last.pt" 2>/dev/null || echo none; }
 
-last_error() {  # the last line of the log that says what went wrong
+last_error() {  # the trainer's last line in the log that says what went wrong (not one of this script's own)
     local line
-    line=$(grep -E 'error|Error|ERROR' "$LOG" 2>/dev/null | tail -n 1 || true)
-    printf '%s' "${line:-$(grep -v '^[[:space:]]*$' "$LOG" 2>/dev/null | tail -n 1 || true)}"
+    line=$(grep -v '^run_ec2.sh: ' "$LOG" 2>/dev/null | grep -E 'error|Error|ERROR' | tail -n 1 || true)
+    printf '%s' "${line:-$(grep -v -e '^[[:space:]]*$' -e '^run_ec2.sh: ' "$LOG" 2>/dev/null | tail -n 1 || true)}"
 }
 
-HELPERS=()
-start_helpers() {  # the backup, the spot watcher and the budget guard, for as long as the loop runs
-    local self=$REPO_DIR/run_ec2.sh
-    if [[ -n $S3_RUNS ]]; then
-        "$self" backup >> "$OUT/backup.log" 2>&1 &
-        HELPERS+=("$!")
-        "$self" watch-spot >> "$OUT/watch-spot.log" 2>&1 &
-        HELPERS+=("$!")
-    else
-        say "warning: S3_RUNS is not set: nothing is backed up, and a spot reclaim takes the disk with it"
-    fi
-    if [[ -n $BUDGET_USD ]]; then
-        "$self" budget >> "$LOG" 2>&1 &
-        HELPERS+=("$!")
-    fi
+note() {  # a line of the restart loop, on stderr (the journal, on a launched instance) and in train.log
+    say "$*"
+    [[ $DRY_RUN == 1 ]] || printf 'run_ec2.sh: %s\n' "$*" >> "$LOG"
 }
 
-stop_helpers() {  # TERM each one; the backup syncs once more on its way out, and the spot watcher finishes its own
+HELPERS=(backup watch-spot budget watchdog)  # what train starts beside the trainer, each with its pid in OUT/NAME.pid
+HELPER_PIDS=()
+start_helpers() {  # the backup and the spot watcher (with S3_RUNS), the budget guard (BUDGET_USD) and the watchdog,
+    # for as long as the loop runs
+    local name
+    [[ -n $S3_RUNS ]] || say "warning: S3_RUNS is not set: nothing is backed up, and a spot reclaim takes the disk with it"
+    for name in "${HELPERS[@]}"; do
+        case $name in backup|watch-spot) [[ -n $S3_RUNS ]] || continue ;; budget) [[ -n $BUDGET_USD ]] || continue ;; esac
+        "$REPO_DIR/run_ec2.sh" "$name" >> "$( [[ $name == backup || $name == watch-spot ]] && echo "$OUT/$name.log" || echo "$LOG")" 2>&1 &
+        HELPER_PIDS+=("$!")
+        write_pid "$OUT/$name.pid" "$!"
+    done
+}
+
+stop_helpers() {  # on the loop's way out: a trainer still running is stopped (it checkpoints); then each helper gets
+    # TERM: the backup syncs once more on its way out, and the spot watcher finishes its own
     local pid
+    pid=$(trainer_pid)
+    if [[ -n $pid ]]; then stop_trainer "$pid"; fi
     if [[ -f $OUT/spot_notice ]]; then sleep 1; fi
-    for pid in "${HELPERS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    for pid in "${HELPERS[@]}"; do wait "$pid" 2>/dev/null || true; done
+    for pid in "${HELPER_PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in "${HELPER_PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+}
+
+loop_end() {  # WORD WHY: how the loop ended, for the end step (OUT/loop_end) and for whoever reads the log
+    note "$2"
+    printf '%s %s\n' "$1" "$2" > "$OUT/loop_end"
 }
 
 train_loop() {
-    local restarts=0 code status before cmd
+    local restarts=0 code status before cmd pid
     mapfile -t cmd < <(trainer_cmd)
-    echo $$ > "$OUT/loop.pid"
-    rm -f "$OUT/spot_notice" "$OUT/budget_stop"
+    write_pid "$OUT/loop.pid" $$
+    rm -f "$OUT/spot_notice" "$OUT/budget_stop" "$OUT/stop_request" "$OUT/hung" "$OUT/loop_end"
     start_helpers
     trap stop_helpers EXIT
     while true; do
-        if [[ -n $BUDGET_USD ]] && budget_spent; then
+        if [[ -f $OUT/stop_request ]]; then  # ./run_ec2.sh stop between two starts
             echo stopped > "$OUT/status"
-            say "not starting: \$$(money spent) of BUDGET_USD=\$$BUDGET_USD spent; raise BUDGET_USD to continue"
+            loop_end stopped "training stopped by ./run_ec2.sh stop; ./run_ec2.sh resume on the laptop continues it"
             return 0
         fi
-        rm -f "$OUT/status"
+        if [[ -n $BUDGET_USD ]] && budget_spent; then
+            echo stopped > "$OUT/status"
+            loop_end stopped "not starting: \$$(money spent) of BUDGET_USD=\$$BUDGET_USD spent; to continue, resume the run with a higher BUDGET_USD (./run_ec2.sh resume on the laptop)"
+            return 0
+        fi
+        rm -f "$OUT/status" "$OUT/hung"
         mark train_start
         wait_report >> "$LOG"  # where train.py's "first step at" line follows
         before=$(ckpt_stamp)
         "${cmd[@]}" --out "$OUT" "$@" >> "$LOG" 2>&1 &
-        echo $! > "$PIDFILE"
+        pid=$!
+        write_pid "$PIDFILE" "$pid"
         code=0
-        wait $! || code=$?
+        wait "$pid" || code=$?
         status=$(cat "$OUT/status" 2>/dev/null || echo crashed)
+        if [[ -f $OUT/hung ]]; then status=hung; fi  # the watchdog stopped it: a crash, as far as restarting goes
         if [[ -f $OUT/budget_stop ]]; then
             echo stopped > "$OUT/status"
-            say "training stopped at BUDGET_USD=\$$BUDGET_USD (checkpointed; backed up); raise it to continue"
+            loop_end stopped "training stopped at BUDGET_USD=\$$BUDGET_USD (checkpointed; backed up); to continue, resume the run with a higher BUDGET_USD (./run_ec2.sh resume on the laptop)"
             return 0
         fi
-        if [[ -f $OUT/spot_notice ]]; then say "spot interruption: not restarting on an instance about to go"; return 0; fi
+        if [[ -f $OUT/stop_request ]]; then
+            echo stopped > "$OUT/status"
+            loop_end stopped "training stopped by ./run_ec2.sh stop (checkpointed); ./run_ec2.sh resume on the laptop continues it"
+            return 0
+        fi
+        if [[ -f $OUT/spot_notice ]]; then loop_end preempted "spot interruption: not restarting on an instance about to go"; return 0; fi
         case $status in
-            done|stopped) say "training $status"; return 0 ;;
-            bad_input) say "training stopped: a config error: $(last_error)"; return 2 ;;
-            diverged) say "training stopped: the loss diverged: $(last_error)"; return 3 ;;
-            crashed)
+            done|stopped) loop_end "$status" "training $status"; return 0 ;;
+            bad_input) loop_end bad_input "training stopped: a config error: $(last_error)"; return 2 ;;
+            diverged) loop_end diverged "training stopped: the loss diverged: $(last_error)"; return 3 ;;
+            crashed|hung)
                 if [[ $(ckpt_stamp) == "$before" ]]; then
-                    say "training crashed (exit $code) with no progress since its start (last.pt did not move on), so a restart would fail the same way: $(last_error)"
+                    loop_end "$status" "training $status (exit $code) with no progress since its start (last.pt did not move on), so a restart would fail the same way: $(last_error)"
                     return 1
                 fi ;;
         esac
         restarts=$((restarts + 1))
-        if [[ $restarts -gt $MAX_RESTARTS ]]; then say "giving up after $MAX_RESTARTS restarts"; return 1; fi
-        say "training $status (exit $code): restart $restarts in ${RESTART_DELAY_S}s"
+        if [[ $restarts -gt $MAX_RESTARTS ]]; then loop_end "$status" "giving up after $MAX_RESTARTS restarts"; return 1; fi
+        note "training $status (exit $code): restart $restarts in ${RESTART_DELAY_S}s"
         sleep "$RESTART_DELAY_S"
     done
 }
@@ -441,6 +549,9 @@ PY
 }
 
 cmd_train() {
+    if [[ -n $BUDGET_USD && $HOURLY_USD == 0 ]]; then  # the guard would know no price, and the run no limit
+        die "BUDGET_USD=$BUDGET_USD needs the instance's price to count against: set HOURLY_USD (launch sets it from ec2_instances.json or EC2's current spot price)"
+    fi
     run mkdir -p "$OUT"
     if [[ ! -f $OUT/last.pt && -n $S3_RUNS ]]; then
         say "no local checkpoint: restoring $S3_RUNS/$(basename "$OUT")"
@@ -458,30 +569,83 @@ cmd_train() {
         mapfile -t cmd < <(trainer_cmd)
         run "${cmd[@]}" --out "$OUT" "$@"
     fi
-    local self=$REPO_DIR/run_ec2.sh env_words
-    mapfile -t env_words < <(settings_env)
     if [[ ${FOREGROUND:-0} == 1 ]]; then
         train_loop "$@"
-    elif command -v tmux >/dev/null 2>&1; then
-        # every setting on the command line: a tmux server that already runs gives new sessions its own environment
-        run tmux new-session -d -s "$SESSION" "$(printf '%q ' env "${env_words[@]}" FOREGROUND=1 "$self" train "$@")"
+        return
+    fi
+    # every setting through a file that only this user may read, named on the command line: a tmux server that
+    # already runs gives new sessions its own environment, and a command line shows in `ps`
+    local self=$REPO_DIR/run_ec2.sh file=/tmp/run_ec2-settings.DRYRUN
+    if [[ $DRY_RUN != 1 ]]; then
+        file=$(mktemp "${TMPDIR:-/tmp}/run_ec2-settings.XXXXXX")
+        settings_env > "$file"
+    fi
+    if command -v tmux >/dev/null 2>&1; then
+        run tmux new-session -d -s "$SESSION" "$(printf '%q ' env SETTINGS_FILE="$file" FOREGROUND=1 "$self" train "$@")"
         say "training in tmux session '$SESSION' (tmux attach -t $SESSION); log: $LOG"
     else
-        run nohup env "${env_words[@]}" FOREGROUND=1 "$self" train "$@" >> "$OUT/loop.log" 2>&1 &
+        run nohup env SETTINGS_FILE="$file" FOREGROUND=1 "$self" train "$@" >> "$OUT/loop.log" 2>&1 &
         say "training under nohup; log: $LOG"
     fi
 }
 
 training_active() {  # the restart loop or the trainer runs
-    alive "$(cat "$OUT/loop.pid" 2>/dev/null || true)" || [[ -n $(trainer_pid) ]]
+    [[ -n $(own_pid "$OUT/loop.pid") || -n $(trainer_pid) ]]
+}
+
+backup_noted() {  # a backup that may fail (an S3 outage longer than the CLI's retries, AccessDenied): said, and
+    # retried at the next round; OUT/backup.ok keeps the time of the last good one, for status
+    if backup_once; then
+        [[ $DRY_RUN == 1 ]] || date +%s > "$OUT/backup.ok"
+    else
+        say "backup to $S3_RUNS failed at $(date -u +%H:%M:%SZ); retrying in $BACKUP_MIN min (the last good one: $(backup_age))"
+        return 1
+    fi
+}
+
+backup_age() {  # how long ago the last good backup was, in words
+    local t
+    t=$(cat "$OUT/backup.ok" 2>/dev/null) || { echo never; return 0; }
+    echo "$(( ($(date +%s) - t) / 60 )) min ago"
 }
 
 cmd_backup() {
-    trap 'backup_once; exit 0' TERM
+    trap 'backup_noted; exit 0' TERM
     while true; do
-        backup_once
+        backup_noted || true
         training_active || break
         sleep $((BACKUP_MIN * 60)) &
+        wait $! || true
+    done
+}
+
+cmd_watchdog() {  # the trainer writes a log line every --log-every steps and last.pt every epoch (and every
+    # --save-every-min): silence far longer than its own rhythm is a hang (a stuck NCCL call, a stuck loader), which
+    # would bill by the hour with nothing to show. Silence: no write to train.log nor last.pt for HANG_S seconds, or
+    # 4 times the longest silence this trainer has had between two writes, whichever is longer (its first step, an
+    # evaluation, a compile at a new size).
+    local pid="" seen="" last now quiet longest=0 limit
+    while training_active; do
+        now=$(date +%s)
+        if [[ $(trainer_pid) != "$pid" ]]; then  # a new trainer: its own rhythm, from its start
+            pid=$(trainer_pid) seen=$now longest=0
+        fi
+        if [[ -n $pid ]]; then
+            last=$({ stat -c %Y "$LOG" "$OUT/last.pt" 2>/dev/null || true; } | sort -n | tail -n 1)  # one may not exist
+            if [[ -n $last && $last -gt $seen ]]; then
+                (( last - seen > longest )) && longest=$(( last - seen ))
+                seen=$last
+            fi
+            quiet=$(( now - seen ))
+            limit=$(( HANG_S > 4 * longest ? HANG_S : 4 * longest ))
+            if (( quiet > limit )); then
+                say "watchdog: the trainer (pid $pid) has written no log line and no checkpoint for $(( quiet / 60 )) min $(( quiet % 60 )) s (its limit: $(( limit / 60 )) min $(( limit % 60 )) s): it is hung; stopping it"
+                touch "$OUT/hung"
+                stop_trainer "$pid"
+                pid=""
+            fi
+        fi
+        sleep "$HANG_POLL_S" &
         wait $! || true
     done
 }
@@ -540,7 +704,12 @@ costs() {  # "hours mine spent projected_usd epochs_left min_per_epoch source": 
 import json, os, sys, time
 out, price, launched, source, me = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4], sys.argv[5]
 log, record_path = os.path.join(out, "log.jsonl"), os.path.join(out, "spent.json")
-rows = [json.loads(line) for line in open(log) if line.strip()] if os.path.exists(log) else []
+rows = []
+for line in open(log) if os.path.exists(log) else []:  # a torn line (a kill mid-write) is skipped, not fatal
+    try:
+        rows.append(json.loads(line))
+    except ValueError:
+        pass
 hours = (time.time() - launched) / 3600
 record = json.load(open(record_path)) if os.path.exists(record_path) else {}
 record[me] = dict(hours=round(hours, 4), hourly_usd=price, usd=round(hours * price, 4))
@@ -569,7 +738,10 @@ cmd_budget() {
     [[ $HOURLY_USD != 0 ]] || die "set HOURLY_USD to the instance's price: the budget needs it"
     local warned=0 spent projected pid
     while true; do
-        read -r _ _ spent projected _ < <(costs)
+        if ! read -r _ _ spent projected _ < <(costs); then  # said on stderr; the guard goes on
+            say "budget: the costs could not be counted this time; trying again in ${BUDGET_POLL_S}s"
+            spent=0 projected=0
+        fi
         if [[ $warned == 0 ]] && awk -v p="$projected" -v b="$BUDGET_USD" 'BEGIN { exit !(p > b) }'; then
             say "warning: the projected cost to the last epoch, \$$projected, passes BUDGET_USD=\$$BUDGET_USD; the run will stop at \$$BUDGET_USD"
             warned=1
@@ -578,10 +750,7 @@ cmd_budget() {
             say "budget reached: \$$spent of BUDGET_USD=\$$BUDGET_USD spent: stopping the trainer (it checkpoints)"
             touch "$OUT/budget_stop"
             pid=$(trainer_pid)
-            if [[ -n $pid ]]; then
-                kill -TERM "$pid"
-                for _ in $(seq 300); do alive "$pid" || break; sleep 1; done
-            fi
+            if [[ -n $pid ]]; then stop_trainer "$pid"; fi
             return 0
         fi
         sleep "$BUDGET_POLL_S" &
@@ -595,7 +764,12 @@ wait_report() {  # the wait of this instance's latest start: launch to the first
     python3 - "$OUT/timeline.jsonl" "$LOG" "$launched" <<'PY'
 import calendar, json, os, re, sys, time
 path, log, launched = sys.argv[1], sys.argv[2], float(sys.argv[3])
-events = [json.loads(line) for line in open(path) if line.strip()] if os.path.exists(path) else []
+events = []
+for line in open(path) if os.path.exists(path) else []:  # a torn line (a kill mid-write) is skipped
+    try:
+        events.append(json.loads(line))
+    except ValueError:
+        pass
 t = {}
 for e in events:  # this boot's: the moments after the instance's launch, the latest of each
     if e["t"] >= launched - 60:
@@ -614,37 +788,101 @@ PY
 }
 
 cmd_status() {
-    local pid hours spent projected left per_epoch source
+    local pid hours mine spent projected left per_epoch source name
     pid=$(trainer_pid)
     echo "trainer: ${pid:+running (pid $pid)}${pid:-not running}; status file: $(cat "$OUT/status" 2>/dev/null || echo none)"
+    if [[ -f $OUT/loop_end && -z $pid ]]; then echo "the restart loop ended: $(cut -d' ' -f2- "$OUT/loop_end")"; fi
+    if [[ -f $OUT/ended.json ]]; then echo "the end step ran: $(tr -d '\n' < "$OUT/ended.json" | cut -c1-300)"; fi
+    if [[ -n $(own_pid "$OUT/loop.pid") ]]; then  # the helpers should be running beside the loop: say which is not
+        for name in "${HELPERS[@]}"; do
+            [[ -f $OUT/$name.pid && -z $(own_pid "$OUT/$name.pid") ]] && echo "warning: the $name helper is no longer running"
+        done
+    fi
+    if [[ -n $S3_RUNS ]]; then echo "last good backup to $S3_RUNS: $(backup_age)"; fi
     if command -v nvidia-smi >/dev/null 2>&1; then
         nvidia-smi --query-gpu=index,utilization.gpu,memory.used,memory.total --format=csv,noheader
     fi
     [[ -f $LOG ]] && echo "last log line: $(tail -n 1 "$LOG")"
     if [[ -f $OUT/log.jsonl ]]; then
-        "$(python_bin)" - "$OUT/log.jsonl" <<'PY'
+        "$(python_bin)" - "$OUT/log.jsonl" <<'PY' || true
 import json, sys
-rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
-print(f"epoch {rows[-1]['epoch'] + 1}: val top-1 {rows[-1]['val_top1']:.2f}% (best {max(r['val_top1'] for r in rows):.2f}%)")
+rows = []
+for line in open(sys.argv[1]):
+    try:
+        rows.append(json.loads(line))
+    except ValueError:  # a torn line
+        pass
+if rows:
+    print(f"epoch {rows[-1]['epoch'] + 1}: val top-1 {rows[-1]['val_top1']:.2f}% (best "
+          f"{max(r['val_top1'] for r in rows):.2f}%)")
 PY
     fi
-    read -r hours mine spent projected left per_epoch source < <(costs)
+    read -r hours mine spent projected left per_epoch source < <(costs) || true
     local earlier=""
     if [[ $mine != "$spent" ]]; then earlier="; the run, with its earlier instances (spent.json): \$${spent}"; fi
     echo "cost: the instance has run ${hours} h since its launch (from ${source}): \$${mine} at \$${HOURLY_USD}/h${earlier};" \
          "projected \$${projected} to the last epoch (${left} left at ${per_epoch} min each)${BUDGET_USD:+; BUDGET_USD \$$BUDGET_USD}"
+    if [[ $KEEP_ALIVE == 1 ]]; then echo "KEEP_ALIVE=1: this instance stays up when its work ends; terminate it yourself"; fi
     wait_report
 }
 
-cmd_stop() {
+cmd_stop() {  # a user's stop, which is final: the loop does not restart the trainer, and a launched instance then
+    # runs its end step and shuts down (unless KEEP_ALIVE=1); `resume` on the laptop continues the run
     local pid
     pid=$(trainer_pid)
-    if [[ -n $pid ]]; then run kill -TERM "$pid"; say "sent SIGTERM to the trainer (pid $pid): it checkpoints"; fi
-    if command -v tmux >/dev/null 2>&1 && tmux has-session -t "$SESSION" 2>/dev/null; then
-        # the loop sees 'preempted' and would restart: end its session once the trainer is gone
-        if [[ -n $pid ]]; then for _ in $(seq 60); do alive "$pid" || break; sleep 1; done; fi
-        run tmux kill-session -t "$SESSION"
+    if [[ -z $pid && -z $(own_pid "$OUT/loop.pid") ]]; then say "no training runs for $OUT: nothing to stop"; return 0; fi
+    run touch "$OUT/stop_request"
+    if [[ -n $pid ]]; then run kill -TERM "$pid"; say "sent SIGTERM to the trainer (pid $pid): it checkpoints, and the loop ends"; fi
+}
+
+cmd_end() {  # STAGE [CODE]: the end step of a launched instance, whatever ended its work (the service runs it, then
+    # shuts down): the final backup, retried for END_BACKUP_MIN, then OUT/ended.json, the record of why it ended,
+    # beside the run in S3 (beside the shards, for prepare)
+    local stage=${1:-train} code=${2:-0} word why backup=ok t0 dest
+    t0=$(date +%s)
+    mkdir -p "$OUT"
+    if [[ $stage == train && -f $OUT/loop_end ]]; then
+        read -r word why < "$OUT/loop_end"
+    elif [[ $stage == train ]]; then
+        word=crashed why="the restart loop ended without saying why (exit $code)"
+    elif [[ $stage == prepare && $code == 0 ]]; then
+        word="done" why="prepare finished"
+    else
+        word=failed why="$stage failed (exit $code)"
+        if [[ $code == 124 ]]; then why+=": its time limit passed"; fi
     fi
+    if [[ $stage != prepare && -n $S3_RUNS ]]; then
+        until backup_noted; do
+            if (( $(date +%s) - t0 >= END_BACKUP_MIN * 60 )); then
+                backup="failed for END_BACKUP_MIN=$END_BACKUP_MIN min; the last good backup: $(backup_age)"
+                break
+            fi
+            sleep 30
+        done
+    elif [[ $stage != prepare ]]; then
+        backup="none: S3_RUNS is not set"
+    fi
+    say "the end: $word: $why; final backup: $backup"
+    # shellcheck disable=SC2086  # JOURNAL is a command line
+    ENDED_JOURNAL=$($JOURNAL 2>/dev/null | tail -n 40 || true) python3 - "$OUT/ended.json" "$stage" "$word" "$why" \
+        "$code" "$backup" "$KEEP_ALIVE" "$(imds_get meta-data/instance-id)" "$(imds_get meta-data/instance-type)" \
+        "$RUN" "$LOG" <<'PY'
+import json, os, sys, time
+path, stage, word, why, code, backup, keep, instance, kind, run, log = sys.argv[1:]
+tail = open(log, errors="replace").read().splitlines()[-20:] if os.path.exists(log) else []
+record = dict(run=run, status=word, why=why, stage=stage, exit=int(code), backup=backup, keep_alive=keep == "1",
+              instance=instance or None, instance_type=kind or None,
+              ended=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              journal=os.environ["ENDED_JOURNAL"].splitlines(), train_log=tail)
+with open(path + ".tmp", "w") as f:
+    json.dump(record, f, indent=1)
+os.replace(path + ".tmp", path)
+PY
+    if [[ $stage == prepare ]]; then dest=$SHARDS; else dest=${S3_RUNS:+$S3_RUNS/$(basename "$OUT")}; fi
+    if [[ -n $dest ]]; then
+        "$AWS" s3 cp "$OUT/ended.json" "$dest/ended.json" --only-show-errors || say "could not copy ended.json to $dest"
+    fi
+    return 0
 }
 
 # -----------------------------------------------------------------------------
@@ -673,16 +911,18 @@ read_data_json() {  # the statements that let a role list and read S3_DATA (the 
 JSON
 }
 
-policy_json() {  # the training instance's role may read S3_DATA, read and write S3_RUNS, and nothing else
+policy_json() {  # the training instance's role may read S3_DATA, read and write its own run's folder in S3_RUNS
+    # (S3_RUNS/RUN), and nothing else: not another run's, which a second launch must never be able to touch
     local rb rp
     read -r rb rp < <(s3_path "$S3_RUNS")
+    rp=${rp:+$rp/}$RUN
     cat <<JSON
 {"Version": "2012-10-17", "Statement": [
 $(read_data_json)
-  {"Sid": "ListRuns", "Effect": "Allow", "Action": "s3:ListBucket", "Resource": "arn:aws:s3:::$rb",
-   "Condition": {"StringLike": {"s3:prefix": ["${rp:-*}", "${rp:+$rp/*}"]}}},
-  {"Sid": "ReadWriteRuns", "Effect": "Allow", "Action": ["s3:GetObject", "s3:PutObject"],
-   "Resource": "arn:aws:s3:::$rb/${rp:+$rp/}*"}
+  {"Sid": "ListRun", "Effect": "Allow", "Action": "s3:ListBucket", "Resource": "arn:aws:s3:::$rb",
+   "Condition": {"StringLike": {"s3:prefix": ["$rp", "$rp/*"]}}},
+  {"Sid": "ReadWriteRun", "Effect": "Allow", "Action": ["s3:GetObject", "s3:PutObject"],
+   "Resource": "arn:aws:s3:::$rb/$rp/*"}
 ]}
 JSON
 }
@@ -706,10 +946,21 @@ exists() {  # an AWS lookup that succeeds; under DRY_RUN nothing exists yet, so 
     [[ $DRY_RUN != 1 ]] && "$AWS" --region "$REGION" "$@" >/dev/null 2>&1
 }
 
-ensure_role() {  # role $1 with inline policy $2 (rewritten each launch: the prefixes may have changed), its profile
+role_name() {  # the IAM role and instance profile of this launch, one per run (one per dataset for prepare), so that
+    # launching one run never changes what another's instance may do; IAM allows 64 of [A-Za-z0-9+=,.@_-]
+    local name
+    if [[ $PREPARE == 1 ]]; then name=$NAME_PREFIX-prepare-$(basename "$S3_DATA"); else name=$NAME_PREFIX-$RUN; fi
+    name=${name//[^A-Za-z0-9+=,.@_-]/-}
+    if (( ${#name} > 64 )); then name=${name:0:54}-$(printf '%s' "$name" | cksum | cut -d' ' -f1); fi
+    echo "${name:0:64}"
+}
+
+ensure_role() {  # role $1 with inline policy $2 (rewritten each launch of its run: its prefixes may have changed),
+    # tagged as this script's, and its instance profile
     local role=$1
     if ! exists iam get-role --role-name "$role"; then
-        aws_q "" iam create-role --role-name "$role" --assume-role-policy-document "$TRUST_JSON" >/dev/null
+        aws_q "" iam create-role --role-name "$role" --assume-role-policy-document "$TRUST_JSON" \
+            --tags "Key=made-by,Value=run_ec2.sh" >/dev/null
     fi
     aws_q "" iam put-role-policy --role-name "$role" --policy-name "$role-s3" --policy-document "$2" >/dev/null
     if ! exists iam get-instance-profile --instance-profile-name "$role"; then
@@ -718,46 +969,82 @@ ensure_role() {  # role $1 with inline policy $2 (rewritten each launch: the pre
     fi
 }
 
-ensure_sg() {  # a security group that lets SSH in from MY_IP only; prints its id
-    local ip=$MY_IP sg
+remove_role() {  # the run's role and profile, once no instance uses them, and only when this script made them
+    local role=$1
+    [[ $("$AWS" --region "$REGION" iam list-role-tags --role-name "$role" --query "Tags[?Key=='made-by'].Value" \
+        --output text 2>/dev/null) == run_ec2.sh ]] || return 0
+    "$AWS" --region "$REGION" iam remove-role-from-instance-profile --instance-profile-name "$role" --role-name "$role" 2>/dev/null || true
+    "$AWS" --region "$REGION" iam delete-instance-profile --instance-profile-name "$role" 2>/dev/null || true
+    "$AWS" --region "$REGION" iam delete-role-policy --role-name "$role" --policy-name "$role-s3" 2>/dev/null || true
+    "$AWS" --region "$REGION" iam delete-role --role-name "$role" >/dev/null 2>&1 && say "removed the run's IAM role and instance profile $role"
+}
+
+SG_MARK="run_ec2.sh launch"  # the description of the SSH rules launch adds: the only rules it ever replaces
+
+ensure_sg() {  # a security group that lets SSH in from MY_IP only; prints its id. A launch from a new address
+    # replaces the rules that launch added (SG_MARK), never one of yours, so rules do not pile up
+    local ip=$MY_IP sg old cidr have=0
     if [[ -z $ip ]]; then
         ip=$(curl -s -f --max-time 5 https://checkip.amazonaws.com | tr -d '[:space:]') || die "could not find this machine's public IP; set MY_IP"
     fi
-    if exists ec2 describe-security-groups --group-names "$NAME_PREFIX"; then
-        sg=$("$AWS" --region "$REGION" ec2 describe-security-groups --group-names "$NAME_PREFIX" \
-            --query 'SecurityGroups[0].GroupId' --output text)
+    # the group's id and the addresses of the rules launch added, in one call; none: the group is still to be made
+    if [[ $DRY_RUN != 1 ]] && old=$("$AWS" --region "$REGION" ec2 describe-security-groups --group-names \
+            "$NAME_PREFIX" --output text --query "SecurityGroups[0].[GroupId, IpPermissions[?FromPort==\`22\`]
+            .IpRanges[] | [?Description=='$SG_MARK'].CidrIp]" 2>/dev/null); then
+        read -r -d '' sg old <<< "${old//[[:space:]]/ }" || true  # text output: the id, then the addresses
+        for cidr in $old; do
+            if [[ $cidr == "$ip/32" ]]; then have=1; continue; fi
+            "$AWS" --region "$REGION" ec2 revoke-security-group-ingress --group-id "$sg" --ip-permissions \
+                "IpProtocol=tcp,FromPort=22,ToPort=22,IpRanges=[{CidrIp=$cidr}]" >/dev/null
+            say "SSH from $cidr (an earlier launch's address) no longer allowed: SSH is open to $ip/32"
+        done
     else
         sg=$(aws_q sg-DRYRUN ec2 create-security-group --group-name "$NAME_PREFIX" \
             --description "SSH to run_ec2.sh instances" --query GroupId --output text)
     fi
-    if [[ $DRY_RUN == 1 ]]; then
-        aws_q "" ec2 authorize-security-group-ingress --group-id "$sg" --protocol tcp --port 22 --cidr "$ip/32" >/dev/null
-    else  # fails when the rule is there already, from an earlier launch
-        "$AWS" --region "$REGION" ec2 authorize-security-group-ingress --group-id "$sg" --protocol tcp --port 22 \
-            --cidr "$ip/32" >/dev/null 2>&1 || true
+    if [[ $have == 1 ]]; then :
+    elif [[ $DRY_RUN == 1 ]]; then
+        aws_q "" ec2 authorize-security-group-ingress --group-id "$sg" --ip-permissions \
+            "IpProtocol=tcp,FromPort=22,ToPort=22,IpRanges=[{CidrIp=$ip/32,Description=\"$SG_MARK\"}]" >/dev/null
+    else  # fails when the address has a rule already, unmarked: a rule of yours, or of a launch before the marks
+        "$AWS" --region "$REGION" ec2 authorize-security-group-ingress --group-id "$sg" --ip-permissions \
+            "IpProtocol=tcp,FromPort=22,ToPort=22,IpRanges=[{CidrIp=$ip/32,Description=\"$SG_MARK\"}]" >/dev/null 2>&1 || true
     fi
     echo "$sg"
 }
 
-user_data() {  # the instance's boot script: RUN_USER runs setup, data and train now and after every reboot
+user_data() {  # the instance's boot script: RUN_USER runs setup, data and train (or prepare) now and after every
+    # reboot, and however that ends, the end step and a shutdown follow
     local name
     cat <<'EOF'
 #!/bin/bash
-# run_ec2.sh launch's user-data: a systemd service that runs setup, data and train as RUN_USER, now and after every
-# reboot; each step is idempotent, so a reboot (or `run_ec2.sh resume` on a new instance) picks up where it was.
-# BOOT_ROOT and SYSTEMCTL let a test run this file on a machine that is not the instance.
+# run_ec2.sh launch's user-data: a systemd service that runs setup, data and train (or prepare) as RUN_USER, now and
+# after every reboot; each step is idempotent, so a reboot (or `run_ec2.sh resume` on a new instance) picks up where
+# it was. However its work ends, the service runs the end step (the final backup, and ended.json in S3 saying why)
+# and shuts the instance down, which terminates it, unless KEEP_ALIVE=1; and it shuts down DEADLINE (launch +
+# MAX_HOURS) at the latest. BOOT_ROOT, SYSTEMCTL and SHUTDOWN let a test run this file on another machine.
 set -euo pipefail
 BOOT_ROOT=${BOOT_ROOT:-}
 SYSTEMCTL=${SYSTEMCTL:-systemctl}
+SHUTDOWN=${SHUTDOWN:-shutdown -h}
+EOF
+    printf 'KEEP_ALIVE=%q\n' "$KEEP_ALIVE"
+    cat <<'EOF'
+# a failure before the service runs would leave the instance idle at its full price
+trap 'echo "run_ec2.sh user-data failed before its service started" >&2; [ "$KEEP_ALIVE" = 1 ] || $SHUTDOWN now' EXIT
+umask 077  # the settings are RUN_USER's alone
 mkdir -p "$BOOT_ROOT/etc" "$BOOT_ROOT/usr/local/bin" "$BOOT_ROOT/etc/systemd/system"
 cat > "$BOOT_ROOT/etc/resnet-run.env" <<'ENV'
 EOF
-    for name in RUN_USER REPO_URL REPO DATA_DIR S3_DATA S3_RUNS OUT HOURLY_USD BUDGET_USD TRAIN_ARGS PREPARE SHARDS \
-                SHRINK SHRINK_BY FORMAT_STORE; do
+    for name in RUN_USER RUN REPO_URL REPO DATA_DIR S3_DATA S3_RUNS OUT HOURLY_USD BUDGET_USD TRAIN_ARGS PREPARE SHARDS \
+                SHRINK SHRINK_BY FORMAT_STORE KEEP_ALIVE DEADLINE MAX_HOURS PREPARE_HOURS; do
         printf '%s=%q\n' "$name" "${!name}"
     done
     cat <<'EOF'
 ENV
+# shellcheck source=/dev/null
+. "$BOOT_ROOT/etc/resnet-run.env"
+chown "$RUN_USER" "$BOOT_ROOT/etc/resnet-run.env"
 cat > "$BOOT_ROOT/usr/local/bin/resnet-run" <<SCRIPT
 #!/bin/bash
 set -euo pipefail
@@ -767,28 +1054,54 @@ set -a
 set +a
 SCRIPT
 cat >> "$BOOT_ROOT/usr/local/bin/resnet-run" <<'SCRIPT'
+SHUTDOWN=${SHUTDOWN:-sudo shutdown -h}
+stage=start
+the_end() {  # however the work below ended: the end step (the final backup, ended.json), then the shutdown
+    code=$?
+    trap - EXIT
+    if [ -x "$REPO/run_ec2.sh" ]; then
+        "$REPO/run_ec2.sh" end "$stage" "$code" || true
+    else  # no code to run it (the clone failed): the record alone
+        if [ "$PREPARE" = 1 ]; then dest=$SHARDS; else dest=$S3_RUNS/$RUN; fi
+        printf '{"run": "%s", "status": "failed", "stage": "%s", "exit": %s, "why": "%s failed before the code was on the instance: the journal of resnet-run.service says why"}\n' \
+            "$RUN" "$stage" "$code" "$stage" | aws s3 cp - "$dest/ended.json" --only-show-errors || true
+    fi
+    if [ "$KEEP_ALIVE" = 1 ]; then
+        echo "run_ec2.sh: KEEP_ALIVE=1: the instance stays up; terminate it when you are done" >&2
+    else
+        $SHUTDOWN now
+    fi
+}
+trap the_end EXIT
+left=$(( (DEADLINE - $(date +%s)) / 60 ))
+if [ "$left" -le 0 ]; then stage=lifetime; echo "MAX_HOURS=$MAX_HOURS have passed since the launch" >&2; exit 1; fi
+$SHUTDOWN "+$left"  # the instance's lifetime, whatever happens below
+stage=clone
 [ -d "$REPO/.git" ] || git clone --quiet "$REPO_URL" "$REPO"
 cd "$REPO"
 if [ "$PREPARE" = 1 ]; then  # a CPU instance that makes the shards once, keeps its log beside them, and goes
-    trap '${SHUTDOWN:-sudo shutdown -h now}' EXIT  # it terminates on shutdown: it costs nothing once done
+    stage=setup
     ./run_ec2.sh setup
-    ./run_ec2.sh prepare 2>&1 | tee "$HOME/prepare.log" || true
+    stage=prepare
+    timeout "${PREPARE_HOURS}h" ./run_ec2.sh prepare 2>&1 | tee "$HOME/prepare.log"
     aws s3 cp "$HOME/prepare.log" "$SHARDS/prepare.log" --only-show-errors || true
     exit 0
 fi
+stage=data
 data_pid=""
 if [ ! -f "$DATA_DIR/.run_ec2_data_done" ]; then ./run_ec2.sh data & data_pid=$!; fi  # the shards stream in while
+stage=setup
 ./run_ec2.sh setup                                                                     # setup installs
+stage=data
 if [ -n "$data_pid" ]; then wait "$data_pid"; touch "$DATA_DIR/.run_ec2_data_done"; fi
+stage=train
 read -r -a flags <<< "$TRAIN_ARGS"
-FOREGROUND=1 exec ./run_ec2.sh train "${flags[@]}"
+FOREGROUND=1 ./run_ec2.sh train "${flags[@]}"
 SCRIPT
 chmod +x "$BOOT_ROOT/usr/local/bin/resnet-run"
-# shellcheck source=/dev/null
-. "$BOOT_ROOT/etc/resnet-run.env"
 cat > "$BOOT_ROOT/etc/systemd/system/resnet-run.service" <<UNIT
 [Unit]
-Description=run_ec2.sh: setup, data and train (or prepare)
+Description=run_ec2.sh: setup, data and train (or prepare), then the end step and a shutdown
 After=network-online.target
 Wants=network-online.target
 [Service]
@@ -796,19 +1109,21 @@ Type=simple
 User=$RUN_USER
 ExecStart=/usr/local/bin/resnet-run
 Restart=no
+TimeoutStopSec=120
 [Install]
 WantedBy=multi-user.target
 UNIT
 "$SYSTEMCTL" daemon-reload
 "$SYSTEMCTL" enable --now resnet-run.service
+trap - EXIT
 EOF
 }
 
 state_file() { echo "$STATE_DIR/$RUN.instance"; }
 
-instance_id() {
+instance_id() {  # the state file's first line (the instance of RUN that launch started; the rest is its price)
     [[ -f $(state_file) ]] || die "no instance recorded for RUN=$RUN in $STATE_DIR; launch one first"
-    cat "$(state_file)"
+    head -n 1 "$(state_file)" | cut -d' ' -f1
 }
 
 instance_disks() {  # "instance-store-GB EBS-MB/s EBS-IOPS" of INSTANCE_TYPE: its baselines (DescribeInstanceTypes)
@@ -823,6 +1138,69 @@ data_gb() {  # GB of the smallest complete shards under S3_DATA (what data stage
     [[ -z $picked ]] || echo $(( ${picked#* } / 1000000000 + 1 ))
 }
 
+table_price() {  # INSTANCE_TYPE's on-demand $/h in ec2_instances.json (us-east-1's), or nothing
+    python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["instances"].get(sys.argv[2], {}).get("on_demand", ""))' \
+        "$PRICES" "$INSTANCE_TYPE" 2>/dev/null || true
+}
+
+launch_price() {  # "$/h how": the price the budget and status count, and where it came from: HOURLY_USD; for spot,
+    # EC2's current spot price, the highest over REGION's zones (the instance may land in any); else the on-demand
+    # price of ec2_instances.json, which no spot price exceeds
+    local price
+    if [[ $HOURLY_USD != 0 ]]; then echo "$HOURLY_USD HOURLY_USD"; return 0; fi
+    if [[ $SPOT == 1 ]]; then
+        price=$(aws_q 1.0 ec2 describe-spot-price-history --instance-types "$INSTANCE_TYPE" \
+            --product-descriptions Linux/UNIX --start-time "$(date -u +%Y-%m-%dT%H:%M:%S)" \
+            --query 'SpotPriceHistory[].SpotPrice' --output text 2>/dev/null | tr -s '\t ' '\n' | sort -g | tail -n 1)
+        if [[ $price =~ ^[0-9.]+$ ]]; then echo "$price EC2's current spot price in $REGION (its dearest zone)"; return 0; fi
+    fi
+    price=$(table_price)
+    [[ -n $price ]] || return 0
+    [[ $REGION == us-east-1 ]] || say "warning: $price \$/h is ec2_instances.json's on-demand price in us-east-1, not in $REGION: set HOURLY_USD to $INSTANCE_TYPE's price there"
+    echo "$price ec2_instances.json's on-demand price$([[ $SPOT == 1 ]] && echo ", an upper bound of the spot price")"
+}
+
+runs_of() {  # "id state" of every instance tagged with run $1 that is not gone
+    aws_q "" ec2 describe-instances --filters "Name=tag:run,Values=$1" \
+        "Name=instance-state-name,Values=pending,running,stopping,stopped" \
+        --query 'Reservations[].Instances[].[InstanceId,State.Name]' --output text
+}
+
+run_instance() {  # run-instances with the arguments given, once the errors that a retry cannot mend are told
+    # apart: a quota or an unsupported configuration stops at once, with its code and the fix; a capacity error
+    # and an instance profile still propagating are retried. Every retry of the request reuses its client token,
+    # so an ambiguous failure (a timeout after AWS started it) can never start a second instance.
+    local token out code attempt err
+    token=$(printf '%s-%s-%s' "$RUN" "$(date +%s)" "$RANDOM" | tr -c 'A-Za-z0-9-\n' '-' | cut -c1-64)
+    err=$(mktemp)
+    for attempt in 1 2 3 4 5 6; do
+        if out=$(aws_q i-DRYRUN ec2 run-instances "$@" --client-token "$token" --query 'Instances[0].InstanceId' \
+                 --output text 2>"$err"); then
+            cat "$err" >&2
+            rm -f -- "$err"
+            echo "$out"
+            return 0
+        fi
+        out=$(cat "$err")
+        code=$(sed -n 's/.*An error occurred (\([A-Za-z.]*\)).*/\1/p' <<< "$out" | head -n 1)
+        case $code in
+            VcpuLimitExceeded|InstanceLimitExceeded|MaxSpotInstanceCountExceeded)
+                die "$code: $INSTANCE_TYPE needs more vCPUs than this account's $([[ $SPOT == 1 ]] && echo spot || echo on-demand) quota in $REGION allows (spot and on-demand have quotas of their own): ask for more in the Service Quotas console (EC2), or use another INSTANCE_TYPE or SPOT=$(( 1 - SPOT ))" ;;
+            Unsupported|UnsupportedOperation|InvalidParameterCombination)
+                die "$code: $INSTANCE_TYPE cannot be launched so in $REGION ($(tail -n 1 <<< "$out")): use another INSTANCE_TYPE or REGION" ;;
+            InsufficientInstanceCapacity|InsufficientCapacity|UnfulfillableCapacity|InsufficientHostCapacity|RequestLimitExceeded|ServiceUnavailable|Unavailable|InternalError|"")
+                ;;  # capacity comes and goes; no code at all: the answer was lost, and the same token is safe
+            InvalidParameterValue)
+                [[ $out == *nstance?rofile* || $out == *iamInstanceProfile* ]] \
+                    || die "$code: $(tail -n 1 <<< "$out")" ;;  # a new instance profile takes seconds to be usable
+            *) die "$code: $(tail -n 1 <<< "$out")" ;;
+        esac
+        say "run-instances: ${code:-no answer} (try $attempt of 6): trying again in 10 s with the same client token"
+        [[ $attempt == 6 ]] || sleep "${LAUNCH_RETRY_S:-10}"
+    done
+    die "run-instances failed 6 times ($code): $(tail -n 1 <<< "$out"); try another INSTANCE_TYPE, SPOT=$(( 1 - SPOT )) or later"
+}
+
 cmd_launch() {
     [[ -n $INSTANCE_TYPE ]] || die "set INSTANCE_TYPE, e.g. g6e.xlarge (README 'Choosing an instance')"
     [[ -n $KEY_NAME ]] || die "set KEY_NAME to an EC2 key pair of REGION (README 'From zero')"
@@ -831,21 +1209,44 @@ cmd_launch() {
     if [[ -z $REPO_URL ]]; then
         REPO_URL=$(git -C "$REPO_DIR" remote get-url origin 2>/dev/null) || die "set REPO_URL: what the instance clones"
     fi
-    local ami sg market=() home=$REMOTE_HOME id store_gb ebs_mbps ebs_iops data throughput iops ebs="VolumeType=gp3"
+    if [[ $REPO_URL =~ ^[A-Za-z+]+://[^/]*@ && ! $REPO_URL =~ ^ssh:// ]]; then  # a token in the URL would sit in
+        die "REPO_URL carries credentials (user:token@): they would sit in the instance's files; use a public URL"
+    fi
+    local live
+    live=$(runs_of "$RUN")
+    [[ -z $live ]] || die "RUN=$RUN has an instance already (${live//$'\n'/, }): two would write the same folder in S3; give this launch another RUN, or ./run_ec2.sh terminate that one first"
+    local price how
+    read -r price how < <(launch_price) || true
+    if [[ -z ${price:-} ]]; then
+        [[ -z $BUDGET_USD ]] || die "no price known for $INSTANCE_TYPE, and BUDGET_USD needs one: set HOURLY_USD"
+        say "warning: no price known for $INSTANCE_TYPE: status and the log show no dollars (set HOURLY_USD)"
+        price=0
+    fi
+    HOURLY_USD=$price
+    if [[ -z $MAX_HOURS ]]; then  # a lifetime for every instance, whatever goes wrong on it
+        if [[ $PREPARE == 1 ]]; then MAX_HOURS=$(( PREPARE_HOURS + 1 )); else MAX_HOURS=72; fi
+        if [[ -n $BUDGET_USD && $price != 0 ]]; then
+            MAX_HOURS=$(awk -v m="$MAX_HOURS" -v b="$BUDGET_USD" -v p="$price" 'BEGIN { h = b / p + 1; printf "%.1f", h < m ? h : m }')
+        fi
+    fi
+    # shellcheck disable=SC2034  # user_data writes it into the instance's settings
+    DEADLINE=$(awk -v h="$MAX_HOURS" -v t="$(date +%s)" 'BEGIN { printf "%d", t + h * 3600 }')
+    local ami sg market=() home=$REMOTE_HOME id store_gb ebs_mbps ebs_iops data throughput iops ebs="VolumeType=gp3" role
     ami=$(aws_q ami-DRYRUN ssm get-parameter --name "$AMI_PARAM" --query Parameter.Value --output text) \
         || die "could not read the AMI from SSM parameter $AMI_PARAM in $REGION"
     read -r store_gb ebs_mbps ebs_iops < <(instance_disks)
     data=$( [[ $DRY_RUN == 1 ]] || data_gb )
+    role=$(role_name)
     if [[ $PREPARE == 1 ]]; then  # the source's copy (the zip, or the tree) and a shard or two
         DISK_GB=${DISK_GB:-250}
-        ensure_role "$NAME_PREFIX-prepare" "$(prepare_policy_json)"
+        ensure_role "$role" "$(prepare_policy_json)"
     else
         if [[ -z $data ]]; then  # no shards yet: data falls back to the zip, unzipped beside itself
             DISK_GB=${DISK_GB:-400}
             say "no shards in $S3_DATA: this instance copies the data itself, which takes long (run ./run_ec2.sh prepare once)"
         elif (( store_gb * 9 / 10 > data )); then DISK_GB=${DISK_GB:-100}  # the data goes on the instance store
         else DISK_GB=${DISK_GB:-$(( 100 + data ))}; fi
-        ensure_role "$NAME_PREFIX" "$(policy_json)"
+        ensure_role "$role" "$(policy_json)"
     fi
     if (( store_gb == 0 )); then  # the data (or prepare's copy of the zip) on the root volume: as fast as the link
         throughput=$(( ebs_mbps < 1000 ? ebs_mbps : 1000 ))
@@ -863,24 +1264,26 @@ cmd_launch() {
     local ud
     ud=$(RUN_USER=$REMOTE_USER REPO="$home/resnet" OUT="$home/resnet/runs/$RUN" FORMAT_STORE=1 user_data)
     if [[ $DRY_RUN == 1 ]]; then printf '%s\n' "--- user-data ---" "$ud" "--- end of user-data ---" >&2; fi
-    for attempt in 1 2 3 4 5 6; do  # a new instance profile takes a few seconds to be usable
-        id=$(aws_q i-DRYRUN ec2 run-instances --image-id "$ami" --instance-type "$INSTANCE_TYPE" --key-name "$KEY_NAME" \
-            --security-group-ids "$sg" --iam-instance-profile "Name=$NAME_PREFIX$([[ $PREPARE == 1 ]] && echo -prepare)" \
-            "${market[@]}" --instance-initiated-shutdown-behavior terminate \
-            --block-device-mappings "DeviceName=/dev/sda1,Ebs={VolumeSize=$DISK_GB,$ebs,DeleteOnTermination=true}" \
-            --user-data "$ud" --tag-specifications "ResourceType=instance,Tags=[{Key=Name,Value=$NAME_PREFIX-$RUN},{Key=run,Value=$RUN}]" \
-            --query 'Instances[0].InstanceId' --output text) && break
-        [[ $attempt == 6 ]] && die "run-instances failed (see above): capacity, a quota, or the instance profile"
-        sleep 5
-    done
+    # IMDSv2 only (HttpTokens=required): this script's own calls use tokens; the instance ends itself on shutdown
+    id=$(run_instance --image-id "$ami" --instance-type "$INSTANCE_TYPE" --key-name "$KEY_NAME" \
+        --security-group-ids "$sg" --iam-instance-profile "Name=$role" "${market[@]}" \
+        --instance-initiated-shutdown-behavior terminate --metadata-options "HttpTokens=required,HttpEndpoint=enabled" \
+        --block-device-mappings "DeviceName=/dev/sda1,Ebs={VolumeSize=$DISK_GB,$ebs,DeleteOnTermination=true}" \
+        --user-data "$ud" --tag-specifications "ResourceType=instance,Tags=[{Key=Name,Value=$NAME_PREFIX-$RUN},{Key=run,Value=$RUN}]")
     run mkdir -p "$STATE_DIR"
-    if [[ $DRY_RUN != 1 ]]; then echo "$id" > "$(state_file)"; fi
+    if [[ $DRY_RUN != 1 ]]; then
+        printf '%s\nHOURLY_USD=%s (%s)\nINSTANCE_TYPE=%s SPOT=%s MAX_HOURS=%s KEEP_ALIVE=%s\n' "$id" "$price" "$how" \
+            "$INSTANCE_TYPE" "$SPOT" "$MAX_HOURS" "$KEEP_ALIVE" > "$(state_file)"
+    fi
+    say "the price counted: \$$price/h (${how:-none known}); it shuts down ${MAX_HOURS} h after its launch at the latest (MAX_HOURS)"
     if [[ $PREPARE == 1 ]]; then
         say "launched $id ($INSTANCE_TYPE, ${DISK_GB} GB gp3): it packs $S3_DATA into $SHARDS, copies its log there" \
             "(prepare.log) and terminates itself; an interrupted prepare resumes when launched again"
     else
         say "launched $id ($INSTANCE_TYPE, $([[ $SPOT == 1 ]] && echo spot || echo on-demand), ${DISK_GB} GB gp3) for run $RUN;" \
-            "it sets up, stages the data and trains on its own: ./run_ec2.sh logs, ./run_ec2.sh ssh, ./run_ec2.sh terminate"
+            "it sets up, stages the data and trains on its own, then backs up, writes ended.json and" \
+            "$([[ $KEEP_ALIVE == 1 ]] && echo "stays up (KEEP_ALIVE=1: terminate it yourself)" || echo "terminates itself"):" \
+            "./run_ec2.sh logs, ./run_ec2.sh ssh, ./run_ec2.sh terminate"
     fi
 }
 
@@ -888,6 +1291,14 @@ cmd_resume() {
     [[ -n $S3_RUNS ]] || die "set S3_RUNS: resume continues the run from its backup there"
     if [[ $DRY_RUN != 1 ]] && ! "$AWS" --region "$REGION" s3 ls "$S3_RUNS/$RUN/last.pt" >/dev/null 2>&1; then
         die "no $S3_RUNS/$RUN/last.pt: nothing to resume (RUN is the name of the run's folder)"
+    fi
+    if [[ -n $BUDGET_USD && $DRY_RUN != 1 ]]; then  # a new instance would only boot, see the budget spent, and end
+        local spent
+        spent=$("$AWS" --region "$REGION" s3 cp "$S3_RUNS/$RUN/spent.json" - 2>/dev/null | python3 -c \
+            'import json, sys; print(round(sum(v["usd"] for v in json.load(sys.stdin).values()), 2))' 2>/dev/null || true)
+        if [[ -n $spent ]] && awk -v s="$spent" -v b="$BUDGET_USD" 'BEGIN { exit !(s >= b) }'; then
+            die "the run has spent \$$spent already (spent.json), which reaches BUDGET_USD=\$$BUDGET_USD: resume with a higher BUDGET_USD"
+        fi
     fi
     say "$S3_RUNS/$RUN/last.pt found: launching a new instance that continues from it"
     cmd_launch
@@ -900,9 +1311,18 @@ instance_ip() {
 
 ssh_cmd() { run ssh -i "$KEY_FILE" -o StrictHostKeyChecking=accept-new "$REMOTE_USER@$(instance_ip)" "$@"; }
 
-cmd_logs() {
-    ssh_cmd "tail -n ${LINES_N:-40} ~/resnet/runs/$RUN/train.log" 2>/dev/null \
-        || { say "no SSH to the instance: the log of the last backup"; run "$AWS" --region "$REGION" s3 cp "$S3_RUNS/$RUN/train.log" - | tail -n "${LINES_N:-40}"; }
+cmd_logs() {  # every word of the remote command quoted: RUN and LINES_N are settings, not shell code
+    local n=${LINES_N:-40}
+    [[ $n =~ ^[0-9]+$ ]] || die "LINES_N must be a number of lines, got '$n'"
+    if ! ssh_cmd "$(printf 'tail -n %s ~/resnet/runs/%q/train.log' "$n" "$RUN")"; then
+        say "no log over SSH (ssh says why, above): the log of the last backup, $S3_RUNS/$RUN/train.log"
+        run "$AWS" --region "$REGION" s3 cp "$S3_RUNS/$RUN/train.log" - | tail -n "$n"
+    fi
+}
+
+cmd_status_remote() {  # status on the instance, with the settings launch gave it (its price, budget, OUT)
+    # shellcheck disable=SC2016  # expanded there, not here
+    ssh_cmd "$(printf 'if [ -r /etc/resnet-run.env ]; then set -a; . /etc/resnet-run.env; set +a; fi; cd ~/resnet && OUT=${OUT:-~/resnet/runs/%q} ./run_ec2.sh status' "$RUN")"
 }
 
 cmd_tunnel() {  # local ports to the instance's 127.0.0.1 over SSH: the demo (7860) and TensorBoard (6006) by default
@@ -917,9 +1337,20 @@ cmd_tunnel() {  # local ports to the instance's 127.0.0.1 over SSH: the demo (78
         "$REMOTE_USER@$(instance_ip)"
 }
 
-cmd_terminate() {
-    aws_q "" ec2 terminate-instances --instance-ids "$(instance_id)" --query 'TerminatingInstances[0].CurrentState.Name' --output text
-    [[ $DRY_RUN == 1 ]] || rm -f "$(state_file)"
+cmd_terminate() {  # the instance at once (no end step: `stop` on it ends the run with a checkpoint and a backup);
+    # once it is gone, the run's own IAM role and profile, when this script made them and no instance of RUN is left
+    local id profile
+    id=$(instance_id)
+    profile=$(aws_q None ec2 describe-instances --instance-ids "$id" --output text \
+        --query 'Reservations[0].Instances[0].IamInstanceProfile.Arn' 2>/dev/null || true)
+    aws_q "" ec2 terminate-instances --instance-ids "$id" --query 'TerminatingInstances[0].CurrentState.Name' --output text
+    [[ $DRY_RUN == 1 ]] && return 0
+    rm -f -- "$(state_file)"  # launch's record of it
+    [[ -n $profile && $profile != None ]] || return 0
+    say "waiting for $id to be gone, then removing its role ${profile##*/} (Ctrl-C keeps the role; launch reuses it)"
+    if "$AWS" --region "$REGION" ec2 wait instance-terminated --instance-ids "$id" && [[ -z $(runs_of "$RUN") ]]; then
+        remove_role "${profile##*/}"
+    fi
 }
 
 main() {
@@ -934,6 +1365,8 @@ main() {
         backup) cmd_backup "$@" ;;
         watch-spot) cmd_watch_spot "$@" ;;
         budget) cmd_budget "$@" ;;
+        watchdog) cmd_watchdog "$@" ;;
+        end) cmd_end "$@" ;;
         bench) cmd_bench "$@" ;;
         status) cmd_status "$@" ;;
         stop) cmd_stop "$@" ;;
@@ -941,7 +1374,7 @@ main() {
         resume) cmd_resume "$@" ;;
         ssh) ssh_cmd "$@" ;;
         logs) cmd_logs "$@" ;;
-        status-remote) ssh_cmd "cd ~/resnet && OUT=~/resnet/runs/$RUN HOURLY_USD=$HOURLY_USD ./run_ec2.sh status" ;;
+        status-remote) cmd_status_remote "$@" ;;
         terminate) cmd_terminate "$@" ;;
         tunnel) cmd_tunnel "$@" ;;
         -h|--help|help) usage ;;

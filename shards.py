@@ -24,6 +24,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -72,6 +73,26 @@ def s3_names(prefix):
 # -----------------------------------------------------------------------------
 # pack
 
+def unsafe(rel):
+    """Why a file's name, as a manifest or a zip gives it, must not be used, or None: an absolute path, a '..', an
+    empty or '.' part, or a backslash could write or delete outside the folder it is staged into."""
+    parts = rel.split("/")
+    if rel.startswith("/") or "\\" in rel or re.match(r"^[A-Za-z]:", rel):
+        return "an absolute path"
+    if any(part in ("", ".", "..") for part in parts):
+        return "a '..', '.' or empty part"
+    return None
+
+
+def check_names(names, where):
+    """Every name of a manifest or a zip safe, before anything is read, written or removed; else one line."""
+    for rel in names:
+        why = unsafe(rel)
+        if why:
+            raise ShardError(f"{where} names {rel!r}, {why}: refused before touching anything; pack the shards anew "
+                             f"from a trusted copy (./run_ec2.sh prepare)")
+
+
 def wanted(rel):
     """Whether a file of the source goes into the shards: the images of train/ and val/ (ImageFolder, or the Kaggle
     layout's ILSVRC/Data/CLS-LOC/) and the two label files; not test/, not Annotations/, nothing else."""
@@ -95,6 +116,7 @@ def list_source(src):
                     found.append((rel, os.path.getsize(path), ("file", path)))
         return sorted(found)
     with zipfile.ZipFile(src) as z:  # the Kaggle download, read in place: no second copy on the disk
+        check_names([i.filename.rstrip("/") for i in z.infolist()], src)
         top = os.path.commonprefix([i.filename for i in z.infolist()]).split("/")[0] + "/"
         cut = len(top) if all(i.filename.startswith(top) for i in z.infolist()) and top != "/" else 0
         return sorted((i.filename[cut:], i.file_size, ("zip", src, i.filename)) for i in z.infolist()
@@ -332,6 +354,15 @@ def extract(url, entry, root):
     return entry["bytes"]
 
 
+def read_mark(path):
+    """[sha256, prefix] that a done shard's mark holds ([sha256] in marks written before they held the prefix)."""
+    try:
+        with open(path) as f:
+            return f.read().split()
+    except FileNotFoundError:
+        return None
+
+
 def unpack(src, root, jobs=8):
     """Every shard of the manifest under `src` into `root`, `jobs` at a time; those already extracted skipped."""
     src = src.rstrip("/")
@@ -340,10 +371,21 @@ def unpack(src, root, jobs=8):
         raise ShardError(f"no {src}/manifest.json: the shards are not there, or their pack did not finish; run "
                          f"./run_ec2.sh prepare (it resumes)")
     manifest = json.loads(raw)
+    for e in manifest["shards"]:  # every name checked before anything is touched: a shard's, then its files'
+        if not re.fullmatch(r"shard-[0-9]+\.tar", e["name"]):
+            raise ShardError(f"{src}/manifest.json names a shard {e['name']!r}, not shard-NNNNN.tar: refused before "
+                             f"touching anything; pack the shards anew from a trusted copy (./run_ec2.sh prepare)")
+        check_names([rel for rel, _ in e["files"]], f"{src}/manifest.json ({e['name']})")
+        bad = [rel for rel, _ in e["files"] if not wanted(rel)]
+        if bad:
+            raise ShardError(f"{src}/manifest.json ({e['name']}) names {bad[0]!r}, outside train/, val/ and the label "
+                             f"files: refused before touching anything; pack the shards anew (./run_ec2.sh prepare)")
     marks = os.path.join(root, ".shards")
     os.makedirs(marks, exist_ok=True)
     free = shutil.disk_usage(root).free
-    todo = [e for e in manifest["shards"] if not os.path.exists(os.path.join(marks, e["name"]))]
+    # a shard is done when its mark holds this manifest's sha256 of it and this prefix: a folder staged from other
+    # shards (another prefix, a pack made anew) has marks of the same names that say otherwise, and is staged again
+    todo = [e for e in manifest["shards"] if read_mark(os.path.join(marks, e["name"])) != [e["sha256"], src]]
     need = sum(e["bytes"] for e in todo)
     if need > free:
         raise ShardError(f"{root} has {free / 1e9:.0f} GB free, the shards need {need / 1e9:.0f} GB: use a larger "
@@ -361,7 +403,7 @@ def unpack(src, root, jobs=8):
                 errors.append(str(e))
                 continue
             with open(os.path.join(marks, entry["name"]), "w") as f:  # extracted and checked: skipped on a restart
-                f.write(entry["sha256"] + "\n")
+                f.write(f"{entry['sha256']} {src}\n")
             rate = got / max(time.time() - t0, 1e-9)
             print(f"{entry['name']}: {len(os.listdir(marks))}/{len(manifest['shards'])} shards, "
                   f"{rate / 1e6:.0f} MB/s, ETA {(need - got) / rate / 60:.1f} min", flush=True)

@@ -342,9 +342,14 @@ def find_resume(args, rank, print0):
             ckpt = read_checkpoint(decision[0]) if decision[0] else None
             if ckpt is not None and "optimizer" not in ckpt:
                 raise ValueError(f"--resume {decision[0]} is not a train.py checkpoint (no optimizer state); resume "
-                                 f"from OUT/last.pt, start from its weights with --init-from, or use --resume none")
+                                 f"from OUT/last.pt, or start a new run from its weights with --init-from")
         except (ValueError, FileNotFoundError) as e:
             decision = [None, str(e)]
+        held = [f for f in ("last.pt", "best.pt", "log.jsonl") if os.path.exists(os.path.join(args.out, f))]
+        if decision == [None, None] and held:  # a fresh run would overwrite that run's checkpoints and log
+            decision[1] = (f"{args.out} holds a run already ({', '.join(held)}): a new run there would overwrite it; "
+                           f"give the new run its own --out, or " + ("drop --resume none to continue that one"
+                           if args.resume == "none" else "continue it from one of its checkpoints with --resume PATH"))
     path, error = broadcast0(decision)
     if error:
         raise ValueError(error)  # on every rank, so that none is left waiting
@@ -438,8 +443,7 @@ def save_epoch(ckpt, args, is_best, rows):
     previous = os.path.join(out, f"epoch_{done - every:03d}.pt")
     if kept and os.path.exists(previous):
         save_weights(read_checkpoint(previous), previous)
-    with open(os.path.join(out, "log.jsonl"), "a") as f:
-        f.write(json.dumps(ckpt["metrics"]) + "\n")
+    write_log(rows, os.path.join(out, "log.jsonl"))  # rows ends with this epoch's, ckpt["metrics"]
     plot_curves(rows, os.path.join(out, "curves.png"))
 
 
@@ -459,10 +463,32 @@ def epoch_metrics(sums, model, ema, val_loader, device, ctx, args):
 
 
 def read_log(path):
+    """The rows of log.jsonl. A torn last line (a kill or a full disk mid-write, before rows were written whole) is
+    skipped with a warning; a damaged line before it is bad input."""
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    rows = []
+    for k, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if k + 1 < len(lines):
+                raise ValueError(f"{path} line {k + 1} is not a JSON row: repair or remove that line") from None
+            print(f"warning: {path}: its last line is torn (a write cut short); skipped, and the log is written "
+                  f"whole again after this epoch", flush=True)
+    return rows
+
+
+def write_log(rows, path):
+    """log.jsonl, whole: a temp file, then os.replace, so that a kill or a full disk leaves the previous log, never a
+    torn row."""
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
 
 
 def trend(rows, epoch, top1, n=5):

@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,6 +16,13 @@ ROOT = Path(__file__).resolve().parent.parent
 # Gradio (app.py, gradio_client) and the Hugging Face hub send no usage reports from tests
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# No test may ever shut down the machine it runs on: every path of run_ec2.sh that ends an instance (its launched
+# service, its user-data) calls $SHUTDOWN, which for every test and every process it starts is this stand-in: it
+# records its arguments in $SHUTDOWN_LOG (a test sets it to read them) and does nothing else.
+STAND_INS = Path(tempfile.mkdtemp(prefix="stand-ins-"))
+(STAND_INS / "shutdown").write_text('#!/bin/sh\necho "$@" >> "${SHUTDOWN_LOG:-/dev/null}"\n')
+(STAND_INS / "shutdown").chmod(0o755)
+os.environ["SHUTDOWN"] = str(STAND_INS / "shutdown")
 SHARED = ROOT.parent / "shared" / "data"
 IMAGENETTE = SHARED / "imagenette-224"
 SAMPLES = SHARED / "imagenet-samples"
@@ -110,6 +118,14 @@ def aws(env, *args, check=True):
     p = subprocess.run([str(Path(BIN) / "aws"), *args], capture_output=True, text=True, env={**os.environ, **env})
     assert not check or p.returncode == 0, p.stderr
     return p
+
+
+def boto(moto_env, service):
+    """A boto3 client of moto's server, for a test's own look at AWS: in this process, without the second that each
+    start of the aws CLI costs (the scripts under test use the CLI, as users do)."""
+    import boto3
+    return boto3.client(service, endpoint_url=moto_env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                        aws_access_key_id="test", aws_secret_access_key="test")
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 import train
-from conftest import ROOT, SAMPLES, needs_samples, run, run_here
+from conftest import ROOT, SAMPLES, error_line, needs_samples, run, run_here
 
 pytestmark = needs_samples
 GRADIO_ENV = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONUNBUFFERED": "1",
@@ -209,7 +209,6 @@ def test_no_checkpoint_and_no_internet_fails_with_one_line(tmp_path, capsys):
     assert "could not be downloaded" in line
     assert "python train.py" in line
     import app
-    from conftest import error_line
     assert "does not exist" in error_line(app.main, ["--checkpoint", str(tmp_path / "nope.pt")], capsys)
 
 
@@ -347,14 +346,24 @@ class FakeHub(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_push_uploads_the_space_to_the_hub(checkpoint, examples, tmp_path):
-    """--push USER/NAME creates the Space (sdk gradio) and commits every exported file, through HF_ENDPOINT to a
-    stand-in of the Hub on 127.0.0.1: no traffic leaves this machine."""
+def test_push_uploads_the_space_to_the_hub(checkpoint, examples, tmp_path, capfd):
+    """--push USER/NAME creates the Space (sdk gradio) and commits the files the export wrote, through HF_ENDPOINT to
+    a stand-in of the Hub on 127.0.0.1: no traffic leaves this machine. It used to upload the whole folder: a file of
+    the user's beside the export was published. An export into a folder with files it did not write is refused."""
+    import app
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("private")
+    line = error_line(app.main, ["--checkpoint", str(checkpoint), "--export-space", str(mine)], capfd)
+    assert f"{mine} holds files that --export-space did not write" in line and (mine / "notes.txt").exists()
+    out = tmp_path / "space"
+    run_here(app.main, ["--checkpoint", checkpoint, "--examples", examples, "--num-examples", "3", "--export-space",
+                        out], capfd)
+    (out / "notes.txt").write_text("private")  # the user's, beside an export; the next one writes 2 examples, not 3
     hub = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
     threading.Thread(target=hub.serve_forever, daemon=True).start()
     FakeHub.created, FakeHub.files, FakeHub.tokens, FakeHub.unknown = [], {}, set(), []
     try:
-        out = tmp_path / "space"
         p = run([sys.executable, str(ROOT / "app.py"), "--checkpoint", str(checkpoint), "--examples", str(examples),
                  "--num-examples", "2", "--export-space", str(out), "--push", "someone/resnet-demo"],
                 env={**GRADIO_ENV, "HF_ENDPOINT": f"http://127.0.0.1:{hub.server_port}", "HF_TOKEN": "hf_test_token",
@@ -364,8 +373,11 @@ def test_push_uploads_the_space_to_the_hub(checkpoint, examples, tmp_path):
         hub.shutdown()
     assert FakeHub.created and FakeHub.created[0]["type"] == "space" and FakeHub.created[0]["sdk"] == "gradio"
     assert FakeHub.tokens == {"Bearer hf_test_token"}
-    local = {str(f.relative_to(out)): f.read_bytes() for f in out.rglob("*") if f.is_file()}
+    local = {str(f.relative_to(out)): f.read_bytes() for f in out.rglob("*") if f.is_file()
+             and f.name not in ("notes.txt", ".space_files")}
     assert FakeHub.files == local, sorted(set(FakeHub.files) ^ set(local))
+    assert len([f for f in local if f.startswith("examples/")]) == 2  # the earlier export's third example: removed
+    assert (out / "notes.txt").read_text() == "private" and "notes.txt" not in FakeHub.files
     p = run([sys.executable, str(ROOT / "app.py"), "--checkpoint", str(checkpoint), "--export-space",
              str(tmp_path / "again"), "--push", "someone/resnet-demo"],
             env={**GRADIO_ENV, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_TOKEN": "x"}, check=False, timeout=300)
@@ -383,13 +395,11 @@ def test_ema_weights_are_served_when_asked_for(tiny_data, tmp_path, checkpoint, 
     ema = {k[len("module."):]: v for k, v in ckpt["ema"].items() if k.startswith("module.")}
     assert all(torch.equal(model.state_dict()[k], v) for k, v in ema.items()) and "(EMA weights)" in about
     assert not torch.equal(model.state_dict()["fc.weight"], ckpt["model"]["fc.weight"])
-    from conftest import error_line
     assert "holds no EMA weights" in error_line(app.main, ["--checkpoint", str(checkpoint), "--ema"], capsys)
 
 
 def test_push_needs_an_explicit_checkpoint(capsys):
     """The newest run is never published by accident: --push names its checkpoint."""
     import app
-    from conftest import error_line
     line = error_line(app.main, ["--export-space", "space", "--push", "someone/demo"], capsys)
     assert "--push needs an explicit --checkpoint" in line

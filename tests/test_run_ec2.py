@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, ROOT, aws
+from conftest import BIN, ROOT, aws, boto
 
 SCRIPT = str(ROOT / "run_ec2.sh")
 
@@ -52,10 +52,22 @@ def test_shellcheck_clean():
     assert p.returncode == 0, p.stdout
 
 
-@pytest.mark.parametrize("sub", ["", "setup", "data", "train", "backup", "watch-spot", "status", "stop"])
-def test_help(sub):
-    p = sh([sub, "--help"] if sub else ["--help"])
-    assert (sub or "run_ec2.sh") in p.stdout
+SUBCOMMANDS = ["setup", "prepare", "data", "train", "backup", "watch-spot", "budget", "watchdog", "end", "bench",
+               "status", "stop", "launch", "resume", "ssh", "logs", "status-remote", "terminate", "tunnel"]
+
+
+@pytest.mark.parametrize("sub", SUBCOMMANDS)
+def test_each_subcommand_has_its_own_help(sub):
+    """`./run_ec2.sh SUB --help` is SUB's own line, not the header (which names every subcommand anyway)."""
+    p = sh([sub, "--help"])
+    first = p.stdout.splitlines()[0]
+    assert re.match(rf"([a-z| -]+ \| )?{re.escape(sub)}\b", first) and "Every setting" not in p.stdout, first
+
+
+def test_help_says_what_ends_an_instance_and_how_to_keep_it():
+    p = sh(["--help"])
+    assert all(sub in p.stdout for sub in ("launch", "train", "end")) and "Every setting is an environment" in p.stdout
+    assert "What ends a launched instance" in p.stdout and "KEEP_ALIVE=1 at launch keeps it up" in p.stdout
 
 
 def test_dry_run_each_subcommand(fake_bin, tmp_path):
@@ -114,6 +126,13 @@ def test_restart_loop(tmp_path, sequence, code, runs):
         assert "no progress since its start" in p.stderr and "CUDA out of memory (a stand-in)" in p.stderr
 
 
+def pid_line(pid):
+    """What run_ec2.sh's pid files hold: the pid, its start time (field 22 of /proc/PID/stat) and this boot's id, so
+    that a pid file that came back from S3 (another instance's) or outlived its process names nothing to signal."""
+    start = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    return f"{pid} {start} {Path('/proc/sys/kernel/random/boot_id').read_text().strip()}\n"
+
+
 class IMDS(http.server.BaseHTTPRequestHandler):
     """IMDSv2 on 127.0.0.1: a token from PUT, then 404 for the spot notice until `notice_at`, then 200; the
     instance identity document with its launch time `pending` (ISO 8601, UTC)."""
@@ -157,7 +176,7 @@ def test_watch_spot_sends_sigterm_to_the_trainer(tmp_path):
         "import signal, sys, time\n"
         f"signal.signal(signal.SIGTERM, lambda *a: (open({str(got)!r}, 'w').write('yes'), sys.exit(75)))\n"
         "time.sleep(60)\n")])
-    (out / "trainer.pid").write_text(str(trainer.pid))
+    (out / "trainer.pid").write_text(pid_line(trainer.pid))  # as the restart loop writes it
     threading.Thread(target=trainer.wait, daemon=True).start()  # reap it, as the restart loop's shell would
     try:
         p = sh(["watch-spot"], {"IMDS_URL": f"http://127.0.0.1:{server.server_port}", "SPOT_POLL_S": "0.2",
@@ -264,7 +283,8 @@ def test_watch_spot_refuses_to_start_without_s3_runs(tmp_path):
 
 def test_a_running_tmux_server_does_not_lose_the_settings(tmp_path):
     """A tmux server that already runs gives a new session its own environment, not the caller's: every setting
-    must travel on the command line."""
+    must reach it explicitly. Not on its command line, though, where `ps` and tmux show an AWS key: in a file only
+    the user may read, read once and removed."""
     if not shutil.which("tmux"):
         pytest.skip("tmux is not installed (.ci/run installs it)")
     sock = tempfile.mkdtemp(prefix="tmux-")  # a short path: tmux's socket name has a length limit
@@ -272,18 +292,21 @@ def test_a_running_tmux_server_does_not_lose_the_settings(tmp_path):
     server_env = {"PATH": "/usr/bin:/bin", "TMUX_TMPDIR": sock, "HOME": str(tmp_path)}
     subprocess.run(["tmux", "new-session", "-d", "-s", "users-own", "sleep 300"], env=server_env, check=True)
     recorder = write_trainer(tmp_path, """#!/usr/bin/env python3
-import json, os, sys
+import json, os, sys, time
 out = sys.argv[sys.argv.index("--out") + 1]
 os.makedirs(out, exist_ok=True)
-json.dump(dict(argv=sys.argv[1:], env={k: os.environ.get(k) for k in ("DATA_DIR", "HOURLY_USD", "S3_DATA")}),
+json.dump(dict(argv=sys.argv[1:], env={k: os.environ.get(k) for k in ("DATA_DIR", "HOURLY_USD", "S3_DATA",
+                                                                      "AWS_SECRET_ACCESS_KEY")}),
           open(os.path.join(out, "seen.json"), "w"))
+time.sleep(2)  # while the test looks at the session's command
 open(os.path.join(out, "status"), "w").write("done\\n")
 """)
     out = tmp_path / "out"
     try:
         env = {**base, "PATH": f"{BIN}:{os.environ['PATH']}", "TMUX_TMPDIR": sock, "SESSION": "pytest-settings",
                "TRAIN_CMD": recorder, "OUT": str(out), "DATA_DIR": str(tmp_path / "data"), "HOURLY_USD": "3.5",
-               "S3_DATA": "s3://bucket/imagenet", "S3_RUNS": "", "RESTART_DELAY_S": "0"}
+               "S3_DATA": "s3://bucket/imagenet", "S3_RUNS": "", "RESTART_DELAY_S": "0",
+               "AWS_SECRET_ACCESS_KEY": "secret-not-on-a-command-line", "TMPDIR": str(tmp_path)}
         p = subprocess.run([SCRIPT, "train", "--epochs", "3"], capture_output=True, text=True, env=env, timeout=60)
         assert p.returncode == 0 and "training in tmux session 'pytest-settings'" in p.stderr, p.stderr
         for _ in range(150):
@@ -291,8 +314,12 @@ open(os.path.join(out, "status"), "w").write("done\\n")
                 break
             time.sleep(0.2)
         seen = json.loads((out / "seen.json").read_text())
-        assert seen["env"] == {"DATA_DIR": str(tmp_path / "data"), "HOURLY_USD": "3.5",
-                               "S3_DATA": "s3://bucket/imagenet"}
+        assert seen["env"] == {"DATA_DIR": str(tmp_path / "data"), "HOURLY_USD": "3.5", "S3_DATA": "s3://bucket/imagenet",
+                               "AWS_SECRET_ACCESS_KEY": "secret-not-on-a-command-line"}
+        panes = subprocess.run(["tmux", "list-panes", "-a", "-F", "#{pane_start_command}"], env=server_env,
+                               capture_output=True, text=True).stdout
+        assert "run_ec2.sh train" in panes and "secret-not-on-a-command-line" not in panes, panes
+        assert not list(tmp_path.glob("run_ec2-settings.*"))  # read once, and removed
         assert seen["argv"][seen["argv"].index("--out") + 1] == str(out) and "--epochs" in seen["argv"]
     finally:
         subprocess.run(["tmux", "kill-server"], env=server_env)
@@ -355,7 +382,8 @@ def test_the_budget_warns_stops_cleanly_and_a_higher_one_continues(tmp_path, imd
     log = (out / "train.log").read_text()
     assert "warning: the projected cost to the last epoch" in log and "budget reached" in log
     assert (out / "got_sigterm").read_text() == "yes" and (out / "status").read_text() == "stopped\n"
-    assert f"s3 sync {out} s3://runs/ec2/out" in (tmp_path / "aws.log").read_text()  # backed up after the stop
+    assert re.search(rf"s3 sync {tmp_path}/\.backup-out\.\w+ s3://runs/ec2/out", (tmp_path / "aws.log").read_text())
+    # backed up after the stop (a snapshot of OUT's files, hard-linked beside it)
     again = sh(["train"], env, check=False, timeout=30)  # the same budget: it does not start
     assert again.returncode == 0 and "not starting" in again.stderr and (out / "status").read_text() == "stopped\n"
     os.remove(out / "got_sigterm")
@@ -369,7 +397,7 @@ def test_bench_on_a_fresh_instance_says_where_its_jpegs_come_from(tmp_path, tiny
     with --data it times that dataset's own JPEGs; its projection covers every GPU the machine has."""
     clone = tmp_path / "clone"
     clone.mkdir()
-    for script in ROOT.glob("*.py"):
+    for script in [*ROOT.glob("*.py"), *ROOT.glob("*.json")]:
         shutil.copy(script, clone / script.name)
     env = {k: v for k, v in os.environ.items() if k != "DATA_DIR"}
     p = subprocess.run([sys.executable, str(clone / "bench.py")], capture_output=True, text=True, cwd=clone,
@@ -388,7 +416,7 @@ def test_bench_on_a_fresh_instance_says_where_its_jpegs_come_from(tmp_path, tiny
 def git_repo_of_the_working_tree(dst):
     """What `git clone REPO_URL` gives the instance: this working tree's scripts, committed in a local repo."""
     dst.mkdir()
-    for path in [*ROOT.glob("*.py"), ROOT / "run_ec2.sh", ROOT / "requirements.txt"]:
+    for path in [*ROOT.glob("*.py"), ROOT / "run_ec2.sh", ROOT / "requirements.txt", ROOT / "ec2_instances.json"]:
         shutil.copy(path, dst / path.name)
     git = ["git", "-C", str(dst), "-c", "user.name=test", "-c", "user.email=test@example.com"]
     for args in (["init", "-q"], ["add", "."], ["commit", "-q", "-m", "the scripts"]):
@@ -404,7 +432,7 @@ def test_launch_dry_run_prints_every_aws_call_and_the_user_data(tmp_path):
     calls = p.stderr
     for call in ("aws ssm get-parameter --name /aws/service/deeplearning/ami/", "aws iam create-role",
                  "aws iam put-role-policy", "aws iam create-instance-profile", "aws ec2 create-security-group",
-                 "--cidr 198.51.100.7/32", "aws ec2 run-instances --image-id ami-DRYRUN --instance-type g6e.xlarge",
+                 "CidrIp=198.51.100.7/32", "aws ec2 run-instances --image-id ami-DRYRUN --instance-type g6e.xlarge",
                  "MarketType=spot", "VolumeSize=400,VolumeType=gp3", "--- user-data ---", "resnet-run.service"):
         assert call in calls, call
     assert not (tmp_path / "state").exists() or not list((tmp_path / "state").iterdir())
@@ -413,52 +441,61 @@ def test_launch_dry_run_prints_every_aws_call_and_the_user_data(tmp_path):
 
 
 def test_launch_creates_what_it_says_its_user_data_trains_and_resume_finds_the_run(tmp_path, moto, imds, tiny_data):
-    """launch against moto's EC2, IAM, SSM and S3: the role may read S3_DATA and write S3_RUNS only, SSH is open
-    to MY_IP only, the spot instance has its gp3 disk; its user-data (shellcheck-clean) run here with stand-ins
-    goes through setup, data and train and leaves the run in S3, where `resume` finds it."""
-    image = aws(moto, "ec2", "describe-images", "--query", "Images[0].ImageId", "--output", "text").stdout.strip()
-    aws(moto, "ssm", "put-parameter", "--name", "/test/dlami", "--value", image, "--type", "String", "--overwrite")
-    for bucket in ("s3://launch-data", "s3://launch-runs"):
-        aws(moto, "s3", "mb", bucket)
+    """launch against moto's EC2, IAM, SSM and S3: the run's own role may read S3_DATA and write S3_RUNS/RUN only, SSH
+    is open to MY_IP only, the spot instance has its gp3 disk and IMDSv2 alone; a second launch of the RUN is
+    refused; its user-data (shellcheck-clean) run here with stand-ins goes through setup, data and train, then the
+    end step (the backup, ended.json) and a shutdown, and leaves the run in S3, where `resume` finds it."""
+    ec2, iam, s3 = boto(moto, "ec2"), boto(moto, "iam"), boto(moto, "s3")
+    image = ec2.describe_images()["Images"][0]["ImageId"]
+    boto(moto, "ssm").put_parameter(Name="/test/dlami", Value=image, Type="String", Overwrite=True)
+    for bucket in ("launch-data", "launch-runs"):
+        s3.create_bucket(Bucket=bucket)
     small = tmp_path / "small"  # 2 classes of real JPEGs, 2 train and 1 val image each
     for split, n in (("train", 2), ("val", 1)):
         for cls in sorted((tiny_data / split).iterdir())[:2]:
             (small / split / cls.name).mkdir(parents=True)
             for f in sorted(cls.iterdir())[:n]:
                 shutil.copy(f.resolve(), small / split / cls.name / f.name)
-    aws(moto, "s3", "sync", str(small), "s3://launch-data/imagenet")
+    for f in small.rglob("*.JPEG"):
+        s3.upload_file(str(f), "launch-data", f"imagenet/{f.relative_to(small)}")
+    sg = ec2.create_security_group(GroupName="resnet-ec2", Description="x")["GroupId"]  # an earlier launch's,
+    ec2.authorize_security_group_ingress(GroupId=sg, IpPermissions=[dict(  # with a rule of the user's
+        IpProtocol="tcp", FromPort=22, ToPort=22, IpRanges=[dict(CidrIp="203.0.113.9/32", Description="my office"),
+                                                            dict(CidrIp="198.51.100.1/32", Description="run_ec2.sh launch")])])
     home = tmp_path / "home"
     env = {**moto, "INSTANCE_TYPE": "g6e.xlarge", "SPOT": "1", "DISK_GB": "300", "KEY_NAME": "mykey",
            "S3_DATA": "s3://launch-data/imagenet", "S3_RUNS": "s3://launch-runs/ec2", "MY_IP": "198.51.100.7",
            "REPO_URL": str(git_repo_of_the_working_tree(tmp_path / "repo")), "RUN": "run1", "AMI_PARAM": "/test/dlami",
            "STATE_DIR": str(tmp_path / "state"), "REMOTE_USER": "root", "REMOTE_HOME": str(home),
            "DATA_DIR": str(tmp_path / "imagenet"), "TRAIN_ARGS": "--epochs 3", "HOURLY_USD": "1.5"}
-    sh(["launch"], env)
-    first = (tmp_path / "state" / "run1.instance").read_text().strip()
-    inst = json.loads(aws(moto, "ec2", "describe-instances", "--instance-ids", first, "--query",
-                          "Reservations[0].Instances[0]").stdout)
+    p = sh(["launch"], env)
+    assert "the price counted: $1.5/h (HOURLY_USD)" in p.stderr and "terminates itself" in p.stderr
+    first = (tmp_path / "state" / "run1.instance").read_text().splitlines()[0]
+    inst = ec2.describe_instances(InstanceIds=[first])["Reservations"][0]["Instances"][0]
     assert (inst["InstanceType"], inst["InstanceLifecycle"], inst["KeyName"]) == ("g6e.xlarge", "spot", "mykey")
-    assert inst["IamInstanceProfile"]["Arn"].endswith(":instance-profile/resnet-ec2")
-    volume = json.loads(aws(moto, "ec2", "describe-volumes", "--volume-ids",
-                            inst["BlockDeviceMappings"][0]["Ebs"]["VolumeId"], "--query", "Volumes[0]").stdout)
+    assert inst["IamInstanceProfile"]["Arn"].endswith(":instance-profile/resnet-ec2-run1")  # the run's own
+    assert inst["MetadataOptions"]["HttpTokens"] == "required"  # IMDSv2 only
+    volume = ec2.describe_volumes(VolumeIds=[inst["BlockDeviceMappings"][0]["Ebs"]["VolumeId"]])["Volumes"][0]
     assert (volume["Size"], volume["VolumeType"]) == (300, "gp3")
-    sg = json.loads(aws(moto, "ec2", "describe-security-groups", "--group-ids", inst["SecurityGroups"][0]["GroupId"],
-                        "--query", "SecurityGroups[0].IpPermissions").stdout)
-    assert [(r["FromPort"], r["ToPort"], [c["CidrIp"] for c in r["IpRanges"]]) for r in sg] == \
-        [(22, 22, ["198.51.100.7/32"])]
-    policy = json.loads(aws(moto, "iam", "get-role-policy", "--role-name", "resnet-ec2", "--policy-name",
-                            "resnet-ec2-s3", "--query", "PolicyDocument").stdout)
+    sg = ec2.describe_security_groups(GroupIds=[inst["SecurityGroups"][0]["GroupId"]])["SecurityGroups"][0][
+        "IpPermissions"]
+    assert [(r["FromPort"], r["ToPort"], sorted((c["CidrIp"], c.get("Description")) for c in r["IpRanges"]))
+            for r in sg] == [(22, 22, [("198.51.100.7/32", "run_ec2.sh launch"), ("203.0.113.9/32", "my office")])]
+    # SSH from the old address that launch added is gone; the user's own rule stays
+    policy = iam.get_role_policy(RoleName="resnet-ec2-run1", PolicyName="resnet-ec2-run1-s3")["PolicyDocument"]
     grants = {s["Sid"]: (s["Action"], s["Resource"]) for s in policy["Statement"]}
     assert grants["ReadData"] == ("s3:GetObject", "arn:aws:s3:::launch-data/imagenet/*")
-    assert grants["ReadWriteRuns"] == (["s3:GetObject", "s3:PutObject"], "arn:aws:s3:::launch-runs/ec2/*")
+    assert grants["ReadWriteRun"] == (["s3:GetObject", "s3:PutObject"], "arn:aws:s3:::launch-runs/ec2/run1/*")
     assert {a for a, _ in grants.values() for a in ([a] if isinstance(a, str) else a)} == \
         {"s3:ListBucket", "s3:GetObject", "s3:PutObject"}  # nothing else: no delete, no other service
-    profile = json.loads(aws(moto, "iam", "get-instance-profile", "--instance-profile-name", "resnet-ec2").stdout)
-    assert [r["RoleName"] for r in profile["InstanceProfile"]["Roles"]] == ["resnet-ec2"]
+    profile = iam.get_instance_profile(InstanceProfileName="resnet-ec2-run1")
+    assert [r["RoleName"] for r in profile["InstanceProfile"]["Roles"]] == ["resnet-ec2-run1"]
+    again = sh(["launch"], env, check=False)  # the same RUN while its instance runs: both would write one folder
+    assert again.returncode == 2 and f"RUN=run1 has an instance already ({first}" in again.stderr
+    assert "terminate that one first" in again.stderr.strip().splitlines()[-1]
 
     # the user-data, as the instance gets it
-    encoded = aws(moto, "ec2", "describe-instance-attribute", "--instance-id", first, "--attribute", "userData",
-                  "--query", "UserData.Value", "--output", "text").stdout.strip()
+    encoded = ec2.describe_instance_attribute(InstanceId=first, Attribute="userData")["UserData"]["Value"]
     user_data = tmp_path / "user-data.sh"
     user_data.write_bytes(base64.b64decode(encoded))
     if shutil.which("shellcheck"):
@@ -479,31 +516,40 @@ def test_launch_creates_what_it_says_its_user_data_trains_and_resume_finds_the_r
     unit = (boot / "etc/systemd/system/resnet-run.service").read_text()
     assert "User=root" in unit and "ExecStart=/usr/local/bin/resnet-run" in unit and "WantedBy=multi-user" in unit
     assert calls.read_text().splitlines() == ["daemon-reload", "enable --now resnet-run.service"]
+    assert (boot / "etc/resnet-run.env").stat().st_mode & 0o777 == 0o600  # the settings: RUN_USER's alone
     # what systemd would run, with the instance's stand-ins: a GPU, a trainer, this machine's venv and IMDS
     stand_in = write_trainer(tmp_path, STAND_IN)
     with open(boot / "etc/resnet-run.env", "a") as f:
         extra = {**moto, "VENV": str(Path(sys.executable).parent.parent), "TRAIN_CMD": stand_in, "SEQUENCE": "done+",
                  "PATH": f"{fake}:{BIN}:{os.environ['PATH']}", "IMDS_URL": imds, "MIN_FREE_GB": "0",
-                 "SUDO": "", "APT_GET": str(fake / "systemctl")}  # a missing command is "installed" by the recorder
+                 "SUDO": "", "APT_GET": str(fake / "systemctl"), "JOURNAL": "echo the journal's last line"}
         f.writelines(f"{k}={shlex.quote(v)}\n" for k, v in extra.items())
+    shutdowns = tmp_path / "shutdown.log"
     p = subprocess.run([str(boot / "usr/local/bin/resnet-run")], capture_output=True, text=True, timeout=300,
-                       env={k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "TMUX")})
+                       env={**{k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "TMUX")},
+                            "SHUTDOWN_LOG": str(shutdowns)})
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     assert "GPUs: 1" in p.stderr and "4 train images" in p.stdout + p.stderr  # setup, then data: --check-data ran
     out = home / "resnet" / "runs" / "run1"
     assert (out / "status").read_text() == "done\n"
     assert sorted(p.name for p in (tmp_path / "imagenet" / "train").iterdir()) == sorted(
         c.name for c in (small / "train").iterdir())
-    assert "step 0" in aws(moto, "s3", "cp", "s3://launch-runs/ec2/run1/last.pt", "-").stdout  # backed up
+    assert b"step 0" in s3_object(moto, "s3://launch-runs/ec2/run1/last.pt")  # backed up
+    ended = json.loads(s3_object(moto, "s3://launch-runs/ec2/run1/ended.json"))
+    assert (ended["status"], ended["stage"], ended["backup"]) == ("done", "train", "ok")
+    assert ended["journal"] == ["the journal's last line"] and not ended["keep_alive"]
+    lifetime, end = shutdowns.read_text().splitlines()  # MAX_HOURS (72 by default) scheduled at the start, then now
+    assert 71 * 60 < int(lifetime.lstrip("+")) <= 72 * 60 and end == "now"
 
-    # the spot instance is reclaimed; `resume` finds the run in S3 and starts a new one
+    # the spot instance is reclaimed; `resume` finds the run in S3 and starts a new one; terminate removes the run's
+    # role once no instance of it is left (launch makes it again)
     sh(["terminate"], env)
-    state = json.loads(aws(moto, "ec2", "describe-instances", "--instance-ids", first, "--query",
-                           "Reservations[0].Instances[0].State").stdout)
+    state = ec2.describe_instances(InstanceIds=[first])["Reservations"][0]["Instances"][0]["State"]
     assert state["Name"] in ("shutting-down", "terminated")
+    assert "resnet-ec2-run1" not in [r["RoleName"] for r in iam.list_roles()["Roles"]]
     p = sh(["resume"], env)
     assert "s3://launch-runs/ec2/run1/last.pt found" in p.stderr
-    assert (tmp_path / "state" / "run1.instance").read_text().strip() != first
+    assert (tmp_path / "state" / "run1.instance").read_text().splitlines()[0] != first
     p = sh(["resume"], {**env, "RUN": "no-such-run"}, check=False)
     assert p.returncode == 2 and "nothing to resume" in p.stderr
 
@@ -704,18 +750,14 @@ def test_a_disk_with_a_signature_is_never_formatted(disk_tools, tmp_path):
     assert (tmp_path / "data" / "notes.txt").read_text() == "the user's"
 
 
-def test_launch_without_an_instance_store_asks_for_a_faster_gp3(tmp_path, moto):
+def test_launch_without_an_instance_store_asks_for_a_faster_gp3(tmp_path):
     """A type with no instance store keeps the data on its root volume: launch asks gp3 for its EBS link's baseline
-    throughput and IOPS, and says what that adds an hour. (moto keeps no Throughput: the CLI's arguments are read.)"""
-    image = aws(moto, "ec2", "describe-images", "--query", "Images[0].ImageId", "--output", "text").stdout.strip()
-    aws(moto, "ssm", "put-parameter", "--name", "/test/dlami3", "--value", image, "--type", "String", "--overwrite")
-    log = tmp_path / "aws.log"
-    recorder = tmp_path / "aws"
-    recorder.write_text(f'#!/bin/sh\necho "$@" >> {log}\nexec {Path(BIN) / "aws"} "$@"\n')
-    recorder.chmod(0o755)
-    env = {**moto, "AWS": str(recorder), "INSTANCE_TYPE": "c6i.4xlarge", "KEY_NAME": "k", "AMI_PARAM": "/test/dlami3",
-           "S3_DATA": "s3://no-shards/imagenet", "S3_RUNS": "s3://runs/ec2", "REPO_URL": "https://example.com/r.git",
-           "MY_IP": "198.51.100.7", "STATE_DIR": str(tmp_path / "state"), "RUN": "gp3", "NAME_PREFIX": "resnet-gp3"}
+    throughput and IOPS, and says what that adds an hour. (EC2 answers c6i.4xlarge's facts, as DescribeInstanceTypes
+    gives them: no store, 625 MB/s, 20,000 IOPS; the CLI's arguments are read.)"""
+    stub, log = stub_aws(tmp_path, '*describe-instance-types*) printf "None\\t625\\t20000\\n" ;;')
+    env = {"AWS": stub, "INSTANCE_TYPE": "c6i.4xlarge", "KEY_NAME": "k", "S3_DATA": "s3://no-shards/imagenet",
+           "S3_RUNS": "s3://runs/ec2", "REPO_URL": "https://example.com/r.git", "MY_IP": "198.51.100.7",
+           "STATE_DIR": str(tmp_path / "state"), "RUN": "gp3", "HOURLY_USD": "0.68"}
     p = sh(["launch"], env)
     assert "c6i.4xlarge has no instance store: the root volume gets gp3's 625 MB/s and 16000 IOPS" in p.stderr
     run_instances = [line for line in log.read_text().splitlines() if "run-instances" in line][0]
@@ -753,16 +795,451 @@ def test_prepare_launches_a_cpu_instance_that_may_write_the_shards_alone(tmp_pat
         doc = re.search(pattern, p.stderr, re.S)
         return {s["Sid"]: (s["Action"], s["Resource"]) for s in json.loads(doc.group(1))["Statement"]}
 
-    grants = policy("resnet-ec2-prepare")
+    grants = policy("resnet-ec2-prepare-imagenet")  # one role a dataset
     assert grants["WriteShards"] == (["s3:PutObject", "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts"],
                                      "arn:aws:s3:::data/imagenet/shards-shorter320/*")
     assert grants["ReadData"] == ("s3:GetObject", "arn:aws:s3:::data/imagenet/*")
     writes = [r for a, r in grants.values() for a in ([a] if isinstance(a, str) else a) if a == "s3:PutObject"]
     assert writes == ["arn:aws:s3:::data/imagenet/shards-shorter320/*"]
     assert "--instance-initiated-shutdown-behavior terminate" in p.stderr and "PREPARE=1" in p.stderr
-    assert "Name=resnet-ec2-prepare" in p.stderr and "VolumeSize=250" in p.stderr
+    assert "Name=resnet-ec2-prepare-imagenet" in p.stderr and "VolumeSize=250" in p.stderr
     p = sh(["launch"], {**env, "PREPARE": "0", "S3_RUNS": "s3://runs/ec2", "INSTANCE_TYPE": "g6e.xlarge"})
-    training = policy("resnet-ec2")
+    training = policy("resnet-ec2-imagenet-resnet50")  # one role a run
     assert {a for a, _ in training.values() for a in ([a] if isinstance(a, str) else a)} == \
         {"s3:ListBucket", "s3:GetObject", "s3:PutObject"}
-    assert training["ReadWriteRuns"][1] == "arn:aws:s3:::runs/ec2/*"  # the only write: the run's own prefix
+    assert training["ReadWriteRun"][1] == "arn:aws:s3:::runs/ec2/imagenet-resnet50/*"  # the only write: the run's own
+
+
+# -----------------------------------------------------------------------------
+# EC2, part 4: under faults. However an instance's work ends, the end step (the final backup and ended.json, why it
+# ended) and a shutdown follow; no run loses or mixes its data. SHUTDOWN is conftest's stand-in, always.
+
+@pytest.fixture(scope="module")
+def instance_repo(tmp_path_factory):
+    return git_repo_of_the_working_tree(tmp_path_factory.mktemp("instance") / "repo")
+
+
+@pytest.fixture(scope="module")
+def service_buckets(moto):
+    for bucket in ("s3://svc-data", "s3://svc-runs"):
+        aws(moto, "s3", "mb", bucket)
+
+
+def fake_venv(d):
+    """A venv whose python is this one and whose pip only records what setup asks of it (the launch test above runs
+    setup's installs for real)."""
+    (d / "bin").mkdir(parents=True, exist_ok=True)
+    (d / "bin" / "python").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+    (d / "bin" / "pip").write_text(f'#!/bin/sh\necho "$@" >> {d / "pip.log"}\n')
+    for f in (d / "bin").iterdir():
+        f.chmod(0o755)
+    return d
+
+
+def service(tmp_path, moto, repo, launch=None, **extra):
+    """launch's user-data for run svc-<the test's folder> (made by DRY_RUN=1 launch with `launch`'s settings), run here as the instance
+    would run it at its first boot (BOOT_ROOT, a systemctl that records), then its service once, as systemd would, with
+    the settings `extra` appended to its env file (stand-ins: a trainer, a GPU, a venv). Returns (the service's
+    process, the shutdown stand-in's calls, ended.json from S3 or None)."""
+    home, boot, fake = tmp_path / "home", tmp_path / "boot", tmp_path / "instance-bin"
+    fake.mkdir()
+    (fake / "systemctl").write_text("#!/bin/sh\nexit 0\n")
+    (fake / "nvidia-smi").write_text('#!/bin/sh\necho "GPU 0: NVIDIA L40S (UUID: GPU-0)"\n')
+    for f in fake.iterdir():
+        f.chmod(0o755)
+    settings = {"DRY_RUN": "1", "INSTANCE_TYPE": "g6e.xlarge", "KEY_NAME": "k", "S3_DATA": "s3://svc-data/imagenet",
+                "S3_RUNS": "s3://svc-runs/ec2", "REPO_URL": str(repo), "MY_IP": "198.51.100.7",
+                "RUN": f"svc-{tmp_path.name}",
+                "STATE_DIR": str(tmp_path / "state"), "REMOTE_USER": "root", "REMOTE_HOME": str(home),
+                "DATA_DIR": str(tmp_path / "data"), "HOURLY_USD": "2", **(launch or {})}
+    p = sh(["launch"], settings)
+    user_data = p.stderr.split("--- user-data ---\n")[1].split("\n--- end of user-data ---")[0]
+    subprocess.run(["bash", "-c", user_data], check=True,
+                   env={**os.environ, "BOOT_ROOT": str(boot), "SYSTEMCTL": str(fake / "systemctl")})
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / ".run_ec2_data_done").touch()  # staged (a test of data failing removes this)
+    env = {**moto, "VENV": str(fake_venv(tmp_path / "venv")), "PATH": f"{fake}:{BIN}:{os.environ['PATH']}",
+           "SUDO": "", "JOURNAL": "echo the journal's last line", "RESTART_DELAY_S": "0", "MIN_SHM_GB": "0",
+           "IMDS_URL": "http://127.0.0.1:9", **extra}
+    with open(boot / "etc/resnet-run.env", "a") as f:
+        f.writelines(f"{k}={shlex.quote(v)}\n" for k, v in env.items())
+    shutdowns = tmp_path / "shutdown.log"
+    p = subprocess.run([str(boot / "usr/local/bin/resnet-run")], capture_output=True, text=True, timeout=120,
+                       env={**{k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "TMUX")},
+                            "SHUTDOWN_LOG": str(shutdowns)})
+    calls = shutdowns.read_text().splitlines() if shutdowns.exists() else []
+    where = "s3://svc-data/imagenet/shards-shorter320" if settings.get("PREPARE") == "1" else \
+        f"s3://svc-runs/ec2/{settings['RUN']}"
+    got = s3_object(moto, f"{where}/ended.json", remove=True)  # the next prepare's record is its own
+    return p, calls, json.loads(got) if got is not None else None
+
+
+def s3_object(moto, url, remove=False):
+    """An object's bytes from moto's S3, or None, through boto3 in this process (the CLI costs a second a call)."""
+    import boto3
+    bucket, key = url[len("s3://"):].split("/", 1)
+    s3 = boto3.client("s3", endpoint_url=moto["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                      aws_access_key_id="test", aws_secret_access_key="test")
+    try:
+        body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except s3.exceptions.NoSuchKey:
+        return None
+    if remove:
+        s3.delete_object(Bucket=bucket, Key=key)
+    return body
+
+
+STOPPER = """#!/usr/bin/env python3
+# a stand-in trainer whose user runs ./run_ec2.sh stop on the instance while it trains; on SIGTERM it checkpoints
+import os, signal, subprocess, sys, time
+out = sys.argv[sys.argv.index("--out") + 1]
+def stop(*a):
+    open(os.path.join(out, "last.pt"), "w").write("the checkpoint written on SIGTERM")
+    open(os.path.join(out, "status"), "w").write("preempted\\n")
+    sys.exit(75)
+signal.signal(signal.SIGTERM, stop)
+time.sleep(0.5)  # the loop has written its pid file
+subprocess.run([os.path.join(os.environ["REPO"], "run_ec2.sh"), "stop"])  # the clone, where the user is
+time.sleep(60)
+"""
+
+HANGS = """#!/usr/bin/env python3
+# a stand-in trainer that logs a step, then hangs (a stuck NCCL call) and ignores SIGTERM
+import signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+print("epoch 1/3 step 1/10 loss 2.3", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("case", ["done, KEEP_ALIVE=1", "bad_input", "diverged", "crashed, no progress",
+                                  "MAX_RESTARTS", "hung", "the budget", "a user's stop", "a spot notice",
+                                  "the clone fails", "setup fails", "data fails", "MAX_HOURS passed",
+                                  "prepare: the clone fails", "prepare: its time limit"])
+def test_every_end_of_a_launched_instance_backs_up_says_why_and_shuts_down(case, tmp_path, moto, imds,
+                                                                           service_buckets, instance_repo):
+    """Every way the work of a launched instance ends leads to the end step, then a shutdown: the final backup,
+    ended.json in S3 saying why (the loop's word, or the stage that failed, and the journal's last lines), then
+    `shutdown now` (the instance terminates on shutdown), after the lifetime scheduled at its start; with
+    KEEP_ALIVE=1 it stays up. Before, only prepare had an EXIT trap, set after its clone."""
+    trainer = write_trainer(tmp_path, STAND_IN)
+    launch, extra, expect = {}, {"TRAIN_CMD": trainer}, {}
+    if case == "done, KEEP_ALIVE=1":
+        launch, extra["SEQUENCE"], expect = {"KEEP_ALIVE": "1"}, "done+", dict(status="done", stage="train")
+    elif case in ("bad_input", "diverged"):
+        extra["SEQUENCE"], expect = case, dict(status=case, stage="train")
+    elif case == "crashed, no progress":
+        extra["SEQUENCE"], expect = "crashed", dict(status="crashed", stage="train", why="no progress")
+    elif case == "MAX_RESTARTS":
+        extra.update(SEQUENCE="preempted+ preempted+ preempted+", MAX_RESTARTS="1")
+        expect = dict(status="preempted", why="giving up after 1 restarts")
+    elif case == "hung":
+        extra.update(TRAIN_CMD=write_trainer(tmp_path, HANGS), HANG_S="1", HANG_POLL_S="0.2", KILL_WAIT_S="1")
+        expect = dict(status="hung", why="no progress")
+    elif case == "the budget":  # the run's earlier instances spent it all: a new one does not start training
+        run = tmp_path / "earlier"
+        run.mkdir()
+        (run / "last.pt").write_text("a checkpoint")
+        (run / "spent.json").write_text(json.dumps({"i-earlier": dict(hours=5, hourly_usd=2, usd=10)}))
+        aws(moto, "s3", "sync", str(run), f"s3://svc-runs/ec2/svc-{tmp_path.name}")
+        launch = {"BUDGET_USD": "8"}
+        expect = dict(status="stopped", why="BUDGET_USD=$8 spent")
+    elif case == "a user's stop":
+        extra["TRAIN_CMD"], expect = write_trainer(tmp_path, STOPPER), dict(status="stopped", why="run_ec2.sh stop")
+    elif case == "a spot notice":
+        IMDS.notice_at = time.time() + 1
+        extra.update(TRAIN_CMD=write_trainer(tmp_path, PREEMPTIBLE), IMDS_URL=imds, SPOT_POLL_S="0.2")
+        expect = dict(status="preempted", why="spot interruption")
+    elif case in ("the clone fails", "prepare: the clone fails"):
+        launch = {"REPO_URL": str(tmp_path / "no-such-repo"), "PREPARE": "1" if "prepare" in case else "0"}
+        expect = dict(status="failed", stage="clone")
+    elif case == "setup fails":
+        extra["NEEDED"], expect = "git no-such-tool", dict(status="failed", stage="setup")
+    elif case == "data fails":
+        (tmp_path / "data-elsewhere").mkdir()
+        extra["DATA_DIR"], launch = str(tmp_path / "data-elsewhere"), {"S3_DATA": "s3://no-such-bucket/imagenet"}
+        expect = dict(status="failed", stage="data")
+    elif case == "MAX_HOURS passed":
+        extra["DEADLINE"], expect = "1", dict(status="failed", stage="lifetime")
+    elif case == "prepare: its time limit":
+        aws(moto, "s3", "cp", str(ROOT / "LICENSE"), "s3://svc-data/imagenet/train/n0/a.JPEG")
+        launch, extra["PREPARE_HOURS"] = {"PREPARE": "1"}, "0.0003"  # about 1 s
+        extra["AWS"] = write_trainer(tmp_path, f"#!/bin/sh\ncase \"$*\" in *manifest.json*) sleep 30 ;; esac\n"
+                                               f'exec {BIN}/aws "$@"\n')  # an S3 that never answers prepare
+        expect = dict(status="failed", stage="prepare", why="its time limit passed")
+    p, shutdowns, ended = service(tmp_path, moto, instance_repo, launch, **extra)
+    assert ended is not None, p.stderr[-3000:]
+    assert ended["status"] == expect["status"] and ended.get("stage", "train") == expect.get("stage", "train"), ended
+    assert expect.get("why", "") in ended["why"], ended
+    if expect.get("stage", "train") in ("train", "data", "setup"):  # the code ran the end step (not before the clone)
+        assert ended["backup"] in ("ok", "none: S3_RUNS is not set") or "prepare" in case, ended
+        assert ended["journal"] == ["the journal's last line"]
+    keep = case.startswith("done, KEEP_ALIVE")
+    assert ("now" in shutdowns) != keep and shutdowns[-1:] == (shutdowns[:1] if keep else ["now"]), \
+        (shutdowns, p.stderr[-2000:])
+    if case != "MAX_HOURS passed":  # the lifetime was scheduled first (MAX_HOURS: 72 h, or the budget's hours + 1)
+        assert shutdowns[0].startswith("+"), shutdowns
+    if keep:
+        assert ended["keep_alive"] and "KEEP_ALIVE=1: the instance stays up" in p.stderr
+
+
+def test_a_user_data_that_fails_before_its_service_shuts_the_instance_down(tmp_path):
+    """A failure in the user-data itself (before systemd runs the service) would leave the instance idle at full
+    price: its EXIT trap shuts it down, unless KEEP_ALIVE=1."""
+    env = {"DRY_RUN": "1", "INSTANCE_TYPE": "g6e.xlarge", "KEY_NAME": "k", "S3_DATA": "s3://d/imagenet",
+           "S3_RUNS": "s3://r/ec2", "REPO_URL": "https://example.com/r.git", "MY_IP": "198.51.100.7",
+           "STATE_DIR": str(tmp_path / "state"), "HOURLY_USD": "2"}
+    for keep, expected in (("0", ["now"]), ("1", [])):
+        p = sh(["launch"], {**env, "KEEP_ALIVE": keep})
+        user_data = p.stderr.split("--- user-data ---\n")[1].split("\n--- end of user-data ---")[0]
+        log = tmp_path / f"shutdown-{keep}.log"
+        run = subprocess.run(["bash", "-c", user_data], capture_output=True, text=True,
+                             env={**os.environ, "BOOT_ROOT": str(tmp_path / f"boot{keep}"), "SYSTEMCTL": "false",
+                                  "SHUTDOWN_LOG": str(log)})
+        assert run.returncode != 0 and "failed before its service started" in run.stderr
+        assert (log.read_text().splitlines() if log.exists() else []) == expected
+
+
+def test_the_backup_survives_a_failed_sync_and_status_says_when_the_last_good_one_was(tmp_path):
+    """An S3 outage longer than the CLI's retries (or AccessDenied) made one `aws s3 sync` fail, and the backup
+    helper died of it (set -e): nothing was backed up from then on, silently. Now it says so, tries again at the next
+    round, and keeps the time of the last good backup, which status shows."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "last.pt").write_text("a checkpoint")
+    failing, calls = tmp_path / "s3-is-down", tmp_path / "aws.log"
+    fake = tmp_path / "aws"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n'
+                    f'if [ -e {failing} ]; then echo "An error occurred (AccessDenied)" >&2; exit 1; fi\n')
+    fake.chmod(0o755)
+    failing.touch()
+    loop = subprocess.Popen(["sleep", "60"])  # stands in for the restart loop: the backup runs while it does
+    (out / "loop.pid").write_text(pid_line(loop.pid))
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "OUT": str(out), "S3_RUNS": "s3://runs/ec2",
+           "AWS": str(fake), "BACKUP_MIN": "0"}
+    helper = subprocess.Popen([SCRIPT, "backup"], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for _ in range(200):
+            if calls.exists() and len(calls.read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.05)
+        assert helper.poll() is None  # three failed syncs, and still running
+        status = sh(["status"], {"OUT": str(out), "S3_RUNS": "s3://runs/ec2", "AWS": str(fake)}).stdout
+        assert "last good backup to s3://runs/ec2: never" in status
+        failing.unlink()  # S3 is back
+        for _ in range(200):
+            if (out / "backup.ok").exists():
+                break
+            time.sleep(0.05)
+        assert (out / "backup.ok").exists()
+        status = sh(["status"], {"OUT": str(out), "S3_RUNS": "s3://runs/ec2", "AWS": str(fake)}).stdout
+        assert "last good backup to s3://runs/ec2: 0 min ago" in status
+    finally:
+        loop.kill()
+        loop.wait()
+    assert helper.wait(timeout=20) == 0  # the loop is gone: it syncs once more and stops
+    assert "backup to s3://runs/ec2 failed at" in helper.stderr.read()
+
+
+SWAPPING_AWS = """#!/usr/bin/env python3
+# a stand-in for `aws s3 sync SRC DEST` that uploads last.pt as the CLI's multipart upload does, reopening the file by
+# name for each part, while train.py replaces it between the two parts (os.replace, as a timed save does)
+import os, sys
+src = sys.argv[3]
+with open(os.path.join(src, "last.pt"), "rb") as f:
+    first = f.read(5)
+new = os.path.join(os.environ["OUT"], "last.pt.tmp")
+open(new, "wb").write(b"NEWER-checkpoint-2222")
+os.replace(new, os.path.join(os.environ["OUT"], "last.pt"))
+with open(os.path.join(src, "last.pt"), "rb") as f:
+    f.seek(5)
+    rest = f.read()
+open(os.environ["UPLOADED"], "wb").write(first + rest)
+"""
+
+
+def test_a_checkpoint_replaced_mid_upload_reaches_s3_whole(tmp_path):
+    """The CLI's multipart upload opens last.pt again for each part: a timed save that replaced it mid-upload put
+    parts of two checkpoints into one S3 object. The backup now syncs hard links to OUT's files, taken before the sync,
+    so the object is the old checkpoint whole (the new one goes up at the next round)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "last.pt").write_bytes(b"OLDER-checkpoint-1111")
+    env = {"OUT": str(out), "S3_RUNS": "s3://runs/ec2", "AWS": write_trainer(tmp_path, SWAPPING_AWS),
+           "UPLOADED": str(tmp_path / "uploaded")}
+    sh(["backup"], env)
+    assert (tmp_path / "uploaded").read_bytes() == b"OLDER-checkpoint-1111"  # not b"OLDER-checkpoint-2222"
+    assert (out / "last.pt").read_bytes() == b"NEWER-checkpoint-2222"  # train.py's new file, untouched
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".backup")] == []  # its links, gone
+
+
+def test_a_pid_file_from_elsewhere_names_nothing_to_signal(tmp_path, imds):
+    """trainer.pid and loop.pid come back from S3 with the run, written on another instance: their pids are some
+    other program here. stop, the spot watcher and status used to signal or trust them; now a pid counts only when
+    its start time and this boot's id match."""
+    bystander = subprocess.Popen(["sleep", "60"])  # a process of somebody else's that has the pid in the file
+    out = tmp_path / "out"
+    out.mkdir()
+    try:
+        line = pid_line(bystander.pid).split()
+        for stale in (f"{bystander.pid}\n",  # written before pids had stamps
+                      f"{line[0]} {line[1]} another-boot\n", f"{line[0]} 1 {line[2]}\n"):  # another boot, process
+            for name in ("trainer.pid", "loop.pid"):
+                (out / name).write_text(stale)
+            p = sh(["stop"], {"OUT": str(out)})
+            assert "nothing to stop" in p.stderr and not (out / "stop_request").exists()
+            assert "trainer: not running" in sh(["status"], {"OUT": str(out)}).stdout
+            IMDS.notice_at = 0  # a spot notice: the watcher stops the trainer, if there is one
+            sh(["watch-spot"], {"OUT": str(out), "IMDS_URL": imds, "S3_RUNS": "s3://runs/ec2",
+                                "PATH": recording_aws(tmp_path)}, timeout=30)
+            assert bystander.poll() is None, stale  # never signalled
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_the_budget_guard_survives_a_torn_log_and_kills_a_trainer_that_ignores_sigterm(tmp_path):
+    """A torn last line of log.jsonl (a kill mid-write) made costs fail, which ended the guard (set -e): the run went
+    on unguarded. And a trainer that ignored SIGTERM was waited on for 300 s, then left running. Now the line is
+    skipped and, KILL_WAIT_S after SIGTERM, the trainer and everything below it get SIGKILL."""
+    out = tmp_path / "out"
+    out.mkdir()
+    row = json.dumps(dict(epoch=0, epochs=10, epoch_s=600, val_top1=12.5))
+    (out / "log.jsonl").write_text(row + "\n" + row[:20])  # torn
+    (out / "spent.json").write_text(json.dumps({"i-earlier": dict(hours=10, hourly_usd=2, usd=20)}))
+    deaf = subprocess.Popen([sys.executable, "-c", "import signal, subprocess, time\n"
+                             "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                             "subprocess.Popen(['sleep', '60'])\n"  # a rank of its own
+                             "time.sleep(60)\n"])
+    time.sleep(0.3)
+    (out / "trainer.pid").write_text(pid_line(deaf.pid))
+    threading.Thread(target=deaf.wait, daemon=True).start()
+    try:
+        p = sh(["budget"], {"OUT": str(out), "HOURLY_USD": "2", "BUDGET_USD": "15", "KILL_WAIT_S": "1",
+                            "IMDS_URL": "http://127.0.0.1:9"}, timeout=30)
+        assert "budget reached" in p.stderr and "SIGKILL to it and its processes" in p.stderr
+        assert deaf.wait(timeout=5) == -9
+        status = sh(["status"], {"OUT": str(out), "HOURLY_USD": "2"}).stdout
+        assert "epoch 1: val top-1 12.50%" in status  # the whole rows, the torn one skipped
+    finally:
+        deaf.kill()
+        subprocess.run(["pkill", "-f", "sleep 60"], capture_output=True)
+
+
+def stub_aws(tmp_path, answers=""):
+    """An aws CLI that answers what launch asks, as EC2 would (an AMI, a type's disks, nothing existing yet, an
+    instance id), plus `answers` (sh case arms, tried first), and records every call, one a line, in tmp_path/aws.log.
+    For what moto does not do (spot prices, errors, client tokens), and where a launch need not cost seconds of moto."""
+    log = tmp_path / "aws.log"
+    stub = tmp_path / "stub-bin" / "aws"
+    stub.parent.mkdir(exist_ok=True)
+    stub.write_text(f'#!/bin/sh\necho "$*" | tr "\\n" " " >> {log}\necho >> {log}\ncase "$*" in\n{answers}\n'
+                    '*get-parameter*) echo ami-0123 ;;\n*describe-instance-types*) printf "250\\t125\\t3000\\n" ;;\n'
+                    '*get-role*|*get-instance-profile*|*describe-security-groups*) exit 254 ;;\n'
+                    '*create-security-group*) echo sg-0123 ;;\n*run-instances*) echo i-0abc ;;\nesac\nexit 0\n')
+    stub.chmod(0o755)
+    return str(stub), log
+
+
+def test_a_budget_needs_a_price_and_launch_always_finds_one(tmp_path):
+    """With BUDGET_USD set and no HOURLY_USD the guard exited at its start and training ran unguarded, saying so only
+    in train.log. Now train refuses, and launch always counts a price: HOURLY_USD, else EC2's current spot price (the
+    dearest zone's), else ec2_instances.json's on-demand one (us-east-1's: another REGION is warned); it refuses a
+    BUDGET_USD it cannot count against, and records the price it used."""
+    p = sh(["train"], {"OUT": str(tmp_path / "out"), "BUDGET_USD": "40", "FOREGROUND": "1"}, check=False)
+    assert p.returncode == 2 and "BUDGET_USD=40 needs the instance's price" in p.stderr.strip().splitlines()[-1]
+    spot, log = stub_aws(tmp_path, '*describe-spot-price-history*) printf "0.512\\t0.61\\t0.588\\n" ;;')
+    env = {"AWS": spot, "INSTANCE_TYPE": "g6e.xlarge", "KEY_NAME": "k", "S3_DATA": "s3://d/imagenet",
+           "S3_RUNS": "s3://r/ec2", "REPO_URL": "https://example.com/r.git", "MY_IP": "198.51.100.7",
+           "STATE_DIR": str(tmp_path / "state"), "RUN": "priced", "BUDGET_USD": "10", "AMI_PARAM": "/x"}
+    p = sh(["launch"], env)
+    assert "the price counted: $0.61/h (EC2's current spot price in us-east-1 (its dearest zone))" in p.stderr
+    assert "HOURLY_USD=0.61" in (tmp_path / "state" / "priced.instance").read_text()
+    user_data = [line for line in log.read_text().splitlines() if "run-instances" in line][0]
+    assert "HOURLY_USD=0.61" in user_data and "MAX_HOURS=17.4" in user_data  # $10 / $0.61 + 1 h: before 72 h
+    p = sh(["launch"], {**env, "SPOT": "0", "RUN": "priced2"})
+    assert "the price counted: $1.861/h (ec2_instances.json's on-demand price)" in p.stderr
+    p = sh(["launch"], {**env, "SPOT": "0", "RUN": "priced3", "REGION": "eu-west-1"})
+    assert "warning: 1.861 $/h is ec2_instances.json's on-demand price in us-east-1, not in eu-west-1" in p.stderr
+    p = sh(["launch"], {**env, "SPOT": "0", "RUN": "priced4", "INSTANCE_TYPE": "x9.unknown"}, check=False)
+    assert p.returncode == 2 and "no price known for x9.unknown, and BUDGET_USD needs one: set HOURLY_USD" in p.stderr
+
+
+def test_status_says_which_helper_is_no_longer_running(tmp_path):
+    """The backup, the spot watcher, the budget guard and the watchdog run beside the loop; one that died (it did,
+    silently, on a failed sync or a torn log line) is named by status."""
+    out = tmp_path / "out"
+    out.mkdir()
+    loop, gone = subprocess.Popen(["sleep", "60"]), subprocess.Popen(["true"])
+    gone.wait()
+    try:
+        (out / "loop.pid").write_text(pid_line(loop.pid))
+        (out / "backup.pid").write_text(pid_line(loop.pid))  # alive
+        (out / "budget.pid").write_text(f"{gone.pid} 1 {pid_line(loop.pid).split()[2]}\n")  # dead
+        status = sh(["status"], {"OUT": str(out)}).stdout
+        assert "warning: the budget helper is no longer running" in status and "the backup helper" not in status
+    finally:
+        loop.kill()
+        loop.wait()
+
+
+FAILS = """*run-instances*)
+    echo call >> "$0.log"
+    code=$(echo "$FAILS" | awk -v n="$(wc -l < "$0.log")" '{print $n}')
+    if [ "$code" = timeout ]; then echo "Read timeout on endpoint URL" >&2; exit 255; fi
+    if [ -n "$code" ]; then echo "An error occurred ($code) when calling the RunInstances operation: (a stand-in)" >&2; exit 254; fi
+    echo i-0abc ;;"""
+
+
+def test_launch_tells_a_quota_from_capacity_and_retries_with_one_client_token(tmp_path):
+    """run-instances was retried six times whatever the error, without a client token: a quota error six times, and
+    an ambiguous failure (a timeout after EC2 started the instance) could start a second instance nobody recorded.
+    Now a quota or an unsupported configuration stops at once with its code and the fix, a capacity error or a lost
+    answer is retried, and every retry reuses the request's client token (moto does not enforce tokens: the recorded
+    arguments are checked)."""
+    stub, log = stub_aws(tmp_path, FAILS)
+    env = {"AWS": stub, "INSTANCE_TYPE": "g5.xlarge", "KEY_NAME": "k", "S3_DATA": "s3://d/x", "S3_RUNS": "s3://r/ec2",
+           "REPO_URL": "https://example.com/r.git", "MY_IP": "198.51.100.7", "STATE_DIR": str(tmp_path / "state"),
+           "LAUNCH_RETRY_S": "0", "HOURLY_USD": "1"}
+    for fails, code in (("VcpuLimitExceeded", "VcpuLimitExceeded: g5.xlarge needs more vCPUs"),
+                        ("Unsupported", "Unsupported: g5.xlarge cannot be launched so in us-east-1")):
+        p = sh(["launch"], {**env, "RUN": "quota", "FAILS": fails}, check=False)
+        assert p.returncode == 2 and code in p.stderr.strip().splitlines()[-1], p.stderr
+        assert log.read_text().count("ec2 run-instances") == 1  # not retried
+        log.unlink()
+        Path(stub + ".log").unlink()
+    p = sh(["launch"], {**env, "RUN": "flaky", "FAILS": "InsufficientInstanceCapacity timeout"})
+    tries = [line for line in log.read_text().splitlines() if "ec2 run-instances" in line]
+    tokens = {re.search(r"--client-token (\S+)", line).group(1) for line in tries}
+    assert len(tries) == 3 and len(tokens) == 1, tries  # capacity, then no answer, then started: one token
+    assert "InsufficientInstanceCapacity (try 1 of 6)" in p.stderr and "no answer (try 2 of 6)" in p.stderr
+    assert (tmp_path / "state" / "flaky.instance").read_text().startswith("i-0abc\n")
+
+
+def test_launching_one_run_never_changes_another_runs_access(tmp_path):
+    """Every launch rewrote the policy of the one shared role: a second run with another S3_RUNS took write access
+    away from the first, whose next backup then failed. Each run now has a role of its own, named after it."""
+    env = {"DRY_RUN": "1", "INSTANCE_TYPE": "g6e.xlarge", "KEY_NAME": "k", "S3_DATA": "s3://d/imagenet",
+           "REPO_URL": "https://example.com/r.git", "MY_IP": "198.51.100.7", "STATE_DIR": str(tmp_path / "state"),
+           "HOURLY_USD": "2"}
+    first = sh(["launch"], {**env, "RUN": "first", "S3_RUNS": "s3://a/runs"}).stderr
+    second = sh(["launch"], {**env, "RUN": "second", "S3_RUNS": "s3://b/other"}).stderr
+    assert re.findall(r"put-role-policy --role-name (\S+)", first) == ["resnet-ec2-first"]
+    assert re.findall(r"put-role-policy --role-name (\S+)", second) == ["resnet-ec2-second"]
+    assert "arn:aws:s3:::b/other/second/*" in second and "a/runs" not in second
+    assert "Name=resnet-ec2-second" in second  # its instance profile
+
+
+def test_secrets_stay_off_command_lines_and_out_of_remote_shells(tmp_path):
+    """A REPO_URL with a token in it is refused (it would sit in the instance's files); the remote commands of logs
+    and status-remote quote every setting they carry, so a RUN is a name, never shell code."""
+    env = {"DRY_RUN": "1", "INSTANCE_TYPE": "g6e.xlarge", "KEY_NAME": "k", "S3_DATA": "s3://d/imagenet",
+           "S3_RUNS": "s3://r/ec2", "MY_IP": "198.51.100.7", "STATE_DIR": str(tmp_path / "state"), "HOURLY_USD": "2"}
+    p = sh(["launch"], {**env, "REPO_URL": "https://me:ghp_secret@github.com/me/r.git"}, check=False)
+    assert p.returncode == 2 and "REPO_URL carries credentials" in p.stderr and "ghp_secret" not in p.stderr
+    run = "x; touch pwned"
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / f"{run}.instance").write_text("i-0abc\n")
+    for sub in ("logs", "status-remote"):
+        p = sh([sub], {**env, "RUN": run, "KEY_FILE": "/k.pem"}, check=False)
+        assert r"x\;\ touch\ pwned" in p.stdout and "x; touch" not in p.stdout, p.stdout

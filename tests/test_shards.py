@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -193,3 +194,60 @@ def test_run_ec2_data_stages_the_shards_it_finds_beside_s3_data(kaggle, packed, 
     assert tree(tmp_path / "data") == {r: h for r, h in tree(kaggle).items() if r not in KAGGLE_EXTRAS}
     events = [json.loads(line)["event"] for line in (tmp_path / "out" / "timeline.jsonl").read_text().splitlines()]
     assert events == ["data_start", "data_end"]
+
+
+def put_manifest(moto, prefix, manifest):
+    subprocess.run([str(Path(BIN) / "aws"), "s3", "cp", "-", f"{prefix}/manifest.json"], input=json.dumps(manifest),
+                   text=True, check=True, env={**os.environ, **moto})
+
+
+def test_a_crafted_manifest_or_zip_never_reaches_outside_the_folder(packed, moto, tmp_path):
+    """A manifest's file names were joined to DATA_DIR unchecked: a shard failing its sha256 removed '../victim' and
+    an absolute path, and a shard named with '..' wrote its done-mark outside the folder; pack took a zip entry
+    'train/../../x.jpg'. Now every name is checked before anything is touched, and refused with one line."""
+    manifest, _ = packed
+    good = manifest["shards"][0]
+    outside, absolute = tmp_path / "victim.txt", tmp_path / "elsewhere" / "abs.txt"
+    absolute.parent.mkdir()
+    for f in (outside, absolute):
+        f.write_text("somebody's file")
+    root = tmp_path / "data"
+    root.mkdir()
+    prefix = "s3://shards-test/crafted/shards"
+    aws(moto, "s3", "cp", f"s3://shards-test/imagenet/shards/{good['name']}", f"{prefix}/{good['name']}")
+    for files, name, said in (([["../victim.txt", 1]], good["name"], "'../victim.txt', a '..'"),
+                              ([[str(absolute), 1]], good["name"], "an absolute path"),
+                              ([["notes/x.txt", 1]], good["name"], "outside train/, val/ and the label files"),
+                              (good["files"], "../../outside.tar", "not shard-NNNNN.tar")):
+        put_manifest(moto, prefix, dict(version=1, files=1, bytes=1, shards=[
+            dict(name=name, bytes=good["bytes"], sha256="0" * 64, files=files)]))  # a sha256 that fails
+        p = shards("unpack", prefix, root, env=moto, check=False)
+        assert p.returncode == 2 and said in p.stderr.strip().splitlines()[-1], p.stderr
+        assert "refused before touching anything" in p.stderr and list(root.iterdir()) == []
+    assert outside.read_text() == absolute.read_text() == "somebody's file"
+    assert not (tmp_path / "outside.tar").exists()
+    zipped = tmp_path / "crafted.zip"
+    with zipfile.ZipFile(zipped, "w") as z:
+        z.writestr("train/n0/a.JPEG", b"x")
+        z.writestr("train/../../x.jpg", b"x")
+    p = pack(zipped, "s3://shards-test/crafted-zip/shards", "--workers", "1", env=moto, check=False)
+    assert p.returncode == 2 and "'train/../../x.jpg', a '..', '.' or empty part" in p.stderr.strip().splitlines()[-1]
+
+
+def test_a_done_mark_counts_only_for_its_own_shard_and_prefix(packed, moto, tmp_path):
+    """unpack skipped a shard when a mark of its name existed: staging prefix q into a folder staged from prefix p
+    extracted nothing and still said 'checked against their sha256'. A mark now holds the shard's sha256 and its
+    prefix; one that says otherwise is staged again."""
+    manifest, _ = packed
+    p_prefix, q_prefix = "s3://shards-test/imagenet/shards", "s3://shards-test/other/shards"
+    other = manifest["shards"][1]  # q's one shard: p's second one, under the name of p's first
+    aws(moto, "s3", "cp", f"{p_prefix}/{other['name']}", f"{q_prefix}/shard-00000.tar")
+    put_manifest(moto, q_prefix, dict(version=1, files=len(other["files"]), bytes=other["bytes"],
+                                      shards=[dict(other, name="shard-00000.tar")]))
+    root = tmp_path / "data"
+    assert "3 to extract" in shards("unpack", p_prefix, root, env=moto).stdout
+    assert "0 to extract" in shards("unpack", p_prefix, root, env=moto).stdout  # done, and said so
+    assert "1 to extract" in shards("unpack", q_prefix, root, env=moto).stdout  # shard-00000.tar is another here
+    assert (root / ".shards" / "shard-00000.tar").read_text() == f"{other['sha256']} {q_prefix}\n"
+    (root / ".shards" / "shard-00000.tar").write_text(f"{other['sha256']}\n")  # a mark from before the prefix
+    assert "1 to extract" in shards("unpack", q_prefix, root, env=moto).stdout

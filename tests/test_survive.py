@@ -237,16 +237,25 @@ def test_nan_loss_stops_with_a_clear_message(tiny_data, tmp_path, capfd):
 
 
 def test_resume_with_safe_flag_changes_is_allowed_and_logged(tiny_data, tmp_path, capfd):
+    """...and a torn last line of log.jsonl (a kill or a full disk mid-append) no longer fails every later start as
+    bad input: it is skipped with a warning and the log is written whole again. A fresh run (--resume none) in a
+    folder that holds a run is refused, naming --out: it would overwrite that run's best.pt and last.pt."""
     out = tmp_path / "run"
     run_here(train.main, ["--data", tiny_data, "--out", out, *FAST, "--stop-epoch", "1"], capfd)
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"epoch": 1, "epochs": 2, "train_lo')  # torn
     p = run_here(train.main, ["--data", tiny_data, "--out", out, *FAST, "--mixup", "0", "--cutmix", "0", "--workers",
                               "0"], capfd)
     assert "--mixup 0.2 -> 0.0" in p.stdout and "--cutmix 1.0 -> 0.0" in p.stdout and "--workers 1 -> 0" in p.stdout
-    before = (out / "last.pt").read_bytes()
+    assert "log.jsonl: its last line is torn" in p.stdout
+    assert [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()] == [0, 1]
+    before = {f: (out / f).read_bytes() for f in ("last.pt", "best.pt", "log.jsonl")}
     for flag, value in (("--lr", "0.5"), ("--arch", "resnet34")):  # (--batch-size may change: the elastic tests)
         line = error_line(train.main, ["--data", str(tiny_data), "--out", str(out), *FAST, flag, value], capfd)
         assert f"{flag} is {value} but" in line
-    assert (out / "last.pt").read_bytes() == before
+    line = error_line(train.main, ["--data", str(tiny_data), "--out", str(out), *FAST, "--resume", "none"], capfd)
+    assert f"{out} holds a run already (last.pt, best.pt, log.jsonl)" in line and "its own --out" in line
+    assert {f: (out / f).read_bytes() for f in before} == before
 
 
 @pytest.mark.chaos
