@@ -329,8 +329,8 @@ def parse_args(argv=None):
                                                       "ResNet-50")
     p.add_argument("--ema", action="store_true", help="serve (or export) the checkpoint's EMA weights")
     p.add_argument("--examples", default=os.environ.get("APP_EXAMPLES"), help="a folder of images, or a dataset "
-                   "root (its val split); default: $APP_EXAMPLES, examples/ beside app.py, else the checkpoint's "
-                   "--data")
+                   "root (its val split); default: $APP_EXAMPLES, examples/ beside app.py (a Space) or beside the "
+                   "checkpoint (run_ec2.sh results), else the checkpoint's --data")
     p.add_argument("--num-examples", type=int, default=8, help="how many examples, one class after another")
     # Hugging Face Spaces set GRADIO_SERVER_NAME=0.0.0.0; elsewhere the page is private to this machine
     p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"), help="address to listen on")
@@ -370,7 +370,9 @@ def main(argv=None):
         print(f"app.py: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     trained_on = info.get("args", {}).get("data")
-    folder = args.examples or (SPACE_EXAMPLES if os.path.isdir(SPACE_EXAMPLES) else trained_on or data.default_root())
+    beside = os.path.join(os.path.dirname(os.path.abspath(path)), "examples") if path else None  # run_ec2.sh results
+    folder = args.examples or next((f for f in (SPACE_EXAMPLES, beside) if f and os.path.isdir(f)), None) \
+        or trained_on or data.default_root()
     examples = pick_examples(folder, args.num_examples)
     print(f"{about}; {len(examples)} examples from {folder if examples else 'nowhere (no data found)'}", flush=True)
     # no allowed_paths: the example images reach the page through Gradio's cache, so no folder of ours is served

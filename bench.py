@@ -344,15 +344,18 @@ def money(usd):
 
 
 def cost_table(names=None, measured=None, kind=None):
-    """The README's cost table, as markdown: the facts, both presets' projected hours and dollars, the bottleneck."""
+    """The README's cost table, as markdown: the facts, both presets' projected hours and dollars, the bottleneck. The
+    headers come from the presets: their epochs, and the default's smallest and largest training size."""
     fast, default = train_args(["--preset", "fast"]), train_args([])
-    lines = ["| instance | GPUs | vCPUs | on-demand $/h | spot $/h | a GPU's img/s at 160 / 192 px | loader img/s at "
-             "160 / 192 px | first step | `--preset fast` (16 epochs) | default (24 epochs) | bound by |",
+    lo, hi = min(epoch_sizes(default)), max(epoch_sizes(default))
+    lines = [f"| instance | GPUs | vCPUs | on-demand $/h | spot $/h | a GPU's img/s at {lo} / {hi} px | loader img/s at "
+             f"{lo} / {hi} px | first step | `--preset fast` ({fast.epochs} epochs) | default ({default.epochs} epochs) "
+             f"| bound by |",
              "| --- | --- | ---: | ---: | --- | --- | --- | ---: | --- | --- | --- |"]
     for name in names or INSTANCES:
         inst = INSTANCES[name]
         row_kind = kind or STAGED  # the JPEGs run_ec2.sh data stages there
-        gpu = [measured["gpu"][s] if measured else gpu_rate(inst, s) for s in (160, 192)]
+        gpu = [measured["gpu"][s] if measured else gpu_rate(inst, s) for s in (lo, hi)]
         cores = (inst["vcpus"] - inst["gpus"]) * inst.get("vcpu", VCPU)
         per_core = (measured or {}).get("loader", LOADER_PER_CORE[row_kind])
         cells = []
@@ -366,10 +369,25 @@ def cost_table(names=None, measured=None, kind=None):
         rates = "none published" if gpu[0] is None else f"{gpu[0]:,.0f} / {gpu[1]:,.0f}"
         bound = p["bottleneck"] if p["gpu_known"] else "loader, at least (no GPU rate)"
         lines.append(f"| {name} | {inst['gpus']} x {inst['gpu']} | {inst['vcpus']} | {price} | {spot} | {rates} | "
-                     f"{cores * per_core[160]:,.0f} / {cores * per_core[192]:,.0f} ({row_kind}) | "
+                     f"{cores * per_core[lo]:,.0f} / {cores * per_core[hi]:,.0f} ({row_kind}) | "
                      f"{p['first_step_min']:.0f} min | "
                      f"{cells[0]} | {cells[1]} | {bound} |")
     return "\n".join(lines)
+
+
+def recommendation(names=None):
+    """The README's pick, by a rule applied to the cost table: for the default recipe, the cheapest row at spot among
+    those that are projections (a GPU rate is published and a spot price is in the snapshot; not an "at least" row),
+    by the top of its spot range; and the fastest row, the cheaper on-demand where hours tie."""
+    default = train_args([])
+    rows = {name: project(INSTANCES[name], default) for name in names or INSTANCES}
+    cheap = min((n for n, p in rows.items() if p["gpu_known"] and p["usd_spot"]), key=lambda n: rows[n]["usd_spot"][1])
+    fast = min(rows, key=lambda n: (round(rows[n]["hours"], 1), rows[n]["usd"]))
+    c, f = rows[cheap], rows[fast]
+    spot = f", spot {money(f['usd_spot'][0])}-{money(f['usd_spot'][1])}" if f["usd_spot"] else ""
+    return (f"Recommended, by the rule below the table: **{cheap}** at spot, the cheapest ({c['hours']:.1f} h, "
+            f"{money(c['usd_spot'][0])}-{money(c['usd_spot'][1])} projected), or **{fast}**, the fastest "
+            f"({f['hours']:.1f} h, {money(f['usd'])} on-demand{spot} projected).")
 
 
 def staging_table(names=None):
@@ -563,7 +581,8 @@ def main(argv=None):
         args.instance = None
     if args.project_only:
         names = [args.instance] if args.instance else None
-        print(cost_table(names, kind=args.kind) + "\n\n" + staging_table(names))
+        print(cost_table(names, kind=args.kind) + "\n\n" + staging_table(names)
+              + ("" if names else "\n\n" + recommendation()))
         return
     try:
         files = find_images(args.images, args.data)

@@ -60,12 +60,14 @@ def pick_checkpoint(args):
     return args.checkpoint
 
 
-def load_model(args, device):
+def load_model(args, device, with_data=True):
     """(model on device, checkpoint info, data root, settings): the settings say how to evaluate, the given flags
-    over the way the run evaluated, and what predictions.csv is made from (gradcam.py compares them)."""
+    over the way the run evaluated, and what predictions.csv is made from (gradcam.py compares them). with_data
+    False (one image of the user's): the default data is named, never downloaded."""
     model, meta = load_checkpoint(pick_checkpoint(args), arch=args.arch, ema=args.ema)
-    root = str(args.data or meta["args"].get("data") or data.default_data())
-    print(f"data {root}", flush=True)
+    root = str(args.data or meta["args"].get("data") or (data.default_data() if with_data else data.default_root()))
+    if with_data:
+        print(f"data {root}", flush=True)
     img_size = args.img_size or meta["eval_size"]
     path = os.path.abspath(args.checkpoint)
     settings = dict(checkpoint=path, checkpoint_mtime_ns=os.stat(path).st_mtime_ns, data=os.path.abspath(root),

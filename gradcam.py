@@ -274,7 +274,12 @@ def parse_args(argv=None):
 
 def run(args):
     device = pick_device(args.device)
-    model, meta, root, settings = evaluate.load_model(args, device)
+    if args.image:  # the user's image is read first: nothing is loaded or downloaded for a file that is not one
+        try:
+            data.load_rgb(args.image)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--image {args.image} cannot be read as an image: {e}") from None
+    model, meta, root, settings = evaluate.load_model(args, device, with_data=not args.image)
     img_size = settings["img_size"]
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
     os.makedirs(out, exist_ok=True)

@@ -315,9 +315,16 @@ def read_checkpoint(path, map_location="cpu"):
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"checkpoint {path} does not exist; train one with train.py or pass another path")
-    except Exception as e:  # the unpickler refuses anything but tensors and containers; truncated files land here
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"checkpoint {path} cannot be loaded safely (weights_only=True): {first}") from None
+    except Exception:  # the unpickler refuses anything but tensors and containers; other files land here too
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if head[:1] != b"\x80" and head != b"PK":  # neither torch.save's zip nor a legacy pickle: torch's own advice
+            # (load it with weights_only=False) would be wrong here, and unsafe
+            raise ValueError(f"{path} is not a PyTorch checkpoint: pass a train.py checkpoint (.pt) or a state_dict "
+                             f"saved with torch.save") from None
+        raise ValueError(f"checkpoint {path} cannot be loaded safely (weights_only=True): it is cut short, or holds "
+                         f"objects that would run code when unpickled, which no file of this project does; it is not "
+                         f"read") from None
     if not isinstance(ckpt, dict):
         raise ValueError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a state_dict or checkpoint dict")
     if not isinstance(ckpt.get("model"), dict):  # a bare state_dict (torchvision's, or anyone's): tensors by name

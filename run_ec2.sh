@@ -3,18 +3,24 @@
 # spot reclaims and never paying for a run that cannot make progress.
 #
 # On the laptop (AWS CLI only):
-#   ./run_ec2.sh launch            AMI, IAM role of the run, security group, spot or on-demand instance, user-data
-#                                  that runs setup, data and train (and again after a reboot); README "From zero"
-#   ./run_ec2.sh ssh | logs | status-remote | terminate
-#   ./run_ec2.sh tunnel [PORT ...] app.py's page and TensorBoard on the instance, here (ports 7860, 6006)
+#   ./run_ec2.sh check             what would stop a launch: the vCPU quota, the type's zones, the key pair, the
+#                                  buckets' region (launch runs it first)
+#   ./run_ec2.sh launch            this commit into S3, the run's IAM role, a security group, a spot or on-demand
+#                                  instance whose user-data runs setup, data, train and finish; README "From zero"
+#   ./run_ec2.sh list              this tool's instances in REGION: run, type, market, state, uptime, price
+#   ./run_ec2.sh ssh | logs | status-remote | curves | terminate
+#   ./run_ec2.sh tunnel [PORT ...] app.py's page and TensorBoard on the instance (started if need be), here
+#   ./run_ec2.sh results           the run's results (weights, log, curves, reports, Grad-CAM, Space) into runs/RUN
 #   ./run_ec2.sh resume            a new instance for a run whose instance was reclaimed: it continues from S3
-#   ./run_ec2.sh prepare           once: ImageNet in S3_DATA into checked tar shards beside it (or PREPARE=1 launch)
+#   ./run_ec2.sh prepare           once: ImageNet (from Kaggle, or S3_DATA) into checked tar shards beside S3_DATA;
+#                                  PREPARE=1 launch runs it on a CPU instance
 # On the instance:
 #   ./run_ec2.sh setup             venv + requirements; check the commands, the GPUs and shared memory
 #   ./run_ec2.sh data              the shards from S3 onto the instance store (DATA_DIR), while setup runs
 #   ./run_ec2.sh train [flags]     torchrun train.py on every GPU, in tmux, restarted after a preemption or a crash
 #                                  that made progress; starts the S3 backup, the spot watcher, the budget guard and
 #                                  the watchdog
+#   ./run_ec2.sh finish            after done (or the budget): evaluate.py, gradcam.py --worst 32, the Space, into S3
 #   ./run_ec2.sh bench             bench.py on this GPU and these JPEGs: the projected hours and dollars
 #   ./run_ec2.sh status | stop
 #   ./run_ec2.sh end STAGE [CODE]  the end step of a launched instance: the final backup and OUT/ended.json
@@ -72,7 +78,10 @@ MKFS=${MKFS:-mkfs.ext4}
 MDADM=${MDADM:-mdadm}
 MOUNT=${MOUNT:-mount}
 FSTAB=${FSTAB:-/etc/fstab}
-NEEDED=${NEEDED:-git curl tmux unzip python3 aws}    # the commands setup checks for
+NEEDED=${NEEDED:-curl tmux unzip python3 aws}        # the commands setup checks for
+KAGGLE=${KAGGLE:-$([[ -x $VENV/bin/kaggle ]] && echo "$VENV/bin/kaggle" || echo kaggle)}  # the Kaggle CLI
+KAGGLE_PARAM=${KAGGLE_PARAM:-}                       # on prepare's instance: the SSM parameter with the Kaggle token
+FINISH_MIN=${FINISH_MIN:-30}                         # the finish step's time limit (evaluation, Grad-CAM, Space)
 JOURNAL=${JOURNAL:-journalctl -u resnet-run.service -n 40 --no-pager -o cat}  # the service's last lines, for the end
                                                      # step's record
 DRY_RUN=${DRY_RUN:-0}                                # 1: print the commands, run nothing
@@ -91,7 +100,10 @@ PRICES=${PRICES:-$REPO_DIR/ec2_instances.json}       # on-demand prices (us-east
 REGION=${REGION:-${AWS_DEFAULT_REGION:-us-east-1}}
 KEY_NAME=${KEY_NAME:-}                               # an EC2 key pair for ssh
 KEY_FILE=${KEY_FILE:-$HOME/.ssh/$KEY_NAME.pem}
-REPO_URL=${REPO_URL:-}                               # what the instance clones; default: this checkout's origin
+FROM_KAGGLE=${FROM_KAGGLE:-0}                        # prepare: 1 fetches ImageNet from Kaggle itself (its CLI)
+KAGGLE_COMPETITION=${KAGGLE_COMPETITION:-imagenet-object-localization-challenge}  # ImageNet-1k's files on Kaggle
+KEEP_ZIP=${KEEP_ZIP:-0}                              # prepare, FROM_KAGGLE: 1 keeps the competition's zip in S3_DATA
+CHECK=${CHECK:-1}                                    # launch runs ./run_ec2.sh check first; 0 skips it
 TRAIN_ARGS=${TRAIN_ARGS:-}                           # train.py flags for the launched run, e.g. "--epochs 16"
 # the run's name: runs/RUN on the instance, S3_RUNS/RUN in S3; by default, what it trains, as train.py names its
 # folder (<the data's folder name>-<arch>): an Imagenette try-out and the ImageNet run never share a folder
@@ -123,7 +135,7 @@ run() { if [[ $DRY_RUN == 1 ]]; then printf '+ %s\n' "$*"; else "$@"; fi; }
 usage() {
     case ${1:-} in
         setup) echo "setup: check the commands it needs (NEEDED; installed where missing on an instance, else named), create $VENV (reusing a CUDA torch already on the system), install requirements.txt (and tensorboard when TRAIN_ARGS ask), and check nvidia-smi, free disk (MIN_FREE_GB) and /dev/shm (MIN_SHM_GB)." ;;
-        prepare) echo "prepare: once per dataset, S3_DATA (the Kaggle zip or a tree) into tar shards of about 1 GB under SHARDS (default S3_DATA/shards-<SHRINK_BY><SHRINK>, shards-shorter320; S3_DATA/shards with SHRINK= for full size), every image decoded once on the way, the training images shrunk to SHRINK px; resumes. On a laptop, or on a CPU instance: PREPARE=1 INSTANCE_TYPE=c7i.4xlarge ./run_ec2.sh launch." ;;
+        prepare) echo "prepare: once per dataset, ImageNet into tar shards: with FROM_KAGGLE=1 the competition's files from Kaggle (the Kaggle CLI; on a launched instance its token comes from an SSM SecureString parameter only the prepare role reads, deleted when prepare ends; KEEP_ZIP=1 also keeps the zip in S3_DATA), else S3_DATA (the Kaggle zip or a tree), into tar shards of about 1 GB under SHARDS (default S3_DATA/shards-<SHRINK_BY><SHRINK>, shards-shorter320; S3_DATA/shards with SHRINK= for full size), every image decoded once on the way, the training images shrunk to SHRINK px; resumes. On a laptop, or on a CPU instance: PREPARE=1 INSTANCE_TYPE=c7i.4xlarge ./run_ec2.sh launch." ;;
         data) echo "data: DATA_DIR onto the instance store (formatted only when launch's user-data sets FORMAT_STORE=1; striped over several disks; one the AMI mounted is used as it is), then the shards under S3_DATA streamed into it, checked against their sha256 (SHARDS where they fit, else the smallest that do); with no shards, the zip or the tree copied and train.py --check-data." ;;
         train) echo "train [train.py flags]: torchrun --nproc_per_node=<GPUs> train.py --data DATA_DIR --out OUT [flags] in tmux session SESSION (nohup without tmux), every setting passed in a file only you can read, output to OUT/train.log. Restarted after 'preempted', and after 'crashed' or 'hung' only when last.pt moved on since the start; ended by done, a config error, a diverged loss, BUDGET_USD, or ./run_ec2.sh stop. Starts the S3 backup and the spot watcher (S3_RUNS), the budget guard (BUDGET_USD, which needs HOURLY_USD) and the watchdog. With no OUT/last.pt it first restores OUT from S3_RUNS." ;;
         backup) echo "backup: aws s3 sync of a snapshot of OUT (hard links: a checkpoint replaced mid-upload arrives whole) to S3_RUNS/<name of OUT> every BACKUP_MIN minutes while training runs, and once more at the end; a failed sync is said and tried again at the next round, and OUT/backup.ok keeps the time of the last good one (train starts it)." ;;
@@ -134,10 +146,15 @@ usage() {
         bench) echo "bench: python bench.py --device cuda on the JPEGs of DATA_DIR for this instance's type (IMDS), with HOURLY_USD: this GPU's and this machine's loader's rates, and the projected hours and dollars with them in place of the published rates." ;;
         status) echo "status: GPU use, helpers that are no longer running, the last good backup, the last log line, epoch and top-1, why the loop ended, and the cost since the instance's launch (IMDS; uptime as the fallback) with the projection to the last epoch and BUDGET_USD." ;;
         stop) echo "stop: end the run for good: SIGTERM the trainer (it checkpoints) and the restart loop ends; a launched instance then runs its end step and shuts down (unless KEEP_ALIVE=1). resume, on the laptop, continues the run on a new instance." ;;
-        launch) echo "launch: from INSTANCE_TYPE, SPOT, DISK_GB, S3_DATA, S3_RUNS, REPO_URL, KEY_NAME, REGION (and RUN, TRAIN_ARGS, HOURLY_USD, BUDGET_USD, MAX_HOURS, KEEP_ALIVE): the Deep Learning AMI from SSM (AMI_PARAM), the run's own IAM role (reads S3_DATA, writes S3_RUNS/RUN only), a security group open to MY_IP's SSH only, the instance (IMDSv2 only), and user-data that runs setup, data and train on every boot (systemd). Refused while an instance of RUN runs. The price it counts: HOURLY_USD, else EC2's current spot price, else ec2_instances.json's on-demand one. The instance ends itself once its work ends (the end step, then a shutdown) and MAX_HOURS after launch at the latest; KEEP_ALIVE=1 keeps it up after its work." ;;
+        launch) echo "launch: from INSTANCE_TYPE, SPOT, DISK_GB, S3_DATA, S3_RUNS, KEY_NAME, REGION (and RUN, TRAIN_ARGS, HOURLY_USD, BUDGET_USD, MAX_HOURS, KEEP_ALIVE; PREPARE, FROM_KAGGLE): check first (CHECK=0 skips it), this checkout's commit as a git archive into S3 beside the run (uncommitted changes are refused), the Deep Learning AMI from SSM (AMI_PARAM), the run's own IAM role (reads S3_DATA, writes S3_RUNS/RUN only), a security group open to MY_IP's SSH only, the instance (IMDSv2 only), and user-data that runs setup, data and train on every boot (systemd). Refused while an instance of RUN runs. The price it counts: HOURLY_USD, else EC2's current spot price, else ec2_instances.json's on-demand one. The instance ends itself once its work ends (the end step, then a shutdown) and MAX_HOURS after launch at the latest; KEEP_ALIVE=1 keeps it up after its work." ;;
         resume) echo "resume: launch a new instance for RUN, which must have a last.pt in S3_RUNS/RUN: train restores it and continues." ;;
+        check) echo "check: before any instance is paid for, for INSTANCE_TYPE and SPOT's market in REGION: the vCPU quota (Service Quotas; the codes in ec2_instances.json) less what runs already, the zones that offer the type, the key pair KEY_NAME, and that the buckets of S3_DATA and S3_RUNS are in REGION and readable; each failure is one line with its fix. launch runs it first (CHECK=0 skips it)." ;;
+        list) echo "list: this tool's instances in REGION (tagged made-by=run_ec2.sh): run, type, market, state, uptime, the price counted, the commit." ;;
+        curves) echo "curves: the run's current curves.png (over SSH, else from S3_RUNS) into runs/RUN/curves.png here, and says where." ;;
+        finish) echo "finish: after the run ended done, or stopped at its budget: evaluate.py (top-1, top-5, per class, predictions), gradcam.py --worst 32 (grid and HTML), app.py --export-space with photos of the val set, and a weights-only best.pt, into OUT/results, then backed up to S3_RUNS/RUN; FINISH_MIN minutes at most. A launched instance runs it before its end step; by hand (KEEP_ALIVE=1), it runs wherever OUT, DATA_DIR and S3_RUNS are set." ;;
+        results) echo "results: S3_RUNS/RUN's results into runs/RUN here: a weights-only best.pt, log.jsonl, curves.png, the evaluation's reports, the Grad-CAM dump, the Space, why the instance ended; then the run's summary. Refuses a runs/RUN that holds another run. Then python app.py --checkpoint runs/RUN/best.pt." ;;
         ssh|logs|status-remote|terminate) echo "ssh | logs | status-remote | terminate: log in to RUN's instance, print its last log lines (over SSH, else from S3_RUNS), run status there (with its own settings), or terminate it at once (no end step) and, once it is gone, remove the run's IAM role and profile." ;;
-        tunnel) echo "tunnel [PORT ...]: forward local ports (default 7860 and 6006) to RUN's instance's 127.0.0.1 over SSH: app.py's page and TensorBoard, which listen there only; the security group stays SSH-only." ;;
+        tunnel) echo "tunnel [PORT ...]: forward local ports (default 7860 and 6006) to RUN's instance's 127.0.0.1 over SSH: app.py's page (on the run's best.pt) and TensorBoard, started there first when they are not running; they listen on 127.0.0.1 only, and the security group stays SSH-only." ;;
         *) sed -n '2,/^# Every setting/p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' ;;
     esac
 }
@@ -280,6 +297,7 @@ cmd_setup() {
     fi
     if ! command -v aws >/dev/null 2>&1 && [[ " $NEEDED " == *" aws "* ]]; then run "$VENV/bin/pip" install -q awscli; fi
     if [[ " $TRAIN_ARGS " == *" --tensorboard "* ]]; then run "$VENV/bin/pip" install -q tensorboard; fi
+    if [[ $FROM_KAGGLE == 1 ]]; then run "$VENV/bin/pip" install -q kaggle; fi  # prepare's download
     gpus=$(gpu_count)
     [[ $gpus -gt 0 ]] || say "warning: nvidia-smi finds no GPU; training would run on the CPU"
     say "GPUs: $gpus"
@@ -297,10 +315,44 @@ mark() {  # a moment of this start (boot, setup, data, train) into OUT/timeline.
 }
 
 cmd_prepare() {  # once per dataset, on a laptop or (better) a CPU instance in the bucket's region: PREPARE=1 launch
-    [[ -n $S3_DATA ]] || die "set S3_DATA=s3://bucket/path of ImageNet (a train/ val/ tree or the Kaggle zip)"
-    local flags=()
+    [[ -n $S3_DATA ]] || die "set S3_DATA=s3://bucket/path: the shards go beside it (and it holds ImageNet, a train/ val/ tree or the Kaggle zip, unless FROM_KAGGLE=1)"
+    local flags=() src=$S3_DATA
     [[ -z $SHRINK ]] || flags+=(--shrink "$SHRINK" --shrink-by "$SHRINK_BY")
-    run "$(python_bin)" "$REPO_DIR/shards.py" pack "$S3_DATA" "$SHARDS" "${flags[@]}" ${PREPARE_SRC:+--scratch "$PREPARE_SRC"}
+    if [[ $FROM_KAGGLE == 1 ]]; then  # the competition's files straight from Kaggle onto this machine: no laptop
+        local dir=${PREPARE_SRC:-$HOME/kaggle}
+        if [[ -n $KAGGLE_PARAM ]]; then  # on prepare's instance: the token launch put in SSM, in a file of its own
+            export KAGGLE_CONFIG_DIR=$HOME/.kaggle-run_ec2
+            (umask 077 && mkdir -p "$KAGGLE_CONFIG_DIR" && "$AWS" ssm get-parameter --name "$KAGGLE_PARAM" --with-decryption \
+                --query Parameter.Value --output text > "$KAGGLE_CONFIG_DIR/kaggle.json") \
+                || die "could not read the Kaggle token from SSM ($KAGGLE_PARAM): launch prepare again (PREPARE=1 FROM_KAGGLE=1 ./run_ec2.sh launch)"
+        fi
+        run mkdir -p "$dir"
+        say "downloading $KAGGLE_COMPETITION from Kaggle into $dir (about 155 GB)"
+        run "$KAGGLE" competitions download "$KAGGLE_COMPETITION" -p "$dir"
+        src=$dir/$KAGGLE_COMPETITION.zip
+    fi
+    run "$(python_bin)" "$REPO_DIR/shards.py" pack "$src" "$SHARDS" "${flags[@]}" ${PREPARE_SRC:+--scratch "$PREPARE_SRC"}
+    if [[ $FROM_KAGGLE == 1 && $KEEP_ZIP == 1 ]]; then run "$AWS" s3 cp "$src" "$S3_DATA/" --only-show-errors; fi
+}
+
+kaggle_ready() {  # on the laptop, before prepare's instance is paid for: the Kaggle CLI, a token that works, the
+    # competition's rules accepted; each failure one line with its fix. Prints the token (kaggle.json's text).
+    local out dir=${KAGGLE_CONFIG_DIR:-$HOME/.kaggle}
+    command -v "$KAGGLE" >/dev/null 2>&1 || die "FROM_KAGGLE=1 needs the Kaggle CLI here, to check your token first: pip install kaggle"
+    if ! out=$("$KAGGLE" competitions files "$KAGGLE_COMPETITION" 2>&1); then
+        case $out in
+            *kaggle.json*|*"Could not find"*|*credentials*)
+                die "no Kaggle token: on kaggle.com, Settings -> API -> Create New Token, then save kaggle.json as $dir/kaggle.json (chmod 600)" ;;
+            *401*|*Unauthorized*)
+                die "Kaggle refuses the token in $dir/kaggle.json (401): make a new one (kaggle.com, Settings -> API -> Create New Token)" ;;
+            *403*|*Forbidden*|*rules*)
+                die "this Kaggle account has not accepted the competition's rules (403): accept them at https://www.kaggle.com/competitions/$KAGGLE_COMPETITION/rules, then launch again" ;;
+            *) die "the Kaggle CLI failed: $(tail -n 1 <<< "$out")" ;;
+        esac
+    fi
+    if [[ -f $dir/kaggle.json ]]; then cat "$dir/kaggle.json"
+    elif [[ -n ${KAGGLE_USERNAME:-} && -n ${KAGGLE_KEY:-} ]]; then printf '{"username": "%s", "key": "%s"}\n' "$KAGGLE_USERNAME" "$KAGGLE_KEY"
+    else die "the Kaggle CLI works, but no $dir/kaggle.json nor KAGGLE_USERNAME and KAGGLE_KEY to give the instance"; fi
 }
 
 store_disks() {  # NAME SIZE MOUNTPOINT of each instance store disk (AWS names their model so), one a line
@@ -494,6 +546,10 @@ train_loop() {
             loop_end stopped "not starting: \$$(money spent) of BUDGET_USD=\$$BUDGET_USD spent; to continue, resume the run with a higher BUDGET_USD (./run_ec2.sh resume on the laptop)"
             return 0
         fi
+        if [[ -f $OUT/spot_notice ]]; then  # the notice came while no trainer ran: none starts on an instance about
+            loop_end preempted "spot interruption: not starting a trainer on an instance about to go"  # to go
+            return 0
+        fi
         rm -f "$OUT/status" "$OUT/hung"
         mark train_start
         wait_report >> "$LOG"  # where train.py's "first step at" line follows
@@ -668,6 +724,11 @@ cmd_watch_spot() {
             say "spot interruption notice: stopping the trainer"
             touch "$OUT/spot_notice"
             pid=$(trainer_pid)
+            for _ in $(seq 10); do  # a trainer the loop is starting this very moment: its pid file comes next
+                [[ -z $pid && -n $(own_pid "$OUT/loop.pid") ]] || break
+                sleep 1
+                pid=$(trainer_pid)
+            done
             if [[ -n $pid ]]; then
                 run kill -TERM "$pid"
                 for _ in $(seq 100); do alive "$pid" || break; sleep 1; done
@@ -799,6 +860,7 @@ cmd_status() {
         done
     fi
     if [[ -n $S3_RUNS ]]; then echo "last good backup to $S3_RUNS: $(backup_age)"; fi
+    if [[ -f $REPO_DIR/.commit ]]; then echo "code: commit $(cut -c1-12 "$REPO_DIR/.commit"), as launch shipped it"; fi
     if command -v nvidia-smi >/dev/null 2>&1; then
         nvidia-smi --query-gpu=index,utilization.gpu,memory.used,memory.total --format=csv,noheader
     fi
@@ -835,6 +897,42 @@ cmd_stop() {  # a user's stop, which is final: the loop does not restart the tra
     if [[ -n $pid ]]; then run kill -TERM "$pid"; say "sent SIGTERM to the trainer (pid $pid): it checkpoints, and the loop ends"; fi
 }
 
+cmd_finish() {  # [auto]: the run's results, made where its data is: the evaluation's reports, the Grad-CAM dump of the
+    # worst 32, the Space with photos of the val set, and a weights-only best.pt, in OUT/results, then backed up.
+    # FINISH_MIN bounds it; what failed is said in OUT/results/finish.json (and so in ended.json). auto (the launched
+    # service): only after the run ended done, or stopped at its budget.
+    local ckpt=$OUT/best.pt res=$OUT/results py t0 word="done" failed=() step
+    if [[ -f $OUT/loop_end ]]; then read -r word _ < "$OUT/loop_end"; fi
+    if [[ ${1:-} == auto && $word != "done" && ! ( $word == stopped && -f $OUT/budget_stop ) ]]; then
+        say "finish: the run ended '$word', neither done nor at its budget: no results made"
+        return 0
+    fi
+    mkdir -p "$res"
+    if [[ ! -f $ckpt ]]; then
+        echo '{"ok": false, "failed": ["no best.pt"], "seconds": 0}' > "$res/finish.json"
+        die "no $ckpt: the run has no best checkpoint to make results of"
+    fi
+    py=$(python_bin)
+    t0=$(date +%s)
+    for step in evaluate gradcam space weights; do
+        local left=$(( FINISH_MIN * 60 - ($(date +%s) - t0) ))
+        if (( left <= 0 )); then failed+=("$step (FINISH_MIN=$FINISH_MIN passed)"); continue; fi
+        say "finish: $step"
+        case $step in  # gradcam.py reads evaluate.py's predictions.csv, made with the same settings
+            evaluate) timeout "$left" "$py" "$REPO_DIR/evaluate.py" --checkpoint "$ckpt" --data "$DATA_DIR" --out "$res/eval" ;;
+            gradcam) timeout "$left" "$py" "$REPO_DIR/gradcam.py" --checkpoint "$ckpt" --data "$DATA_DIR" --worst 32 --out "$res/eval" ;;
+            space) timeout "$left" "$py" "$REPO_DIR/app.py" --checkpoint "$ckpt" --examples "$DATA_DIR" --export-space "$res/space" ;;
+            weights) PYTHONPATH=$REPO_DIR timeout "$left" "$py" -c 'import sys, model
+model.save_weights(model.read_checkpoint(sys.argv[1]), sys.argv[2])' "$ckpt" "$res/best.pt" ;;
+        esac || failed+=("$step")
+    done
+    python3 -c 'import json, sys, time
+print(json.dumps(dict(ok=len(sys.argv) == 2, failed=sys.argv[2:], seconds=round(time.time() - float(sys.argv[1])))))' \
+        "$t0" "${failed[@]}" > "$res/finish.json"
+    if [[ ${#failed[@]} -gt 0 ]]; then say "finish: failed: ${failed[*]} (OUT/results/finish.json)"; else say "finish: the results are in $res"; fi
+    [[ -z $S3_RUNS ]] || backup_noted || true
+}
+
 cmd_end() {  # STAGE [CODE]: the end step of a launched instance, whatever ended its work (the service runs it, then
     # shuts down): the final backup, retried for END_BACKUP_MIN, then OUT/ended.json, the record of why it ended,
     # beside the run in S3 (beside the shards, for prepare)
@@ -866,18 +964,23 @@ cmd_end() {  # STAGE [CODE]: the end step of a launched instance, whatever ended
     # shellcheck disable=SC2086  # JOURNAL is a command line
     ENDED_JOURNAL=$($JOURNAL 2>/dev/null | tail -n 40 || true) python3 - "$OUT/ended.json" "$stage" "$word" "$why" \
         "$code" "$backup" "$KEEP_ALIVE" "$(imds_get meta-data/instance-id)" "$(imds_get meta-data/instance-type)" \
-        "$RUN" "$LOG" <<'PY'
+        "$RUN" "$LOG" "$(cat "$REPO_DIR/.commit" 2>/dev/null || true)" "$OUT/results/finish.json" <<'PY'
 import json, os, sys, time
-path, stage, word, why, code, backup, keep, instance, kind, run, log = sys.argv[1:]
+path, stage, word, why, code, backup, keep, instance, kind, run, log, commit, finish = sys.argv[1:]
 tail = open(log, errors="replace").read().splitlines()[-20:] if os.path.exists(log) else []
 record = dict(run=run, status=word, why=why, stage=stage, exit=int(code), backup=backup, keep_alive=keep == "1",
-              instance=instance or None, instance_type=kind or None,
+              instance=instance or None, instance_type=kind or None, commit=commit or None,
+              finish=json.load(open(finish)) if os.path.exists(finish) else None,
               ended=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               journal=os.environ["ENDED_JOURNAL"].splitlines(), train_log=tail)
 with open(path + ".tmp", "w") as f:
     json.dump(record, f, indent=1)
 os.replace(path + ".tmp", path)
 PY
+    if [[ -n $KAGGLE_PARAM ]]; then  # prepare's Kaggle token: read once, never left behind
+        rm -f -- "$HOME/.kaggle-run_ec2/kaggle.json"
+        "$AWS" ssm delete-parameter --name "$KAGGLE_PARAM" 2>/dev/null && say "deleted the Kaggle token's SSM parameter $KAGGLE_PARAM"
+    fi
     if [[ $stage == prepare ]]; then dest=$SHARDS; else dest=${S3_RUNS:+$S3_RUNS/$(basename "$OUT")}; fi
     if [[ -n $dest ]]; then
         "$AWS" s3 cp "$OUT/ended.json" "$dest/ended.json" --only-show-errors || say "could not copy ended.json to $dest"
@@ -927,17 +1030,50 @@ $(read_data_json)
 JSON
 }
 
-prepare_policy_json() {  # prepare's instance may read S3_DATA and write SHARDS (multipart uploads too), nothing else
-    local sb sp
+prepare_policy_json() {  # prepare's instance may read S3_DATA and write SHARDS (multipart uploads too), and read and
+    # delete its Kaggle token (FROM_KAGGLE), nothing else
+    local sb sp db dp token=""
     read -r sb sp < <(s3_path "$SHARDS")
+    if [[ -n $KAGGLE_PARAM ]]; then
+        token=$',\n  {"Sid": "KaggleToken", "Effect": "Allow", "Action": ["ssm:GetParameter", "ssm:DeleteParameter"],'
+        token+=$'\n   "Resource": "arn:aws:ssm:'"$REGION"':*:parameter'"$KAGGLE_PARAM"'"}'
+    fi
+    if [[ $FROM_KAGGLE == 1 && $KEEP_ZIP == 1 ]]; then  # and the competition's zip beside the shards
+        read -r db dp < <(s3_path "$S3_DATA")
+        token+=$',\n  {"Sid": "KeepZip", "Effect": "Allow", "Action": "s3:PutObject", "Resource": "arn:aws:s3:::'
+        token+="$db/${dp:+$dp/}$KAGGLE_COMPETITION.zip\"}"
+    fi
     cat <<JSON
 {"Version": "2012-10-17", "Statement": [
 $(read_data_json)
   {"Sid": "ListUploads", "Effect": "Allow", "Action": "s3:ListBucketMultipartUploads", "Resource": "arn:aws:s3:::$sb"},
   {"Sid": "WriteShards", "Effect": "Allow", "Action": ["s3:PutObject", "s3:AbortMultipartUpload",
-   "s3:ListMultipartUploadParts"], "Resource": "arn:aws:s3:::$sb/$sp/*"}
+   "s3:ListMultipartUploadParts"], "Resource": "arn:aws:s3:::$sb/$sp/*"}$token
 ]}
 JSON
+}
+
+code_ready() {  # launch ships this checkout's commit (below): a clone of the repository, with nothing uncommitted, so
+    # that a run trains a commit that can be named (list, status and ended.json name it); said before anything is made
+    git -C "$REPO_DIR" rev-parse -q --verify HEAD >/dev/null 2>&1 \
+        || die "launch ships this checkout's commit to the instance: run it in a git clone of this repository"
+    if [[ -n $(git -C "$REPO_DIR" status --porcelain --untracked-files=no) ]]; then
+        [[ $DRY_RUN == 1 ]] || die "this checkout has changes that are not committed (git status): commit them or git stash them, so that the instance trains a commit you can name"
+        say "DRY_RUN: this checkout has uncommitted changes, which launch would refuse"
+    fi
+}
+
+ship_code() {  # this checkout's commit, as a git archive, into S3 at $1, where the instance's role reads it: the
+    # instance needs no access to the repository, and unpushed commits and private repositories train as they are
+    if [[ $DRY_RUN == 1 ]]; then
+        CODE_COMMIT=$(git -C "$REPO_DIR" rev-parse HEAD 2>/dev/null || echo DRYRUN) CODE_URL=$1/code-$CODE_COMMIT.tar.gz
+        printf '+ git archive --format=tar.gz HEAD | %s s3 cp - %s\n' "$AWS" "$CODE_URL" >&2
+        return 0
+    fi
+    CODE_COMMIT=$(git -C "$REPO_DIR" rev-parse HEAD) CODE_URL=$1/code-$CODE_COMMIT.tar.gz
+    git -C "$REPO_DIR" archive --format=tar.gz HEAD | "$AWS" --region "$REGION" s3 cp - "$CODE_URL" --only-show-errors \
+        || die "could not copy the code to $CODE_URL"
+    say "the instance runs commit ${CODE_COMMIT:0:12} ($(git -C "$REPO_DIR" log -1 --format=%s | cut -c1-60)), shipped to $CODE_URL"
 }
 
 TRUST_JSON='{"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}]}'
@@ -1036,8 +1172,9 @@ umask 077  # the settings are RUN_USER's alone
 mkdir -p "$BOOT_ROOT/etc" "$BOOT_ROOT/usr/local/bin" "$BOOT_ROOT/etc/systemd/system"
 cat > "$BOOT_ROOT/etc/resnet-run.env" <<'ENV'
 EOF
-    for name in RUN_USER RUN REPO_URL REPO DATA_DIR S3_DATA S3_RUNS OUT HOURLY_USD BUDGET_USD TRAIN_ARGS PREPARE SHARDS \
-                SHRINK SHRINK_BY FORMAT_STORE KEEP_ALIVE DEADLINE MAX_HOURS PREPARE_HOURS; do
+    for name in RUN_USER RUN CODE_URL CODE_COMMIT REPO DATA_DIR S3_DATA S3_RUNS OUT HOURLY_USD BUDGET_USD TRAIN_ARGS \
+                PREPARE SHARDS SHRINK SHRINK_BY FORMAT_STORE KEEP_ALIVE DEADLINE MAX_HOURS PREPARE_HOURS FROM_KAGGLE \
+                KAGGLE_PARAM KAGGLE_COMPETITION KEEP_ZIP; do
         printf '%s=%q\n' "$name" "${!name}"
     done
     cat <<'EOF'
@@ -1061,8 +1198,9 @@ the_end() {  # however the work below ended: the end step (the final backup, end
     trap - EXIT
     if [ -x "$REPO/run_ec2.sh" ]; then
         "$REPO/run_ec2.sh" end "$stage" "$code" || true
-    else  # no code to run it (the clone failed): the record alone
+    else  # no code to run it (it did not arrive): the record alone, and prepare's Kaggle token goes
         if [ "$PREPARE" = 1 ]; then dest=$SHARDS; else dest=$S3_RUNS/$RUN; fi
+        [ -z "$KAGGLE_PARAM" ] || aws ssm delete-parameter --name "$KAGGLE_PARAM" || true
         printf '{"run": "%s", "status": "failed", "stage": "%s", "exit": %s, "why": "%s failed before the code was on the instance: the journal of resnet-run.service says why"}\n' \
             "$RUN" "$stage" "$code" "$stage" | aws s3 cp - "$dest/ended.json" --only-show-errors || true
     fi
@@ -1076,8 +1214,12 @@ trap the_end EXIT
 left=$(( (DEADLINE - $(date +%s)) / 60 ))
 if [ "$left" -le 0 ]; then stage=lifetime; echo "MAX_HOURS=$MAX_HOURS have passed since the launch" >&2; exit 1; fi
 $SHUTDOWN "+$left"  # the instance's lifetime, whatever happens below
-stage=clone
-[ -d "$REPO/.git" ] || git clone --quiet "$REPO_URL" "$REPO"
+stage=code  # the commit launch shipped to S3 (the instance needs no access to the repository)
+if [ "$(cat "$REPO/.commit" 2>/dev/null)" != "$CODE_COMMIT" ]; then
+    mkdir -p "$REPO"
+    aws s3 cp "$CODE_URL" - --only-show-errors | tar -xzf - -C "$REPO"
+    echo "$CODE_COMMIT" > "$REPO/.commit"
+fi
 cd "$REPO"
 if [ "$PREPARE" = 1 ]; then  # a CPU instance that makes the shards once, keeps its log beside them, and goes
     stage=setup
@@ -1097,6 +1239,7 @@ if [ -n "$data_pid" ]; then wait "$data_pid"; touch "$DATA_DIR/.run_ec2_data_don
 stage=train
 read -r -a flags <<< "$TRAIN_ARGS"
 FOREGROUND=1 ./run_ec2.sh train "${flags[@]}"
+./run_ec2.sh finish auto || true  # after done or the budget: the results, beside the run in S3 (finish.json says)
 SCRIPT
 chmod +x "$BOOT_ROOT/usr/local/bin/resnet-run"
 cat > "$BOOT_ROOT/etc/systemd/system/resnet-run.service" <<UNIT
@@ -1126,10 +1269,12 @@ instance_id() {  # the state file's first line (the instance of RUN that launch 
     head -n 1 "$(state_file)" | cut -d' ' -f1
 }
 
-instance_disks() {  # "instance-store-GB EBS-MB/s EBS-IOPS" of INSTANCE_TYPE: its baselines (DescribeInstanceTypes)
-    aws_q "250 125 3000" ec2 describe-instance-types --instance-types "$INSTANCE_TYPE" --output text --query \
-        'InstanceTypes[0].[InstanceStorageInfo.TotalSizeInGB,EbsInfo.EbsOptimizedInfo.BaselineThroughputInMBps,EbsInfo.EbsOptimizedInfo.BaselineIops]' \
-        | awk '{printf "%d %d %d\n", ($1 == "None" ? 0 : $1), $2, $3}'
+TYPE_FACTS=""  # INSTANCE_TYPE's "vCPUs instance-store-GB EBS-MB/s EBS-IOPS", once asked (check and launch both read it)
+type_facts() {  # sets TYPE_FACTS from DescribeInstanceTypes (the EBS link's baselines); "" when EC2 knows no such type
+    [[ -n $TYPE_FACTS ]] && return 0
+    TYPE_FACTS=$(aws_q "4 250 125 3000" ec2 describe-instance-types --instance-types "$INSTANCE_TYPE" --output text \
+        --query 'InstanceTypes[0].[VCpuInfo.DefaultVCpus,InstanceStorageInfo.TotalSizeInGB,EbsInfo.EbsOptimizedInfo.BaselineThroughputInMBps,EbsInfo.EbsOptimizedInfo.BaselineIops]' \
+        2>/dev/null | awk '$1 ~ /^[0-9]+$/ {printf "%d %d %d %d\n", $1, ($2 == "None" ? 0 : $2), $3, $4}') || true
 }
 
 data_gb() {  # GB of the smallest complete shards under S3_DATA (what data stages, at worst), or nothing
@@ -1166,39 +1311,147 @@ runs_of() {  # "id state" of every instance tagged with run $1 that is not gone
         --query 'Reservations[].Instances[].[InstanceId,State.Name]' --output text
 }
 
-run_instance() {  # run-instances with the arguments given, once the errors that a retry cannot mend are told
-    # apart: a quota or an unsupported configuration stops at once, with its code and the fix; a capacity error
-    # and an instance profile still propagating are retried. Every retry of the request reuses its client token,
-    # so an ambiguous failure (a timeout after AWS started it) can never start a second instance.
-    local token out code attempt err
-    token=$(printf '%s-%s-%s' "$RUN" "$(date +%s)" "$RANDOM" | tr -c 'A-Za-z0-9-\n' '-' | cut -c1-64)
+run_instance() {  # run-instances with the arguments given, in each zone of REGION that offers the type until one
+    # has capacity, once the errors that a retry cannot mend are told apart: a quota or an unsupported configuration
+    # stops at once, with its code and the fix; no capacity moves on to the next zone; a lost answer (or a new
+    # instance profile still propagating) is retried in the same zone. Each zone's request has a client token of its
+    # own, which its retries reuse, so an ambiguous failure (a timeout after EC2 started it) never starts a second one.
+    local zones=() zone place token out code attempt err tried=()
+    if [[ -z ${ZONES:-} ]]; then  # check, when it ran, has them already
+        ZONES=$(aws_q "" ec2 describe-instance-type-offerings --location-type availability-zone --filters \
+            "Name=instance-type,Values=$INSTANCE_TYPE" --query 'InstanceTypeOfferings[].Location' --output text \
+            2>/dev/null || true)
+    fi
+    read -r -a zones <<< "${ZONES//[[:space:]]/ }"
+    [[ ${#zones[@]} -gt 0 ]] || zones=("")  # none listed: EC2 picks the zone
     err=$(mktemp)
-    for attempt in 1 2 3 4 5 6; do
-        if out=$(aws_q i-DRYRUN ec2 run-instances "$@" --client-token "$token" --query 'Instances[0].InstanceId' \
-                 --output text 2>"$err"); then
-            cat "$err" >&2
-            rm -f -- "$err"
-            echo "$out"
-            return 0
-        fi
-        out=$(cat "$err")
-        code=$(sed -n 's/.*An error occurred (\([A-Za-z.]*\)).*/\1/p' <<< "$out" | head -n 1)
-        case $code in
-            VcpuLimitExceeded|InstanceLimitExceeded|MaxSpotInstanceCountExceeded)
-                die "$code: $INSTANCE_TYPE needs more vCPUs than this account's $([[ $SPOT == 1 ]] && echo spot || echo on-demand) quota in $REGION allows (spot and on-demand have quotas of their own): ask for more in the Service Quotas console (EC2), or use another INSTANCE_TYPE or SPOT=$(( 1 - SPOT ))" ;;
-            Unsupported|UnsupportedOperation|InvalidParameterCombination)
-                die "$code: $INSTANCE_TYPE cannot be launched so in $REGION ($(tail -n 1 <<< "$out")): use another INSTANCE_TYPE or REGION" ;;
-            InsufficientInstanceCapacity|InsufficientCapacity|UnfulfillableCapacity|InsufficientHostCapacity|RequestLimitExceeded|ServiceUnavailable|Unavailable|InternalError|"")
-                ;;  # capacity comes and goes; no code at all: the answer was lost, and the same token is safe
-            InvalidParameterValue)
-                [[ $out == *nstance?rofile* || $out == *iamInstanceProfile* ]] \
-                    || die "$code: $(tail -n 1 <<< "$out")" ;;  # a new instance profile takes seconds to be usable
-            *) die "$code: $(tail -n 1 <<< "$out")" ;;
-        esac
-        say "run-instances: ${code:-no answer} (try $attempt of 6): trying again in 10 s with the same client token"
-        [[ $attempt == 6 ]] || sleep "${LAUNCH_RETRY_S:-10}"
+    for zone in "${zones[@]}"; do
+        place=()
+        [[ -z $zone ]] || place=(--placement "AvailabilityZone=$zone")
+        token=$(printf '%s-%s-%s-%s' "$RUN" "$(date +%s)" "$RANDOM" "$zone" | tr -c 'A-Za-z0-9-\n' '-' | cut -c1-64)
+        tried+=("${zone:-any zone}")
+        for attempt in 1 2 3 4 5 6; do
+            if out=$(aws_q i-DRYRUN ec2 run-instances "$@" "${place[@]}" --client-token "$token" \
+                     --query 'Instances[0].InstanceId' --output text 2>"$err"); then
+                cat "$err" >&2
+                rm -f -- "$err"
+                echo "$out"
+                return 0
+            fi
+            out=$(cat "$err")
+            code=$(sed -n 's/.*An error occurred (\([A-Za-z.]*\)).*/\1/p' <<< "$out" | head -n 1)
+            case $code in
+                VcpuLimitExceeded|InstanceLimitExceeded|MaxSpotInstanceCountExceeded)
+                    die "$code: $INSTANCE_TYPE needs more vCPUs than this account's $([[ $SPOT == 1 ]] && echo spot || echo on-demand) quota in $REGION allows (spot and on-demand have quotas of their own): ./run_ec2.sh check names the quota and the value to ask for; or use another INSTANCE_TYPE or SPOT=$(( 1 - SPOT ))" ;;
+                Unsupported|UnsupportedOperation|InvalidParameterCombination)
+                    die "$code: $INSTANCE_TYPE cannot be launched so in $REGION ($(tail -n 1 <<< "$out")): use another INSTANCE_TYPE or REGION" ;;
+                InsufficientInstanceCapacity|InsufficientCapacity|UnfulfillableCapacity|InsufficientHostCapacity)
+                    say "run-instances: $code in ${zone:-any zone}: trying the next zone"
+                    continue 2 ;;
+                RequestLimitExceeded|ServiceUnavailable|Unavailable|InternalError|"")
+                    ;;  # no code at all: the answer was lost, and the same token is safe
+                InvalidParameterValue)
+                    [[ $out == *nstance?rofile* || $out == *iamInstanceProfile* ]] \
+                        || die "$code: $(tail -n 1 <<< "$out")" ;;  # a new instance profile takes seconds to be usable
+                *) die "$code: $(tail -n 1 <<< "$out")" ;;
+            esac
+            say "run-instances: ${code:-no answer} in ${zone:-any zone} (try $attempt of 6): trying again in ${LAUNCH_RETRY_S:-10} s with the same client token"
+            [[ $attempt == 6 ]] || sleep "${LAUNCH_RETRY_S:-10}"
+        done
     done
-    die "run-instances failed 6 times ($code): $(tail -n 1 <<< "$out"); try another INSTANCE_TYPE, SPOT=$(( 1 - SPOT )) or later"
+    rm -f -- "$err"
+    die "no $INSTANCE_TYPE to be had in $REGION (tried ${tried[*]}; last: ${code:-no answer}): try again later, SPOT=$(( 1 - SPOT )), another INSTANCE_TYPE or REGION"
+}
+
+quota_for() {  # "code name class" of the vCPU quota that INSTANCE_TYPE counts against in SPOT's market (spot and
+    # on-demand are separate quotas), from ec2_instances.json; nothing for a class it does not list
+    python3 - "$PRICES" "$1" "$2" <<'PY' 2>/dev/null || true
+import json, re, sys
+classes = json.load(open(sys.argv[1]))["quotas"]["classes"]
+family = re.match(r"[a-z]+", sys.argv[2]).group(0)
+for name, c in classes.items():
+    if family in c["families"]:
+        q = c["spot" if sys.argv[3] == "1" else "on_demand"]
+        print(q["code"], name.replace(" ", "_"), q["name"])
+PY
+}
+
+vcpus_in_use() {  # vCPUs of this account's running and pending instances in REGION of quota class $1, market $2
+    local rows types
+    rows=$(aws_q "" ec2 describe-instances --filters Name=instance-state-name,Values=pending,running --output text \
+        --query 'Reservations[].Instances[].[InstanceType, InstanceLifecycle]')
+    [[ -n $rows ]] || { echo 0; return 0; }
+    types=$(awk '{print $1}' <<< "$rows" | sort -u | tr '\n' ' ')
+    # shellcheck disable=SC2086  # the types, one word each
+    aws_q "" ec2 describe-instance-types --instance-types $types --output text \
+        --query 'InstanceTypes[].[InstanceType, VCpuInfo.DefaultVCpus]' | python3 -c '
+import json, re, sys
+vcpus = dict(line.split() for line in sys.stdin if line.strip())
+classes = json.load(open(sys.argv[1]))["quotas"]["classes"]
+cls, spot, rows = sys.argv[2].replace("_", " "), sys.argv[3] == "1", sys.argv[4].splitlines()
+total = 0
+for row in rows:
+    kind, lifecycle = row.split()[0], (row.split() + ["None"])[1]
+    if re.match(r"[a-z]+", kind).group(0) in classes[cls]["families"] and (lifecycle == "spot") == spot:
+        total += int(vcpus.get(kind, 0))
+print(total)' "$PRICES" "$1" "$2" "$rows"
+}
+
+cmd_check() {  # before any instance is paid for: what would stop a launch, each said in one line with its fix
+    [[ -n $INSTANCE_TYPE ]] || die "set INSTANCE_TYPE, e.g. g5.xlarge (README 'Choosing an instance')"
+    local failed=() code cls name quota need used zones bucket where url market
+    market=$([[ $SPOT == 1 ]] && echo spot || echo on-demand)
+    # the vCPU quota of the type's class and market, less what runs already (new accounts often start at 0)
+    read -r code cls name < <(quota_for "$INSTANCE_TYPE" "$SPOT") || true
+    type_facts
+    need=${TYPE_FACTS%% *}
+    if [[ ! $need =~ ^[0-9]+$ ]]; then
+        failed+=("$INSTANCE_TYPE is not an instance type that EC2 knows in $REGION: check its name (aws ec2 describe-instance-types)")
+    elif [[ -z ${code:-} ]]; then
+        say "check: $INSTANCE_TYPE's vCPU quota is of a class ec2_instances.json does not list: not checked"
+    else
+        quota=$(aws_q 9999.0 service-quotas get-service-quota --service-code ec2 --quota-code "$code" \
+            --query Quota.Value --output text 2>/dev/null || true)
+        quota=${quota%.*}
+        used=$(vcpus_in_use "$cls" "$SPOT")
+        if [[ ! $quota =~ ^[0-9]+$ ]]; then
+            say "check: the quota $code ($name) could not be read (Service Quotas): not checked"
+        elif (( quota - used < need )); then
+            failed+=("the $market vCPU quota '$name' ($code) in $REGION is $quota with $used in use, and $INSTANCE_TYPE needs $need: ask for $(( used + need )) (Service Quotas console, Amazon EC2, or aws service-quotas request-service-quota-increase --service-code ec2 --quota-code $code --desired-value $(( used + need )) --region $REGION); spot and on-demand quotas are separate (SPOT=$(( 1 - SPOT )) counts against the other)")
+        else
+            say "check: $market vCPUs: $INSTANCE_TYPE needs $need of '$name' ($code): $quota, $used in use"
+        fi
+    fi
+    zones=$(aws_q "${REGION}a" ec2 describe-instance-type-offerings --location-type availability-zone --filters \
+        "Name=instance-type,Values=$INSTANCE_TYPE" --query 'InstanceTypeOfferings[].Location' --output text 2>/dev/null || true)
+    ZONES=$zones  # launch tries them in turn
+    if [[ -z $zones ]]; then
+        failed+=("$INSTANCE_TYPE is offered in no zone of $REGION: pick another REGION or INSTANCE_TYPE (aws ec2 describe-instance-type-offerings --location-type availability-zone --filters Name=instance-type,Values=$INSTANCE_TYPE --region <region>)")
+    else
+        say "check: $INSTANCE_TYPE is offered in $(wc -w <<< "$zones") zones of $REGION: ${zones//[[:space:]]/ }"
+    fi
+    if [[ -n $KEY_NAME ]] && ! aws_q "$KEY_NAME" ec2 describe-key-pairs --key-names "$KEY_NAME" --query 'KeyPairs[0].KeyName' \
+            --output text >/dev/null 2>&1; then
+        failed+=("no key pair $KEY_NAME in $REGION: aws ec2 create-key-pair --key-name $KEY_NAME --query KeyMaterial --output text > ~/.ssh/$KEY_NAME.pem (README step 1), or set KEY_NAME")
+    fi
+    local seen=" "
+    for url in "$S3_DATA" "$S3_RUNS"; do  # the buckets in REGION (else every byte crosses regions) and readable
+        [[ -n $url ]] || continue
+        read -r bucket _ < <(s3_path "$url")
+        [[ $seen != *" $bucket "* ]] || continue
+        seen+="$bucket "
+        where=$(aws_q "$REGION" s3api get-bucket-location --bucket "$bucket" --query LocationConstraint --output text 2>/dev/null) \
+            || { failed+=("cannot reach the bucket $bucket ($url): check its name and that your user may read it (aws s3 ls s3://$bucket)"); continue; }
+        [[ $where != None && $where != null ]] || where=us-east-1
+        if [[ $where != "$REGION" ]]; then
+            failed+=("the bucket $bucket is in $where, REGION is $REGION: set REGION=$where (or use a bucket in $REGION): across regions every byte is slower and costs \$0.02/GB")
+        fi
+    done
+    if (( ${#failed[@]} > 0 )); then
+        for line in "${failed[@]}"; do say "check: $line"; done
+        die "${#failed[@]} thing$([[ ${#failed[@]} -gt 1 ]] && echo s) would stop this launch (above; CHECK=0 skips the check)"
+    fi
+    say "check: nothing in the way of $INSTANCE_TYPE ($market) in $REGION"
 }
 
 cmd_launch() {
@@ -1206,15 +1459,12 @@ cmd_launch() {
     [[ -n $KEY_NAME ]] || die "set KEY_NAME to an EC2 key pair of REGION (README 'From zero')"
     [[ -n $S3_DATA ]] || die "set S3_DATA (ImageNet: the Kaggle zip or a tree, and the shards prepare made), s3://bucket/path"
     [[ $PREPARE == 1 || -n $S3_RUNS ]] || die "set S3_RUNS (the run's backups), s3://bucket/path"
-    if [[ -z $REPO_URL ]]; then
-        REPO_URL=$(git -C "$REPO_DIR" remote get-url origin 2>/dev/null) || die "set REPO_URL: what the instance clones"
-    fi
-    if [[ $REPO_URL =~ ^[A-Za-z+]+://[^/]*@ && ! $REPO_URL =~ ^ssh:// ]]; then  # a token in the URL would sit in
-        die "REPO_URL carries credentials (user:token@): they would sit in the instance's files; use a public URL"
-    fi
-    local live
+    code_ready
+    local token="" live
     live=$(runs_of "$RUN")
     [[ -z $live ]] || die "RUN=$RUN has an instance already (${live//$'\n'/, }): two would write the same folder in S3; give this launch another RUN, or ./run_ec2.sh terminate that one first"
+    if [[ $PREPARE == 1 && $FROM_KAGGLE == 1 ]]; then token=$(kaggle_ready); fi  # before anything is paid for
+    if [[ $CHECK != 0 ]]; then cmd_check; fi
     local price how
     read -r price how < <(launch_price) || true
     if [[ -z ${price:-} ]]; then
@@ -1234,12 +1484,25 @@ cmd_launch() {
     local ami sg market=() home=$REMOTE_HOME id store_gb ebs_mbps ebs_iops data throughput iops ebs="VolumeType=gp3" role
     ami=$(aws_q ami-DRYRUN ssm get-parameter --name "$AMI_PARAM" --query Parameter.Value --output text) \
         || die "could not read the AMI from SSM parameter $AMI_PARAM in $REGION"
-    read -r store_gb ebs_mbps ebs_iops < <(instance_disks)
+    type_facts
+    [[ -n $TYPE_FACTS ]] || die "$INSTANCE_TYPE is not an instance type that EC2 knows in $REGION: check its name"
+    read -r _ store_gb ebs_mbps ebs_iops <<< "$TYPE_FACTS"
     data=$( [[ $DRY_RUN == 1 ]] || data_gb )
     role=$(role_name)
     if [[ $PREPARE == 1 ]]; then  # the source's copy (the zip, or the tree) and a shard or two
         DISK_GB=${DISK_GB:-250}
+        [[ -z $token ]] || KAGGLE_PARAM=/$role/kaggle-token  # read by this prepare's role alone, deleted at its end
         ensure_role "$role" "$(prepare_policy_json)"
+        if [[ -n $token ]]; then  # a SecureString, written from a file only this user may read (not in `ps`)
+            local tmp
+            tmp=$(mktemp)
+            printf '%s' "$token" > "$tmp"
+            aws_q "" ssm put-parameter --name "$KAGGLE_PARAM" --type SecureString --overwrite --value "file://$tmp" \
+                >/dev/null || { rm -f -- "$tmp"; die "could not store the Kaggle token in SSM ($KAGGLE_PARAM)"; }
+            rm -f -- "$tmp"
+            say "the Kaggle token is in the SSM SecureString parameter $KAGGLE_PARAM until prepare ends"
+        fi
+        ship_code "$SHARDS"
     else
         if [[ -z $data ]]; then  # no shards yet: data falls back to the zip, unzipped beside itself
             DISK_GB=${DISK_GB:-400}
@@ -1247,6 +1510,7 @@ cmd_launch() {
         elif (( store_gb * 9 / 10 > data )); then DISK_GB=${DISK_GB:-100}  # the data goes on the instance store
         else DISK_GB=${DISK_GB:-$(( 100 + data ))}; fi
         ensure_role "$role" "$(policy_json)"
+        ship_code "$S3_RUNS/$RUN"
     fi
     if (( store_gb == 0 )); then  # the data (or prepare's copy of the zip) on the root volume: as fast as the link
         throughput=$(( ebs_mbps < 1000 ? ebs_mbps : 1000 ))
@@ -1269,11 +1533,11 @@ cmd_launch() {
         --security-group-ids "$sg" --iam-instance-profile "Name=$role" "${market[@]}" \
         --instance-initiated-shutdown-behavior terminate --metadata-options "HttpTokens=required,HttpEndpoint=enabled" \
         --block-device-mappings "DeviceName=/dev/sda1,Ebs={VolumeSize=$DISK_GB,$ebs,DeleteOnTermination=true}" \
-        --user-data "$ud" --tag-specifications "ResourceType=instance,Tags=[{Key=Name,Value=$NAME_PREFIX-$RUN},{Key=run,Value=$RUN}]")
+        --user-data "$ud" --tag-specifications "ResourceType=instance,Tags=[{Key=Name,Value=$NAME_PREFIX-$RUN},{Key=run,Value=$RUN},{Key=made-by,Value=run_ec2.sh},{Key=hourly-usd,Value=$price},{Key=commit,Value=${CODE_COMMIT:0:12}}]")
     run mkdir -p "$STATE_DIR"
     if [[ $DRY_RUN != 1 ]]; then
-        printf '%s\nHOURLY_USD=%s (%s)\nINSTANCE_TYPE=%s SPOT=%s MAX_HOURS=%s KEEP_ALIVE=%s\n' "$id" "$price" "$how" \
-            "$INSTANCE_TYPE" "$SPOT" "$MAX_HOURS" "$KEEP_ALIVE" > "$(state_file)"
+        printf '%s\nHOURLY_USD=%s (%s)\nINSTANCE_TYPE=%s SPOT=%s BUDGET_USD=%s MAX_HOURS=%s KEEP_ALIVE=%s\n' "$id" "$price" \
+            "$how" "$INSTANCE_TYPE" "$SPOT" "$BUDGET_USD" "$MAX_HOURS" "$KEEP_ALIVE" > "$(state_file)"
     fi
     say "the price counted: \$$price/h (${how:-none known}); it shuts down ${MAX_HOURS} h after its launch at the latest (MAX_HOURS)"
     if [[ $PREPARE == 1 ]]; then
@@ -1289,6 +1553,17 @@ cmd_launch() {
 
 cmd_resume() {
     [[ -n $S3_RUNS ]] || die "set S3_RUNS: resume continues the run from its backup there"
+    if [[ -z $INSTANCE_TYPE && -f $(state_file) ]]; then  # as the run's last launch from here: its type, market, budget
+        local word words
+        read -r -a words < <(sed -n 3p "$(state_file)")
+        for word in "${words[@]}"; do
+            case $word in
+                INSTANCE_TYPE=*|SPOT=*) printf -v "${word%%=*}" '%s' "${word#*=}" ;;
+                BUDGET_USD=*) [[ -n $BUDGET_USD ]] || BUDGET_USD=${word#*=} ;;
+            esac
+        done
+        [[ -z $INSTANCE_TYPE ]] || say "as the run's last launch: INSTANCE_TYPE=$INSTANCE_TYPE SPOT=$SPOT${BUDGET_USD:+ BUDGET_USD=$BUDGET_USD} (give them to change them)"
+    fi
     if [[ $DRY_RUN != 1 ]] && ! "$AWS" --region "$REGION" s3 ls "$S3_RUNS/$RUN/last.pt" >/dev/null 2>&1; then
         die "no $S3_RUNS/$RUN/last.pt: nothing to resume (RUN is the name of the run's folder)"
     fi
@@ -1325,13 +1600,103 @@ cmd_status_remote() {  # status on the instance, with the settings launch gave i
     ssh_cmd "$(printf 'if [ -r /etc/resnet-run.env ]; then set -a; . /etc/resnet-run.env; set +a; fi; cd ~/resnet && OUT=${OUT:-~/resnet/runs/%q} ./run_ec2.sh status' "$RUN")"
 }
 
-cmd_tunnel() {  # local ports to the instance's 127.0.0.1 over SSH: the demo (7860) and TensorBoard (6006) by default
-    local ports=("$@") forwards=() port
+# shellcheck disable=SC2016  # a JMESPath query, not shell
+cmd_list() {  # this tool's instances in REGION, found by their tags, not the laptop's state files
+    local rows
+    rows=$(aws_q "" ec2 describe-instances --filters Name=tag:made-by,Values=run_ec2.sh \
+        Name=instance-state-name,Values=pending,running,stopping,stopped,shutting-down --output text --query \
+        'Reservations[].Instances[].[Tags[?Key==`run`]|[0].Value, InstanceType, InstanceLifecycle, State.Name, LaunchTime, Tags[?Key==`hourly-usd`]|[0].Value, Tags[?Key==`commit`]|[0].Value, InstanceId]')
+    python3 - "$rows" <<'PY'
+import datetime, sys
+rows = [line.split("\t") for line in sys.argv[1].splitlines() if line.strip()]
+now = datetime.datetime.now(datetime.timezone.utc)
+print(f"{'RUN':<28} {'type':<14} {'market':<9} {'state':<13} {'uptime':>8} {'$/h':>8}  {'commit':<12}  instance")
+for run, kind, life, state, launched, price, commit, iid in rows:
+    up = (now - datetime.datetime.fromisoformat(launched.replace("Z", "+00:00"))).total_seconds() / 3600
+    market = "spot" if life == "spot" else "on-demand"
+    print(f"{run:<28} {kind:<14} {market:<9} {state:<13} {up:>7.1f}h {price if price != 'None' else '?':>8}  "
+          f"{commit:<12}  {iid}")
+if not rows:
+    print("(no instance of this tool in this region)")
+PY
+}
+
+local_run() {  # runs/RUN on this machine, for what comes home from the run (made, and marked as the run's, if need
+    # be): a folder that holds something else (a run trained here, another RUN's) is refused, never written into
+    local dest=$REPO_DIR/runs/$RUN src=$S3_RUNS/$RUN
+    if [[ -d $dest && -n $(ls -A "$dest" 2>/dev/null) && $(cat "$dest/results.source" 2>/dev/null) != "$src" ]]; then
+        die "$dest holds something else than the run $src (no results.source naming it): move it away, or set RUN"
+    fi
+    if [[ $DRY_RUN != 1 ]]; then mkdir -p "$dest" && echo "$src" > "$dest/results.source"; fi
+    echo "$dest"
+}
+
+cmd_curves() {  # the run's current curves.png here: over SSH (as it is now), else from its last backup in S3
+    local dest
+    dest=$(local_run)/curves.png
+    if ! run scp -i "$KEY_FILE" -o StrictHostKeyChecking=accept-new \
+            "$REMOTE_USER@$(instance_ip):$(printf 'resnet/runs/%q/curves.png' "$RUN")" "$dest"; then  # from its home
+        say "no curves over SSH (scp says why, above): the last backup's, $S3_RUNS/$RUN/curves.png"
+        run "$AWS" --region "$REGION" s3 cp "$S3_RUNS/$RUN/curves.png" "$dest" --only-show-errors \
+            || die "no curves.png for $RUN yet: the run writes it after its first epoch"
+    fi
+    say "curves: $dest"
+}
+
+cmd_results() {  # the run's results from S3 into runs/RUN here: what its finish step made, and its records
+    [[ -n $S3_RUNS ]] || die "set S3_RUNS: the results come from the run's folder there"
+    local dest src=$S3_RUNS/$RUN
+    dest=$(local_run)
+    # the weights-only best.pt, eval/ (reports, Grad-CAM) and space/, then the run's own records beside them
+    run "$AWS" --region "$REGION" s3 sync "$src/results" "$dest" --only-show-errors
+    run "$AWS" --region "$REGION" s3 sync "$src" "$dest" --only-show-errors --exclude "*" --include log.jsonl \
+        --include curves.png --include ended.json --include spent.json --include model_summary.txt
+    [[ $DRY_RUN == 1 ]] && return 0
+    [[ -f $dest/best.pt ]] || die "no results in $src/results yet: the run writes them when it ends done (or at its budget); ./run_ec2.sh status-remote says where it is"
+    if [[ -d $dest/space/examples ]]; then rm -rf -- "$dest/examples"; cp -r "$dest/space/examples" "$dest/examples"; fi
+    python3 - "$dest" <<'PY'
+import json, os, sys
+d = sys.argv[1]
+def read(name):
+    try:
+        return json.load(open(os.path.join(d, name)))
+    except (OSError, ValueError):
+        return None
+rows = []
+for line in open(os.path.join(d, "log.jsonl")) if os.path.exists(os.path.join(d, "log.jsonl")) else []:
+    try:
+        rows.append(json.loads(line))
+    except ValueError:
+        pass
+spent, ended = read("spent.json") or {}, read("ended.json") or {}
+best = max(rows, key=lambda r: r["val_top1"]) if rows else None
+print(f"results in {d}:")
+if best:
+    print(f"  best val top-1 {best['val_top1']:.2f}% (epoch {best['epoch'] + 1} of {rows[-1].get('epochs', '?')}), "
+          f"top-5 {best.get('val_top5', float('nan')):.2f}%")
+print(f"  {sum(v['hours'] for v in spent.values()):.2f} h on {len(spent)} instance(s), "
+      f"${sum(v['usd'] for v in spent.values()):.2f}")
+if ended:
+    print(f"  the instance ended: {ended.get('status')}: {ended.get('why')}"
+          + ("" if (ended.get("finish") or {}).get("ok", True) else f" (finish failed: {ended['finish']['failed']})"))
+print(f"  the demo: python app.py --checkpoint {os.path.join(d, 'best.pt')}")
+print(f"  the worst 32, with Grad-CAM: {os.path.join(d, 'eval', 'worst.html')}")
+PY
+}
+
+# shellcheck disable=SC2016  # the commands that start the demo and TensorBoard expand on the instance
+cmd_tunnel() {  # local ports to the instance's 127.0.0.1 over SSH: the demo (7860) and TensorBoard (6006) by default,
+    # each started there first if nothing listens on its port (app.py on the run's best.pt, from the venv)
+    local ports=("$@") forwards=() port start
     [[ ${#ports[@]} -gt 0 ]] || ports=(7860 6006)
     for port in "${ports[@]}"; do
         [[ $port =~ ^[0-9]+$ ]] || die "tunnel takes port numbers, got '$port'"
         forwards+=(-L "$port:127.0.0.1:$port")
     done
+    start=$(printf 'cd ~/resnet && out=runs/%q && up() { ss -ltn 2>/dev/null | grep -q "127.0.0.1:$1 "; }; ' "$RUN")
+    start+='if ! up 7860; then if [ -f "$out/best.pt" ]; then nohup .venv/bin/python app.py --checkpoint "$out/best.pt" --port 7860 > "$out/app.log" 2>&1 & echo "started app.py on $out/best.pt"; else echo "no best.pt yet: the demo starts once an epoch is done"; fi; fi; '
+    start+='if ! up 6006; then if [ -x .venv/bin/tensorboard ]; then nohup .venv/bin/tensorboard --logdir runs --host 127.0.0.1 --port 6006 > "$out/tensorboard.log" 2>&1 & echo "started TensorBoard"; else echo "no TensorBoard: train with --tensorboard"; fi; fi'
+    if [[ " ${ports[*]} " == *" 7860 "* || " ${ports[*]} " == *" 6006 "* ]]; then ssh_cmd "$start"; fi
     say "forwarding ${ports[*]} to the instance's 127.0.0.1 (only SSH is open): http://127.0.0.1:${ports[0]} here; Ctrl-C ends it"
     run ssh -i "$KEY_FILE" -o StrictHostKeyChecking=accept-new -o ExitOnForwardFailure=yes -N "${forwards[@]}" \
         "$REMOTE_USER@$(instance_ip)"
@@ -1375,6 +1740,11 @@ main() {
         ssh) ssh_cmd "$@" ;;
         logs) cmd_logs "$@" ;;
         status-remote) cmd_status_remote "$@" ;;
+        check) cmd_check "$@" ;;
+        list) cmd_list "$@" ;;
+        curves) cmd_curves "$@" ;;
+        results) cmd_results "$@" ;;
+        finish) cmd_finish "$@" ;;
         terminate) cmd_terminate "$@" ;;
         tunnel) cmd_tunnel "$@" ;;
         -h|--help|help) usage ;;

@@ -58,7 +58,15 @@ PRESETS = dict(
     # torchvision's long ResNet-50 recipe mixes (mixup 0.2, cutmix 1.0) and averages the weights (EMA); mixing
     # costs accuracy in short runs (BENCHMARKS.md) and "tends to only help for 80+ epochs" (Imagenette's authors)
     long=dict(epochs=90, mixup=0.2, cutmix=1.0, ema=0.9999, warmup_pct=0.03),
+    # a few minutes on a laptop's CPU: the 64 px ResNet-18 of README "Measured on Imagenette" at lr_finder.py's LR
+    # (67.64% on Imagenette in 6.5 minutes on 2 cores); what `python train.py` runs where there is no GPU
+    cpu=dict(arch="resnet18", img_size=64, batch_size=32, epochs=5, lr=0.194),
 )
+# the flags that shape the recipe: any of them on the command line, and no cpu preset is chosen for the user
+RECIPE_FLAGS = ("--preset", "--arch", "--blurpool", "--no-blurpool", "--img-size", "--min-img-size", "--eval-size",
+                "--batch-size", "--accum-steps", "--epochs", "--lr", "--warmup-pct", "--weight-decay", "--mixup",
+                "--cutmix", "--ema", "--label-smoothing", "--subset", "--init-from", "--trivial-augment",
+                "--random-erase")
 
 
 # -----------------------------------------------------------------------------
@@ -72,7 +80,8 @@ def add_step_args(p):
     # data
     p.add_argument("--data", help=f"dataset root (README 'Data layouts'); default: $DATA_DIR, else Imagenette in "
                                   f"{data.DEFAULT_DATA}")
-    p.add_argument("--preset", default="default", choices=list(PRESETS), help="24, 16 or 90 epochs (README)")
+    p.add_argument("--preset", default="default", choices=list(PRESETS), help="24, 16 or 90 epochs (README); cpu: "
+                   "minutes on a CPU, chosen where there is no GPU and no recipe flag is given")
     p.add_argument("--img-size", type=int, default=192, help="training crop side, px (the last epochs' size)")
     p.add_argument("--subset", type=float, default=1.0, help="train on this fraction of each class (0, 1]")
     p.add_argument("--workers", type=int, help="loader processes per GPU; default: cores/GPUs - 1")
@@ -174,10 +183,19 @@ def with_preset(p, argv):
     return p.parse_known_args(argv)
 
 
-def parse_args(argv=None):
+def parse_args(argv=None, cpu_preset=False):
+    """The run's args. cpu_preset (train.py's own command line): with no GPU here and none of the recipe's flags given,
+    the cpu preset, said in one line, instead of the ImageNet recipe that would take days on a CPU."""
     p = add_run_args(add_step_args(argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)))
-    args, unknown = with_preset(p, argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    tool = any(w in ("--check-data", "--shrink") for w in words)
+    if cpu_preset and not tool and not torch.cuda.is_available() and not any(w.split("=")[0] in RECIPE_FLAGS
+                                                                             for w in words):
+        words += ["--preset", "cpu"]
+        print("no GPU here: the cpu preset, ResNet-18 at 64 px for 5 epochs (minutes, not the days the ImageNet "
+              "recipe would take on a CPU); give --preset default, or any recipe flag, for the full recipe", flush=True)
+    args, unknown = with_preset(p, words)
     if unknown:
         p.error(f"unrecognized arguments: {' '.join(unknown)}")
     # a run's folder is named after what it trains, so that an Imagenette quick start and an ImageNet run never share
@@ -185,6 +203,21 @@ def parse_args(argv=None):
     data_name = os.path.basename(os.path.normpath(args.data or data.default_root()))
     args.out = args.out or os.path.join("runs", f"{data_name}-{args.arch}")
     return check_run_args(p, check_step_args(p, args))
+
+
+def flag_table():
+    """README's table of flags, made from the parsers themselves (a test keeps the README equal to it): every flag of a
+    step, which lr_finder.py takes too, then those of a whole run, which are train.py's alone."""
+    rows = ["| flag | default | lr_finder.py | meaning |", "| --- | --- | --- | --- |"]
+    for add, shared in ((add_step_args, "yes"), (add_run_args, "no")):
+        for action in add(argparse.ArgumentParser(add_help=False))._actions:  # argparse lists no actions otherwise
+            if isinstance(action, argparse.BooleanOptionalAction) or action.default is False:
+                default = "on" if action.default else "off"
+            else:
+                default = "-" if action.default is None else str(action.default)
+            flag = " / ".join(f"`{o}`" for o in action.option_strings)
+            rows.append(f"| {flag} | {default} | {shared} | {(action.help or '').replace('%%', '%')} |")
+    return "\n".join(rows)
 
 
 def epoch_sizes(args):
@@ -413,11 +446,19 @@ def fresh_progress(epochs_done=0, best_top1=0.0):
     return dict(epochs_done=epochs_done, step=0, best_top1=best_top1, sums=[0.0] * len(SUMS), lr_steps=[])
 
 
+def recorded_argv(args):
+    """The command line a checkpoint records: as given, and the cpu preset as if given where train.py chose it, so
+    that a resume (run_ec2.sh replays this line) continues the same recipe."""
+    given = sys.argv[1:]
+    chosen = args.preset == "cpu" and not any(w.split("=")[0] == "--preset" for w in given)
+    return given + (["--preset", "cpu"] if chosen else [])
+
+
 def snapshot(parts, progress, args, run, info, row=None):
     """Everything needed to resume, in one dict (the format of model.py), written by rank 0. run: the world, the
     global batch and the resolved AMP."""
     return dict({k: v.state_dict() if v is not None else None for k, v in parts.items()}, weights="model",
-                progress=progress, **run, args=vars(args), argv=sys.argv[1:], classes=info["classes"],
+                progress=progress, **run, args=vars(args), argv=recorded_argv(args), classes=info["classes"],
                 class_names=info["names"], metrics=row, rng=dict(torch=torch.get_rng_state(), python=random.getstate()))
 
 
@@ -728,7 +769,7 @@ def finish(out, status, clean=True):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = parse_args(argv, cpu_preset=True)
     status, error, tool = "bad_input", None, args.check_data or args.shrink
     try:
         if tool:  # dataset tools, not training: no process group, and no OUT/status

@@ -38,10 +38,6 @@ def test_bench_measures_the_loader_the_step_and_projects(tmp_path):
     assert "Projection, not a measurement" in p.stdout and "on g5.xlarge, from the rates measured here" in p.stdout
 
 
-MOTO_TYPES = Path(sys.executable).parent.parent / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / \
-    "site-packages" / "moto" / "ec2" / "resources" / "instance_types.json.gz"
-
-
 def test_instance_facts_are_aws_describe_instance_types_as_moto_ships_it():
     """vCPUs, RAM, GPUs, instance store, the baseline network (all cards) and EBS link of every row."""
     moto = pytest.importorskip("moto")
@@ -89,9 +85,9 @@ def test_the_readme_tables_are_what_bench_prints(capsys):
     """Updating a price is one edit in bench.py and `python bench.py --project-only` pasted into the README: its two
     tables, the cost and the staging, each a row an instance."""
     bench.main(["--project-only"])
-    tables = capsys.readouterr().out.strip().split("\n\n")
+    *tables, pick = capsys.readouterr().out.strip().split("\n\n")
     readme = (ROOT / "README.md").read_text()
-    assert len(tables) == 2
+    assert len(tables) == 2 and pick in readme, "README's recommendation is not the table's: paste bench.py's line"
     for table, name in zip(tables, ("cost", "staging")):
         assert table in readme, f"README.md's {name} table is stale: paste `python bench.py --project-only` into it"
         assert len(table.splitlines()) == 2 + len(bench.INSTANCES)
@@ -100,6 +96,24 @@ def test_the_readme_tables_are_what_bench_prints(capsys):
     assert [r for r in rows if r.startswith("| p4d.24xlarge |")] == [r for t in tables for r in t.splitlines()
                                                                      if r.startswith("| p4d.24xlarge |")]
     assert len(rows) == 7  # the two tables' headers and p4d's row in each
+
+
+def test_the_recommendation_follows_its_rule_and_the_headers_the_presets():
+    """The README recommends by a stated rule, from the table: for the default recipe, the cheapest row at spot (by the
+    top of its spot range) among the projections (not an "at least" row, not a row without a spot price), and the
+    fastest row. And the table's headers say the presets' epochs and sizes, not numbers written in."""
+    default = train.parse_args([])
+    rows = {n: bench.project(i, default) for n, i in bench.INSTANCES.items()}
+    fair = {n: p for n, p in rows.items() if p["gpu_known"] and p["usd_spot"]}
+    cheapest = min(fair, key=lambda n: fair[n]["usd_spot"][1])
+    fastest = min(rows, key=lambda n: (round(rows[n]["hours"], 1), rows[n]["usd"]))
+    line = bench.recommendation()
+    assert f"**{cheapest}** at spot, the cheapest" in line and f"**{fastest}**, the fastest" in line
+    assert "g4dn.xlarge" not in line  # an "at least" row is never the pick
+    header = bench.cost_table().splitlines()[0]
+    sizes = train.epoch_sizes(default)
+    assert f"at {min(sizes)} / {max(sizes)} px" in header and f"default ({default.epochs} epochs)" in header
+    assert f"`--preset fast` ({train.parse_args(['--preset', 'fast']).epochs} epochs)" in header
 
 
 def test_the_projection_is_the_formula():

@@ -101,9 +101,28 @@ def test_evaluate_bare_torchvision_state_dict_and_bad_input(trained, tmp_path, c
     assert res["top1"] == 100 * top1 / 89
     for argv, expected in ((["--checkpoint", str(tmp_path / "tv.pth"), "--data", str(data_root)], "--arch"),
                            (["--checkpoint", str(tmp_path / "nope.pt")], "does not exist"),
-                           (["--checkpoint", str(ckpt), "--data", str(SAMPLES)], "neither train/ and val/")):
+                           (["--checkpoint", str(ckpt), "--data", str(SAMPLES)], "neither train/ and val/"),
+                           # PyTorch's own text said "Re-running with weights_only=False will likely succeed": wrong
+                           # for a file that is no checkpoint at all, and an invitation to an unsafe load
+                           (["--checkpoint", str(ROOT / "README.md")], "README.md is not a PyTorch checkpoint")):
         p = run_here(evaluate.main, argv, capfd, check=False)
         assert p.returncode == 2 and "Traceback" not in p.stderr and expected in p.stderr.splitlines()[-1]
+        assert "weights_only=False" not in p.stderr
+    import app
+    line = error_line(app.main, ["--checkpoint", str(ROOT / "README.md")], capfd)
+    assert "README.md is not a PyTorch checkpoint" in line and "weights_only=False" not in line
+
+
+def test_gradcam_reads_the_image_before_anything_else(trained, tmp_path, capfd, monkeypatch):
+    """gradcam.py --image with a file that is no image started downloading Imagenette (the default data) before it
+    looked at the image; now the image is read first, and the data is never asked for."""
+    import data
+    monkeypatch.setattr(data, "default_data", lambda: pytest.fail("--image must not fetch the default data"))
+    bare = tmp_path / "tv.pth"  # a torchvision state_dict: no --data of its own, so the default data was fetched
+    torch.save(torch.load(trained[1], weights_only=True)["model"], bare)
+    line = error_line(gradcam.main, ["--checkpoint", str(bare), "--arch", "resnet18", "--image",
+                                     str(ROOT / "README.md")], capfd)
+    assert line.startswith("gradcam.py: error: --image") and "cannot be read as an image" in line
 
 
 def test_gradcam_matches_pytorch_grad_cam(trained):

@@ -23,10 +23,10 @@ from conftest import BIN, ROOT, aws, boto
 SCRIPT = str(ROOT / "run_ec2.sh")
 
 
-def sh(args, env=None, check=True, timeout=120):
+def sh(args, env=None, check=True, timeout=120, script=SCRIPT):
     full = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RESTART_DELAY_S": "0",
             "SESSION": "pytest-no-such-session", "IMDS_URL": "http://127.0.0.1:9", **(env or {})}  # only 127.0.0.1
-    p = subprocess.run([SCRIPT, *args], capture_output=True, text=True, env=full, timeout=timeout)
+    p = subprocess.run([str(script), *args], capture_output=True, text=True, env=full, timeout=timeout)
     if check:
         assert p.returncode == 0, p.stdout + p.stderr
     return p
@@ -52,7 +52,8 @@ def test_shellcheck_clean():
     assert p.returncode == 0, p.stdout
 
 
-SUBCOMMANDS = ["setup", "prepare", "data", "train", "backup", "watch-spot", "budget", "watchdog", "end", "bench",
+SUBCOMMANDS = ["setup", "prepare", "data", "train", "backup", "watch-spot", "budget", "watchdog", "end", "bench", "check",
+               "list", "curves", "finish", "results",
                "status", "stop", "launch", "resume", "ssh", "logs", "status-remote", "terminate", "tunnel"]
 
 
@@ -414,7 +415,7 @@ def test_bench_on_a_fresh_instance_says_where_its_jpegs_come_from(tmp_path, tiny
 
 
 def git_repo_of_the_working_tree(dst):
-    """What `git clone REPO_URL` gives the instance: this working tree's scripts, committed in a local repo."""
+    """A clone of this repository: this working tree's scripts, committed in a local repo (what launch ships)."""
     dst.mkdir()
     for path in [*ROOT.glob("*.py"), ROOT / "run_ec2.sh", ROOT / "requirements.txt", ROOT / "ec2_instances.json"]:
         shutil.copy(path, dst / path.name)
@@ -426,7 +427,7 @@ def git_repo_of_the_working_tree(dst):
 
 def test_launch_dry_run_prints_every_aws_call_and_the_user_data(tmp_path):
     env = {"DRY_RUN": "1", "INSTANCE_TYPE": "g6e.xlarge", "KEY_NAME": "mykey", "S3_DATA": "s3://data/imagenet",
-           "S3_RUNS": "s3://runs/ec2", "REPO_URL": "https://example.com/resnet.git", "MY_IP": "198.51.100.7",
+           "S3_RUNS": "s3://runs/ec2", "MY_IP": "198.51.100.7",
            "STATE_DIR": str(tmp_path / "state"), "RUN": "run1"}
     p = sh(["launch"], env)
     calls = p.stderr
@@ -438,120 +439,6 @@ def test_launch_dry_run_prints_every_aws_call_and_the_user_data(tmp_path):
     assert not (tmp_path / "state").exists() or not list((tmp_path / "state").iterdir())
     p = sh(["launch"], {**env, "INSTANCE_TYPE": ""}, check=False)
     assert p.returncode == 2 and "set INSTANCE_TYPE" in p.stderr
-
-
-def test_launch_creates_what_it_says_its_user_data_trains_and_resume_finds_the_run(tmp_path, moto, imds, tiny_data):
-    """launch against moto's EC2, IAM, SSM and S3: the run's own role may read S3_DATA and write S3_RUNS/RUN only, SSH
-    is open to MY_IP only, the spot instance has its gp3 disk and IMDSv2 alone; a second launch of the RUN is
-    refused; its user-data (shellcheck-clean) run here with stand-ins goes through setup, data and train, then the
-    end step (the backup, ended.json) and a shutdown, and leaves the run in S3, where `resume` finds it."""
-    ec2, iam, s3 = boto(moto, "ec2"), boto(moto, "iam"), boto(moto, "s3")
-    image = ec2.describe_images()["Images"][0]["ImageId"]
-    boto(moto, "ssm").put_parameter(Name="/test/dlami", Value=image, Type="String", Overwrite=True)
-    for bucket in ("launch-data", "launch-runs"):
-        s3.create_bucket(Bucket=bucket)
-    small = tmp_path / "small"  # 2 classes of real JPEGs, 2 train and 1 val image each
-    for split, n in (("train", 2), ("val", 1)):
-        for cls in sorted((tiny_data / split).iterdir())[:2]:
-            (small / split / cls.name).mkdir(parents=True)
-            for f in sorted(cls.iterdir())[:n]:
-                shutil.copy(f.resolve(), small / split / cls.name / f.name)
-    for f in small.rglob("*.JPEG"):
-        s3.upload_file(str(f), "launch-data", f"imagenet/{f.relative_to(small)}")
-    sg = ec2.create_security_group(GroupName="resnet-ec2", Description="x")["GroupId"]  # an earlier launch's,
-    ec2.authorize_security_group_ingress(GroupId=sg, IpPermissions=[dict(  # with a rule of the user's
-        IpProtocol="tcp", FromPort=22, ToPort=22, IpRanges=[dict(CidrIp="203.0.113.9/32", Description="my office"),
-                                                            dict(CidrIp="198.51.100.1/32", Description="run_ec2.sh launch")])])
-    home = tmp_path / "home"
-    env = {**moto, "INSTANCE_TYPE": "g6e.xlarge", "SPOT": "1", "DISK_GB": "300", "KEY_NAME": "mykey",
-           "S3_DATA": "s3://launch-data/imagenet", "S3_RUNS": "s3://launch-runs/ec2", "MY_IP": "198.51.100.7",
-           "REPO_URL": str(git_repo_of_the_working_tree(tmp_path / "repo")), "RUN": "run1", "AMI_PARAM": "/test/dlami",
-           "STATE_DIR": str(tmp_path / "state"), "REMOTE_USER": "root", "REMOTE_HOME": str(home),
-           "DATA_DIR": str(tmp_path / "imagenet"), "TRAIN_ARGS": "--epochs 3", "HOURLY_USD": "1.5"}
-    p = sh(["launch"], env)
-    assert "the price counted: $1.5/h (HOURLY_USD)" in p.stderr and "terminates itself" in p.stderr
-    first = (tmp_path / "state" / "run1.instance").read_text().splitlines()[0]
-    inst = ec2.describe_instances(InstanceIds=[first])["Reservations"][0]["Instances"][0]
-    assert (inst["InstanceType"], inst["InstanceLifecycle"], inst["KeyName"]) == ("g6e.xlarge", "spot", "mykey")
-    assert inst["IamInstanceProfile"]["Arn"].endswith(":instance-profile/resnet-ec2-run1")  # the run's own
-    assert inst["MetadataOptions"]["HttpTokens"] == "required"  # IMDSv2 only
-    volume = ec2.describe_volumes(VolumeIds=[inst["BlockDeviceMappings"][0]["Ebs"]["VolumeId"]])["Volumes"][0]
-    assert (volume["Size"], volume["VolumeType"]) == (300, "gp3")
-    sg = ec2.describe_security_groups(GroupIds=[inst["SecurityGroups"][0]["GroupId"]])["SecurityGroups"][0][
-        "IpPermissions"]
-    assert [(r["FromPort"], r["ToPort"], sorted((c["CidrIp"], c.get("Description")) for c in r["IpRanges"]))
-            for r in sg] == [(22, 22, [("198.51.100.7/32", "run_ec2.sh launch"), ("203.0.113.9/32", "my office")])]
-    # SSH from the old address that launch added is gone; the user's own rule stays
-    policy = iam.get_role_policy(RoleName="resnet-ec2-run1", PolicyName="resnet-ec2-run1-s3")["PolicyDocument"]
-    grants = {s["Sid"]: (s["Action"], s["Resource"]) for s in policy["Statement"]}
-    assert grants["ReadData"] == ("s3:GetObject", "arn:aws:s3:::launch-data/imagenet/*")
-    assert grants["ReadWriteRun"] == (["s3:GetObject", "s3:PutObject"], "arn:aws:s3:::launch-runs/ec2/run1/*")
-    assert {a for a, _ in grants.values() for a in ([a] if isinstance(a, str) else a)} == \
-        {"s3:ListBucket", "s3:GetObject", "s3:PutObject"}  # nothing else: no delete, no other service
-    profile = iam.get_instance_profile(InstanceProfileName="resnet-ec2-run1")
-    assert [r["RoleName"] for r in profile["InstanceProfile"]["Roles"]] == ["resnet-ec2-run1"]
-    again = sh(["launch"], env, check=False)  # the same RUN while its instance runs: both would write one folder
-    assert again.returncode == 2 and f"RUN=run1 has an instance already ({first}" in again.stderr
-    assert "terminate that one first" in again.stderr.strip().splitlines()[-1]
-
-    # the user-data, as the instance gets it
-    encoded = ec2.describe_instance_attribute(InstanceId=first, Attribute="userData")["UserData"]["Value"]
-    user_data = tmp_path / "user-data.sh"
-    user_data.write_bytes(base64.b64decode(encoded))
-    if shutil.which("shellcheck"):
-        lint = subprocess.run(["shellcheck", str(user_data)], capture_output=True, text=True)
-        assert lint.returncode == 0, lint.stdout
-    boot, calls = tmp_path / "boot", tmp_path / "systemctl.log"
-    fake = tmp_path / "instance-bin"
-    fake.mkdir()
-    (fake / "systemctl").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
-    (fake / "nvidia-smi").write_text('#!/bin/sh\necho "GPU 0: NVIDIA L40S (UUID: GPU-0)"\n')
-    for f in fake.iterdir():
-        f.chmod(0o755)
-    subprocess.run(["bash", str(user_data)], check=True, env={**os.environ, "BOOT_ROOT": str(boot),
-                                                               "SYSTEMCTL": str(fake / "systemctl")})
-    if shutil.which("shellcheck"):  # and the script it installs for systemd
-        lint = subprocess.run(["shellcheck", str(boot / "usr/local/bin/resnet-run")], capture_output=True, text=True)
-        assert lint.returncode == 0, lint.stdout
-    unit = (boot / "etc/systemd/system/resnet-run.service").read_text()
-    assert "User=root" in unit and "ExecStart=/usr/local/bin/resnet-run" in unit and "WantedBy=multi-user" in unit
-    assert calls.read_text().splitlines() == ["daemon-reload", "enable --now resnet-run.service"]
-    assert (boot / "etc/resnet-run.env").stat().st_mode & 0o777 == 0o600  # the settings: RUN_USER's alone
-    # what systemd would run, with the instance's stand-ins: a GPU, a trainer, this machine's venv and IMDS
-    stand_in = write_trainer(tmp_path, STAND_IN)
-    with open(boot / "etc/resnet-run.env", "a") as f:
-        extra = {**moto, "VENV": str(Path(sys.executable).parent.parent), "TRAIN_CMD": stand_in, "SEQUENCE": "done+",
-                 "PATH": f"{fake}:{BIN}:{os.environ['PATH']}", "IMDS_URL": imds, "MIN_FREE_GB": "0",
-                 "SUDO": "", "APT_GET": str(fake / "systemctl"), "JOURNAL": "echo the journal's last line"}
-        f.writelines(f"{k}={shlex.quote(v)}\n" for k, v in extra.items())
-    shutdowns = tmp_path / "shutdown.log"
-    p = subprocess.run([str(boot / "usr/local/bin/resnet-run")], capture_output=True, text=True, timeout=300,
-                       env={**{k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "TMUX")},
-                            "SHUTDOWN_LOG": str(shutdowns)})
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-    assert "GPUs: 1" in p.stderr and "4 train images" in p.stdout + p.stderr  # setup, then data: --check-data ran
-    out = home / "resnet" / "runs" / "run1"
-    assert (out / "status").read_text() == "done\n"
-    assert sorted(p.name for p in (tmp_path / "imagenet" / "train").iterdir()) == sorted(
-        c.name for c in (small / "train").iterdir())
-    assert b"step 0" in s3_object(moto, "s3://launch-runs/ec2/run1/last.pt")  # backed up
-    ended = json.loads(s3_object(moto, "s3://launch-runs/ec2/run1/ended.json"))
-    assert (ended["status"], ended["stage"], ended["backup"]) == ("done", "train", "ok")
-    assert ended["journal"] == ["the journal's last line"] and not ended["keep_alive"]
-    lifetime, end = shutdowns.read_text().splitlines()  # MAX_HOURS (72 by default) scheduled at the start, then now
-    assert 71 * 60 < int(lifetime.lstrip("+")) <= 72 * 60 and end == "now"
-
-    # the spot instance is reclaimed; `resume` finds the run in S3 and starts a new one; terminate removes the run's
-    # role once no instance of it is left (launch makes it again)
-    sh(["terminate"], env)
-    state = ec2.describe_instances(InstanceIds=[first])["Reservations"][0]["Instances"][0]["State"]
-    assert state["Name"] in ("shutting-down", "terminated")
-    assert "resnet-ec2-run1" not in [r["RoleName"] for r in iam.list_roles()["Roles"]]
-    p = sh(["resume"], env)
-    assert "s3://launch-runs/ec2/run1/last.pt found" in p.stderr
-    assert (tmp_path / "state" / "run1.instance").read_text().splitlines()[0] != first
-    p = sh(["resume"], {**env, "RUN": "no-such-run"}, check=False)
-    assert p.returncode == 2 and "nothing to resume" in p.stderr
 
 
 RECORDER = """#!/usr/bin/env python3
@@ -577,7 +464,7 @@ def test_a_reclaimed_run_continues_on_another_instance_type_with_its_flags_and_i
     (first / "spent.json").write_text(json.dumps({"i-first": dict(hours=1.5, hourly_usd=20.0, usd=30.0)}))
     aws(moto, "s3", "sync", str(first), "s3://elastic-runs/ec2/r50")
     env = {"DRY_RUN": "1", "INSTANCE_TYPE": "g5.12xlarge", "HOURLY_USD": "5.672", "KEY_NAME": "k", "RUN": "r50",
-           "S3_DATA": "s3://data/imagenet", "S3_RUNS": "s3://elastic-runs/ec2", "REPO_URL": "https://example.com/r.git",
+           "S3_DATA": "s3://data/imagenet", "S3_RUNS": "s3://elastic-runs/ec2",
            "MY_IP": "198.51.100.7", "STATE_DIR": str(tmp_path / "state"), "BUDGET_USD": "100"}
     p = sh(["resume"], env)
     assert "--instance-type g5.12xlarge" in p.stderr and "HOURLY_USD=5.672" in p.stderr and "BUDGET_USD=100" in p.stderr
@@ -615,6 +502,39 @@ def test_tunnel_reaches_the_demo_and_tensorboard_over_ssh_only(tmp_path):
     assert "authorize-security-group-ingress" not in p.stderr + p.stdout
 
 
+def test_tunnel_starts_what_it_forwards_to(tmp_path):
+    """Nothing started app.py or TensorBoard on a launched instance, and Ubuntu 24.04 has no `python`: tunnel first
+    starts, over SSH, the venv's app.py on the run's best.pt where nothing listens on 7860, and says TensorBoard needs
+    --tensorboard; where both listen already, it starts nothing. (ssh runs the command here, in a stand-in home.)"""
+    home, bin_ = tmp_path / "instance", tmp_path / "bin"
+    (home / "resnet" / "runs" / "r50").mkdir(parents=True)
+    (home / "resnet" / "runs" / "r50" / "best.pt").write_text("weights")
+    (home / "resnet" / ".venv" / "bin").mkdir(parents=True)
+    (home / "resnet" / ".venv" / "bin" / "python").write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/started\n')
+    bin_.mkdir()
+    (bin_ / "ssh").write_text(f'#!/bin/sh\ncase "$*" in *" -N "*) exit 0 ;; esac\n'
+                              f'eval "last=\\${{$#}}"\ncd {home} && HOME={home} bash -c "$last"\n')
+    (bin_ / "ss").write_text('#!/bin/sh\ncat "$LISTENING" 2>/dev/null\n')
+    for f in [*bin_.iterdir(), home / "resnet" / ".venv" / "bin" / "python"]:
+        f.chmod(0o755)
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "r50.instance").write_text("i-0abc\n")
+    stub, _ = stub_aws(tmp_path, '*describe-instances*) echo 203.0.113.1 ;;')
+    env = {"AWS": stub, "STATE_DIR": str(tmp_path / "state"), "RUN": "r50", "KEY_FILE": "/k.pem",
+           "PATH": f"{bin_}:{BIN}:{os.environ['PATH']}", "LISTENING": str(tmp_path / "listening")}
+    p = sh(["tunnel"], env)
+    for _ in range(50):
+        if (tmp_path / "started").exists():
+            break
+        time.sleep(0.1)
+    assert (tmp_path / "started").read_text().split() == ["app.py", "--checkpoint", "runs/r50/best.pt", "--port", "7860"]
+    assert "started app.py on runs/r50/best.pt" in p.stdout and "no TensorBoard: train with --tensorboard" in p.stdout
+    (tmp_path / "started").unlink()
+    (tmp_path / "listening").write_text("LISTEN 0 128 127.0.0.1:7860 0.0.0.0:*\nLISTEN 0 128 127.0.0.1:6006 0.0.0.0:*\n")
+    p = sh(["tunnel"], env)
+    assert p.stdout == "" and not (tmp_path / "started").exists() and "forwarding 7860 6006" in p.stderr
+
+
 def test_setup_checks_the_commands_it_needs(tmp_path, imds):
     """Elsewhere a missing command stops setup with one line that names the fix; on an instance (IMDS answers) it
     is installed, with the privileged command through SUDO and APT_GET (here only printed: DRY_RUN)."""
@@ -633,7 +553,7 @@ def test_setup_checks_the_commands_it_needs(tmp_path, imds):
 def test_the_default_run_is_named_after_the_data_and_the_network(tmp_path):
     """As train.py names its folder: an Imagenette try-out and the ImageNet run never share a folder in S3."""
     env = {"DRY_RUN": "1", "INSTANCE_TYPE": "g6e.xlarge", "KEY_NAME": "k", "S3_DATA": "s3://data/imagenet-1k",
-           "S3_RUNS": "s3://runs/ec2", "REPO_URL": "https://example.com/r.git", "MY_IP": "198.51.100.7",
+           "S3_RUNS": "s3://runs/ec2", "MY_IP": "198.51.100.7",
            "STATE_DIR": str(tmp_path / "state"), "TRAIN_ARGS": "--arch resnet18 --epochs 16"}
     p = sh(["launch"], env)
     assert "Value=resnet-ec2-imagenet-1k-resnet18" in p.stderr and "/resnet/runs/imagenet-1k-resnet18" in p.stderr
@@ -750,15 +670,15 @@ def test_a_disk_with_a_signature_is_never_formatted(disk_tools, tmp_path):
     assert (tmp_path / "data" / "notes.txt").read_text() == "the user's"
 
 
-def test_launch_without_an_instance_store_asks_for_a_faster_gp3(tmp_path):
+def test_launch_without_an_instance_store_asks_for_a_faster_gp3(tmp_path, clone):
     """A type with no instance store keeps the data on its root volume: launch asks gp3 for its EBS link's baseline
     throughput and IOPS, and says what that adds an hour. (EC2 answers c6i.4xlarge's facts, as DescribeInstanceTypes
     gives them: no store, 625 MB/s, 20,000 IOPS; the CLI's arguments are read.)"""
-    stub, log = stub_aws(tmp_path, '*describe-instance-types*) printf "None\\t625\\t20000\\n" ;;')
+    stub, log = stub_aws(tmp_path, '*describe-instance-types*) printf "16\\tNone\\t625\\t20000\\n" ;;')
     env = {"AWS": stub, "INSTANCE_TYPE": "c6i.4xlarge", "KEY_NAME": "k", "S3_DATA": "s3://no-shards/imagenet",
-           "S3_RUNS": "s3://runs/ec2", "REPO_URL": "https://example.com/r.git", "MY_IP": "198.51.100.7",
-           "STATE_DIR": str(tmp_path / "state"), "RUN": "gp3", "HOURLY_USD": "0.68"}
-    p = sh(["launch"], env)
+           "S3_RUNS": "s3://runs/ec2", "MY_IP": "198.51.100.7",
+           "STATE_DIR": str(tmp_path / "state"), "RUN": "gp3", "HOURLY_USD": "0.68", "CHECK": "0"}
+    p = sh(["launch"], env, script=clone)
     assert "c6i.4xlarge has no instance store: the root volume gets gp3's 625 MB/s and 16000 IOPS" in p.stderr
     run_instances = [line for line in log.read_text().splitlines() if "run-instances" in line][0]
     assert "Ebs={VolumeSize=400,VolumeType=gp3,Throughput=625,Iops=16000,DeleteOnTermination=true}" in run_instances
@@ -786,7 +706,7 @@ def test_prepare_launches_a_cpu_instance_that_may_write_the_shards_alone(tmp_pat
     """PREPARE=1 launch: a role that reads S3_DATA and writes its shards' prefix alone (multipart uploads too), an
     instance that runs prepare and terminates itself on shutdown; the training role stays read-only on S3_DATA."""
     env = {"DRY_RUN": "1", "PREPARE": "1", "INSTANCE_TYPE": "c7i.4xlarge", "KEY_NAME": "k",
-           "S3_DATA": "s3://data/imagenet", "REPO_URL": "https://example.com/r.git", "MY_IP": "198.51.100.7",
+           "S3_DATA": "s3://data/imagenet", "MY_IP": "198.51.100.7",
            "STATE_DIR": str(tmp_path / "state")}
     p = sh(["launch"], env)
 
@@ -836,6 +756,16 @@ def fake_venv(d):
     return d
 
 
+@pytest.fixture(scope="module")
+def code_url(moto, service_buckets, instance_repo):
+    """What launch ships: a git archive of a clone's commit, in S3 (the service cases' own, not the working tree's)."""
+    archive = subprocess.run(["git", "-C", str(instance_repo), "archive", "--format=tar.gz", "HEAD"],
+                             capture_output=True, check=True).stdout
+    subprocess.run([str(Path(BIN) / "aws"), "s3", "cp", "-", "s3://svc-runs/code/instance.tar.gz"], input=archive,
+                   check=True, env={**os.environ, **moto})
+    return "s3://svc-runs/code/instance.tar.gz"
+
+
 def service(tmp_path, moto, repo, launch=None, **extra):
     """launch's user-data for run svc-<the test's folder> (made by DRY_RUN=1 launch with `launch`'s settings), run here as the instance
     would run it at its first boot (BOOT_ROOT, a systemctl that records), then its service once, as systemd would, with
@@ -848,7 +778,7 @@ def service(tmp_path, moto, repo, launch=None, **extra):
     for f in fake.iterdir():
         f.chmod(0o755)
     settings = {"DRY_RUN": "1", "INSTANCE_TYPE": "g6e.xlarge", "KEY_NAME": "k", "S3_DATA": "s3://svc-data/imagenet",
-                "S3_RUNS": "s3://svc-runs/ec2", "REPO_URL": str(repo), "MY_IP": "198.51.100.7",
+                "S3_RUNS": "s3://svc-runs/ec2", "MY_IP": "198.51.100.7",
                 "RUN": f"svc-{tmp_path.name}",
                 "STATE_DIR": str(tmp_path / "state"), "REMOTE_USER": "root", "REMOTE_HOME": str(home),
                 "DATA_DIR": str(tmp_path / "data"), "HOURLY_USD": "2", **(launch or {})}
@@ -858,7 +788,7 @@ def service(tmp_path, moto, repo, launch=None, **extra):
                    env={**os.environ, "BOOT_ROOT": str(boot), "SYSTEMCTL": str(fake / "systemctl")})
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / ".run_ec2_data_done").touch()  # staged (a test of data failing removes this)
-    env = {**moto, "VENV": str(fake_venv(tmp_path / "venv")), "PATH": f"{fake}:{BIN}:{os.environ['PATH']}",
+    env = {**moto, "CODE_URL": repo, "VENV": str(fake_venv(tmp_path / "venv")), "PATH": f"{fake}:{BIN}:{os.environ['PATH']}",
            "SUDO": "", "JOURNAL": "echo the journal's last line", "RESTART_DELAY_S": "0", "MIN_SHM_GB": "0",
            "IMDS_URL": "http://127.0.0.1:9", **extra}
     with open(boot / "etc/resnet-run.env", "a") as f:
@@ -914,14 +844,14 @@ time.sleep(120)
 
 @pytest.mark.parametrize("case", ["done, KEEP_ALIVE=1", "bad_input", "diverged", "crashed, no progress",
                                   "MAX_RESTARTS", "hung", "the budget", "a user's stop", "a spot notice",
-                                  "the clone fails", "setup fails", "data fails", "MAX_HOURS passed",
-                                  "prepare: the clone fails", "prepare: its time limit"])
+                                  "the code does not arrive", "setup fails", "data fails", "MAX_HOURS passed",
+                                  "prepare: the code does not arrive", "prepare: its time limit"])
 def test_every_end_of_a_launched_instance_backs_up_says_why_and_shuts_down(case, tmp_path, moto, imds,
-                                                                           service_buckets, instance_repo):
+                                                                           service_buckets, code_url):
     """Every way the work of a launched instance ends leads to the end step, then a shutdown: the final backup,
     ended.json in S3 saying why (the loop's word, or the stage that failed, and the journal's last lines), then
     `shutdown now` (the instance terminates on shutdown), after the lifetime scheduled at its start; with
-    KEEP_ALIVE=1 it stays up. Before, only prepare had an EXIT trap, set after its clone."""
+    KEEP_ALIVE=1 it stays up. Before, only prepare had an EXIT trap, set after its clone of the code."""
     trainer = write_trainer(tmp_path, STAND_IN)
     launch, extra, expect = {}, {"TRAIN_CMD": trainer}, {}
     if case == "done, KEEP_ALIVE=1":
@@ -947,12 +877,12 @@ def test_every_end_of_a_launched_instance_backs_up_says_why_and_shuts_down(case,
     elif case == "a user's stop":
         extra["TRAIN_CMD"], expect = write_trainer(tmp_path, STOPPER), dict(status="stopped", why="run_ec2.sh stop")
     elif case == "a spot notice":
-        IMDS.notice_at = time.time() + 1
+        IMDS.notice_at = 0  # already given when the loop starts: no trainer is started (the mid-run notice: above)
         extra.update(TRAIN_CMD=write_trainer(tmp_path, PREEMPTIBLE), IMDS_URL=imds, SPOT_POLL_S="0.2")
         expect = dict(status="preempted", why="spot interruption")
-    elif case in ("the clone fails", "prepare: the clone fails"):
-        launch = {"REPO_URL": str(tmp_path / "no-such-repo"), "PREPARE": "1" if "prepare" in case else "0"}
-        expect = dict(status="failed", stage="clone")
+    elif case in ("the code does not arrive", "prepare: the code does not arrive"):
+        launch, extra["CODE_URL"] = {"PREPARE": "1" if "prepare" in case else "0"}, "s3://svc-runs/code/missing.tar.gz"
+        expect = dict(status="failed", stage="code")
     elif case == "setup fails":
         extra["NEEDED"], expect = "git no-such-tool", dict(status="failed", stage="setup")
     elif case == "data fails":
@@ -967,7 +897,7 @@ def test_every_end_of_a_launched_instance_backs_up_says_why_and_shuts_down(case,
         extra["AWS"] = write_trainer(tmp_path, f"#!/bin/sh\ncase \"$*\" in *manifest.json*) sleep 30 ;; esac\n"
                                                f'exec {BIN}/aws "$@"\n')  # an S3 that never answers prepare
         expect = dict(status="failed", stage="prepare", why="its time limit passed")
-    p, shutdowns, ended = service(tmp_path, moto, instance_repo, launch, **extra)
+    p, shutdowns, ended = service(tmp_path, moto, code_url, launch, **extra)
     assert ended is not None, p.stderr[-3000:]
     assert ended["status"] == expect["status"] and ended.get("stage", "train") == expect.get("stage", "train"), ended
     assert expect.get("why", "") in ended["why"], ended
@@ -979,15 +909,16 @@ def test_every_end_of_a_launched_instance_backs_up_says_why_and_shuts_down(case,
         (shutdowns, p.stderr[-2000:])
     if case != "MAX_HOURS passed":  # the lifetime was scheduled first (MAX_HOURS: 72 h, or the budget's hours + 1)
         assert shutdowns[0].startswith("+"), shutdowns
-    if keep:
+    if keep:  # ... and its finish step failed (the stand-in trainer writes no best.pt): said, and the end went on
         assert ended["keep_alive"] and "KEEP_ALIVE=1: the instance stays up" in p.stderr
+        assert ended["finish"] == {"ok": False, "failed": ["no best.pt"], "seconds": 0}, ended
 
 
 def test_a_user_data_that_fails_before_its_service_shuts_the_instance_down(tmp_path):
     """A failure in the user-data itself (before systemd runs the service) would leave the instance idle at full
     price: its EXIT trap shuts it down, unless KEEP_ALIVE=1."""
     env = {"DRY_RUN": "1", "INSTANCE_TYPE": "g6e.xlarge", "KEY_NAME": "k", "S3_DATA": "s3://d/imagenet",
-           "S3_RUNS": "s3://r/ec2", "REPO_URL": "https://example.com/r.git", "MY_IP": "198.51.100.7",
+           "S3_RUNS": "s3://r/ec2", "MY_IP": "198.51.100.7",
            "STATE_DIR": str(tmp_path / "state"), "HOURLY_USD": "2"}
     for keep, expected in (("0", ["now"]), ("1", [])):
         p = sh(["launch"], {**env, "KEEP_ALIVE": keep})
@@ -1126,6 +1057,12 @@ def test_the_budget_guard_survives_a_torn_log_and_kills_a_trainer_that_ignores_s
         subprocess.run(["pkill", "-f", "sleep 60"], capture_output=True)
 
 
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory):
+    """run_ec2.sh in a clone with nothing uncommitted: what launch ships (the working tree may hold changes)."""
+    return git_repo_of_the_working_tree(tmp_path_factory.mktemp("clone") / "resnet") / "run_ec2.sh"
+
+
 def stub_aws(tmp_path, answers=""):
     """An aws CLI that answers what launch asks, as EC2 would (an AMI, a type's disks, nothing existing yet, an
     instance id), plus `answers` (sh case arms, tried first), and records every call, one a line, in tmp_path/aws.log.
@@ -1134,14 +1071,15 @@ def stub_aws(tmp_path, answers=""):
     stub = tmp_path / "stub-bin" / "aws"
     stub.parent.mkdir(exist_ok=True)
     stub.write_text(f'#!/bin/sh\necho "$*" | tr "\\n" " " >> {log}\necho >> {log}\ncase "$*" in\n{answers}\n'
-                    '*get-parameter*) echo ami-0123 ;;\n*describe-instance-types*) printf "250\\t125\\t3000\\n" ;;\n'
+                    '*get-parameter*) echo ami-0123 ;;\n*describe-instance-types*) printf "4\\t250\\t125\\t3000\\n" ;;\n'
+                    '*"s3 cp - "*) cat > /dev/null ;;\n'
                     '*get-role*|*get-instance-profile*|*describe-security-groups*) exit 254 ;;\n'
                     '*create-security-group*) echo sg-0123 ;;\n*run-instances*) echo i-0abc ;;\nesac\nexit 0\n')
     stub.chmod(0o755)
     return str(stub), log
 
 
-def test_a_budget_needs_a_price_and_launch_always_finds_one(tmp_path):
+def test_a_budget_needs_a_price_and_launch_always_finds_one(tmp_path, clone):
     """With BUDGET_USD set and no HOURLY_USD the guard exited at its start and training ran unguarded, saying so only
     in train.log. Now train refuses, and launch always counts a price: HOURLY_USD, else EC2's current spot price (the
     dearest zone's), else ec2_instances.json's on-demand one (us-east-1's: another REGION is warned); it refuses a
@@ -1150,18 +1088,18 @@ def test_a_budget_needs_a_price_and_launch_always_finds_one(tmp_path):
     assert p.returncode == 2 and "BUDGET_USD=40 needs the instance's price" in p.stderr.strip().splitlines()[-1]
     spot, log = stub_aws(tmp_path, '*describe-spot-price-history*) printf "0.512\\t0.61\\t0.588\\n" ;;')
     env = {"AWS": spot, "INSTANCE_TYPE": "g6e.xlarge", "KEY_NAME": "k", "S3_DATA": "s3://d/imagenet",
-           "S3_RUNS": "s3://r/ec2", "REPO_URL": "https://example.com/r.git", "MY_IP": "198.51.100.7",
-           "STATE_DIR": str(tmp_path / "state"), "RUN": "priced", "BUDGET_USD": "10", "AMI_PARAM": "/x"}
-    p = sh(["launch"], env)
+           "S3_RUNS": "s3://r/ec2", "MY_IP": "198.51.100.7",
+           "STATE_DIR": str(tmp_path / "state"), "RUN": "priced", "BUDGET_USD": "10", "AMI_PARAM": "/x", "CHECK": "0"}
+    p = sh(["launch"], env, script=clone)
     assert "the price counted: $0.61/h (EC2's current spot price in us-east-1 (its dearest zone))" in p.stderr
     assert "HOURLY_USD=0.61" in (tmp_path / "state" / "priced.instance").read_text()
     user_data = [line for line in log.read_text().splitlines() if "run-instances" in line][0]
     assert "HOURLY_USD=0.61" in user_data and "MAX_HOURS=17.4" in user_data  # $10 / $0.61 + 1 h: before 72 h
-    p = sh(["launch"], {**env, "SPOT": "0", "RUN": "priced2"})
+    p = sh(["launch"], {**env, "SPOT": "0", "RUN": "priced2"}, script=clone)
     assert "the price counted: $1.861/h (ec2_instances.json's on-demand price)" in p.stderr
-    p = sh(["launch"], {**env, "SPOT": "0", "RUN": "priced3", "REGION": "eu-west-1"})
+    p = sh(["launch"], {**env, "SPOT": "0", "RUN": "priced3", "REGION": "eu-west-1"}, script=clone)
     assert "warning: 1.861 $/h is ec2_instances.json's on-demand price in us-east-1, not in eu-west-1" in p.stderr
-    p = sh(["launch"], {**env, "SPOT": "0", "RUN": "priced4", "INSTANCE_TYPE": "x9.unknown"}, check=False)
+    p = sh(["launch"], {**env, "SPOT": "0", "RUN": "priced4", "INSTANCE_TYPE": "x9.unknown"}, check=False, script=clone)
     assert p.returncode == 2 and "no price known for x9.unknown, and BUDGET_USD needs one: set HOURLY_USD" in p.stderr
 
 
@@ -1191,28 +1129,31 @@ FAILS = """*run-instances*)
     echo i-0abc ;;"""
 
 
-def test_launch_tells_a_quota_from_capacity_and_retries_with_one_client_token(tmp_path):
+def test_launch_tells_a_quota_from_capacity_and_retries_with_one_client_token(tmp_path, clone):
     """run-instances was retried six times whatever the error, without a client token: a quota error six times, and
     an ambiguous failure (a timeout after EC2 started the instance) could start a second instance nobody recorded.
-    Now a quota or an unsupported configuration stops at once with its code and the fix, a capacity error or a lost
-    answer is retried, and every retry reuses the request's client token (moto does not enforce tokens: the recorded
-    arguments are checked)."""
-    stub, log = stub_aws(tmp_path, FAILS)
+    Now a quota or an unsupported configuration stops at once with its code and the fix; no capacity moves on to the
+    type's next zone, with a client token of its own; a lost answer is retried in the same zone with the same token
+    (moto does not enforce tokens, nor tell zones' capacity apart: a stand-in answers, its arguments are checked)."""
+    stub, log = stub_aws(tmp_path, FAILS + '\n*describe-instance-type-offerings*) printf "us-east-1a\\tus-east-1b\\n" ;;')
     env = {"AWS": stub, "INSTANCE_TYPE": "g5.xlarge", "KEY_NAME": "k", "S3_DATA": "s3://d/x", "S3_RUNS": "s3://r/ec2",
-           "REPO_URL": "https://example.com/r.git", "MY_IP": "198.51.100.7", "STATE_DIR": str(tmp_path / "state"),
-           "LAUNCH_RETRY_S": "0", "HOURLY_USD": "1"}
+           "MY_IP": "198.51.100.7", "STATE_DIR": str(tmp_path / "state"), "LAUNCH_RETRY_S": "0", "HOURLY_USD": "1",
+           "CHECK": "0"}
     for fails, code in (("VcpuLimitExceeded", "VcpuLimitExceeded: g5.xlarge needs more vCPUs"),
                         ("Unsupported", "Unsupported: g5.xlarge cannot be launched so in us-east-1")):
-        p = sh(["launch"], {**env, "RUN": "quota", "FAILS": fails}, check=False)
+        p = sh(["launch"], {**env, "RUN": "quota", "FAILS": fails}, check=False, script=clone)
         assert p.returncode == 2 and code in p.stderr.strip().splitlines()[-1], p.stderr
-        assert log.read_text().count("ec2 run-instances") == 1  # not retried
+        assert log.read_text().count("ec2 run-instances") == 1  # not retried, not in another zone
         log.unlink()
         Path(stub + ".log").unlink()
-    p = sh(["launch"], {**env, "RUN": "flaky", "FAILS": "InsufficientInstanceCapacity timeout"})
+    p = sh(["launch"], {**env, "RUN": "flaky", "FAILS": "InsufficientInstanceCapacity timeout"}, script=clone)
     tries = [line for line in log.read_text().splitlines() if "ec2 run-instances" in line]
-    tokens = {re.search(r"--client-token (\S+)", line).group(1) for line in tries}
-    assert len(tries) == 3 and len(tokens) == 1, tries  # capacity, then no answer, then started: one token
-    assert "InsufficientInstanceCapacity (try 1 of 6)" in p.stderr and "no answer (try 2 of 6)" in p.stderr
+    tokens = [re.search(r"--client-token (\S+)", line).group(1) for line in tries]
+    zones = [re.search(r"AvailabilityZone=(\S+)", line).group(1) for line in tries]
+    assert zones == ["us-east-1a", "us-east-1b", "us-east-1b"], tries  # no capacity in a; no answer, then b
+    assert tokens[0] != tokens[1] == tokens[2]  # a token of its own for each zone, reused by that zone's retry
+    assert "InsufficientInstanceCapacity in us-east-1a: trying the next zone" in p.stderr
+    assert "no answer in us-east-1b (try 1 of 6)" in p.stderr
     assert (tmp_path / "state" / "flaky.instance").read_text().startswith("i-0abc\n")
 
 
@@ -1220,7 +1161,7 @@ def test_launching_one_run_never_changes_another_runs_access(tmp_path):
     """Every launch rewrote the policy of the one shared role: a second run with another S3_RUNS took write access
     away from the first, whose next backup then failed. Each run now has a role of its own, named after it."""
     env = {"DRY_RUN": "1", "INSTANCE_TYPE": "g6e.xlarge", "KEY_NAME": "k", "S3_DATA": "s3://d/imagenet",
-           "REPO_URL": "https://example.com/r.git", "MY_IP": "198.51.100.7", "STATE_DIR": str(tmp_path / "state"),
+           "MY_IP": "198.51.100.7", "STATE_DIR": str(tmp_path / "state"),
            "HOURLY_USD": "2"}
     first = sh(["launch"], {**env, "RUN": "first", "S3_RUNS": "s3://a/runs"}).stderr
     second = sh(["launch"], {**env, "RUN": "second", "S3_RUNS": "s3://b/other"}).stderr
@@ -1230,16 +1171,102 @@ def test_launching_one_run_never_changes_another_runs_access(tmp_path):
     assert "Name=resnet-ec2-second" in second  # its instance profile
 
 
-def test_secrets_stay_off_command_lines_and_out_of_remote_shells(tmp_path):
-    """A REPO_URL with a token in it is refused (it would sit in the instance's files); the remote commands of logs
-    and status-remote quote every setting they carry, so a RUN is a name, never shell code."""
-    env = {"DRY_RUN": "1", "INSTANCE_TYPE": "g6e.xlarge", "KEY_NAME": "k", "S3_DATA": "s3://d/imagenet",
-           "S3_RUNS": "s3://r/ec2", "MY_IP": "198.51.100.7", "STATE_DIR": str(tmp_path / "state"), "HOURLY_USD": "2"}
-    p = sh(["launch"], {**env, "REPO_URL": "https://me:ghp_secret@github.com/me/r.git"}, check=False)
-    assert p.returncode == 2 and "REPO_URL carries credentials" in p.stderr and "ghp_secret" not in p.stderr
+def test_remote_commands_quote_every_setting(tmp_path):
+    """The remote commands of logs and status-remote quote every setting they carry, so a RUN is a name, never shell
+    code. (The code reaches the instance through S3, so there is no REPO_URL to carry a token any more.)"""
+    env = {"DRY_RUN": "1", "STATE_DIR": str(tmp_path / "state"), "KEY_FILE": "/k.pem", "S3_RUNS": "s3://r/ec2"}
     run = "x; touch pwned"
     (tmp_path / "state").mkdir()
     (tmp_path / "state" / f"{run}.instance").write_text("i-0abc\n")
     for sub in ("logs", "status-remote"):
-        p = sh([sub], {**env, "RUN": run, "KEY_FILE": "/k.pem"}, check=False)
+        p = sh([sub], {**env, "RUN": run}, check=False)
         assert r"x\;\ touch\ pwned" in p.stdout and "x; touch" not in p.stdout, p.stdout
+
+# -----------------------------------------------------------------------------
+# EC2, part 5: the journey's edges (tests/test_journey.py follows the README's walk-through itself)
+
+PARTIAL_EC2 = """#!/bin/sh
+# moto, but for what it does not do as EC2 does: Service Quotas (a quota of QUOTA vCPUs) and the zones that offer a
+# type (none for NOWHERE_TYPE)
+case "$*" in
+    *service-quotas*) echo "$QUOTA" ; exit 0 ;;
+    *describe-instance-type-offerings*"$NOWHERE_TYPE"*) exit 0 ;;
+esac
+exec "$REAL_AWS" "$@"
+"""
+
+
+def test_check_names_what_would_stop_a_launch(tmp_path, moto):
+    """`check` (which launch runs first, before anything is paid for) reads the vCPU quota of the type's class and
+    market less what runs, the zones that offer the type, the key pair and the buckets' region: each failure one line
+    with its fix, the quota's with its name, code and the value to ask for. moto has no Service Quotas nor realistic
+    zone offerings: a stand-in answers those and hands the rest to moto."""
+    ec2, s3 = boto(moto, "ec2"), boto(moto, "s3")
+    ec2.create_key_pair(KeyName="checked")
+    s3.create_bucket(Bucket="check-here")
+    s3.create_bucket(Bucket="check-far", CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
+    running = ec2.run_instances(ImageId=ec2.describe_images()["Images"][0]["ImageId"], InstanceType="g5.2xlarge",
+                                MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]  # 8 on-demand G vCPUs in use
+    env = {**moto, "AWS": write_trainer(tmp_path, PARTIAL_EC2), "REAL_AWS": str(Path(BIN) / "aws"),
+           "INSTANCE_TYPE": "g5.xlarge", "SPOT": "0", "QUOTA": "12.0", "NOWHERE_TYPE": "none",
+           "KEY_NAME": "checked", "S3_DATA": "s3://check-here/imagenet", "S3_RUNS": "s3://check-here/runs"}
+    try:
+        p = sh(["check"], env)
+        assert "check: nothing in the way of g5.xlarge (on-demand) in us-east-1" in p.stderr
+        assert "g5.xlarge needs 4 of 'Running On-Demand G and VT instances' (L-DB2E81BA): 12, 8 in use" in p.stderr
+        p = sh(["check"], {**env, "QUOTA": "10.0"}, check=False)  # 8 in use of 10: 4 more do not fit
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and "1 thing would stop this launch" in lines[-1], p.stderr
+        assert ("the on-demand vCPU quota 'Running On-Demand G and VT instances' (L-DB2E81BA) in us-east-1 is 10 with "
+                "8 in use, and g5.xlarge needs 4: ask for 12") in p.stderr and "--desired-value 12" in p.stderr
+        p = sh(["check"], {**env, "QUOTA": "0.0", "SPOT": "1", "NOWHERE_TYPE": "g5.xlarge", "KEY_NAME": "missing",
+                           "S3_RUNS": "s3://check-far/runs"}, check=False)
+        lines = [line for line in p.stderr.splitlines() if line.startswith("run_ec2.sh: check:")]
+        assert p.returncode == 2 and len(lines) == 4, p.stderr
+        assert "spot vCPU quota 'All G and VT Spot Instance Requests' (L-3819A6DF) in us-east-1 is 0 with 0 in use" \
+            in lines[0] and "spot and on-demand quotas are separate" in lines[0]  # the on-demand 8 do not count
+        assert "g5.xlarge is offered in no zone of us-east-1" in lines[1]
+        assert "no key pair missing in us-east-1: aws ec2 create-key-pair --key-name missing" in lines[2]
+        assert "the bucket check-far is in eu-west-1, REGION is us-east-1: set REGION=eu-west-1" in lines[3]
+    finally:
+        ec2.terminate_instances(InstanceIds=[running])
+
+
+def test_prepare_from_kaggle_checks_the_token_before_anything_is_paid_for(tmp_path):
+    """PREPARE=1 FROM_KAGGLE=1 launch asks the Kaggle CLI first, here: no CLI, no token, a refused token, the rules not
+    accepted, each one line naming the fix, and nothing of AWS asked (DRY_RUN would print it)."""
+    kaggle = tmp_path / "kaggle"
+    env = {"DRY_RUN": "1", "PREPARE": "1", "FROM_KAGGLE": "1", "INSTANCE_TYPE": "c7i.4xlarge", "KEY_NAME": "k",
+           "S3_DATA": "s3://d/imagenet", "MY_IP": "198.51.100.7", "STATE_DIR": str(tmp_path / "state"),
+           "HOME": str(tmp_path), "KAGGLE": str(kaggle)}
+    for answer, said in (("", "needs the Kaggle CLI here, to check your token first: pip install kaggle"),
+                         ("echo 'OSError: Could not find kaggle.json. Make sure it is located in ~/.kaggle' >&2",
+                          "no Kaggle token: on kaggle.com, Settings -> API -> Create New Token"),
+                         ("echo '401 - Unauthorized' >&2", "Kaggle refuses the token in"),
+                         ("echo '403 - Forbidden' >&2", "accept them at https://www.kaggle.com/competitions/"
+                                                        "imagenet-object-localization-challenge/rules")):
+        if answer:
+            kaggle.write_text(f"#!/bin/sh\n{answer}\nexit 1\n")
+            kaggle.chmod(0o755)
+        p = sh(["launch"], env, check=False)
+        assert p.returncode == 2 and said in p.stderr.strip().splitlines()[-1], p.stderr
+        assert "+ aws" not in p.stderr.replace("+ aws ec2 describe-instances --filters Name=tag:run", "")
+
+
+def test_launch_refuses_uncommitted_changes_and_results_never_write_into_another_run(tmp_path, clone):
+    """The instance trains the commit launch ships: a checkout with uncommitted changes is refused before anything is
+    made, naming git stash or a commit. And `results` never writes into a runs/RUN that holds something else (a run
+    trained here, say)."""
+    repo = tmp_path / "dirty"
+    shutil.copytree(clone.parent, repo)
+    (repo / "train.py").write_text((repo / "train.py").read_text() + "\n# an edit\n")
+    p = sh(["launch"], {"INSTANCE_TYPE": "g5.xlarge", "KEY_NAME": "k", "S3_DATA": "s3://d/x", "S3_RUNS": "s3://r/ec2",
+                        "AWS": "/bin/false"}, check=False, script=repo / "run_ec2.sh")
+    assert p.returncode == 2
+    assert "changes that are not committed (git status): commit them or git stash them" in p.stderr.strip().splitlines()[-1]
+    (repo / "runs" / "r50").mkdir(parents=True)
+    (repo / "runs" / "r50" / "best.pt").write_text("a run trained here")
+    p = sh(["results"], {"RUN": "r50", "S3_RUNS": "s3://r/ec2", "AWS": "/bin/false"}, check=False,
+           script=repo / "run_ec2.sh")
+    assert p.returncode == 2 and "holds something else than the run s3://r/ec2/r50" in p.stderr
+    assert (repo / "runs" / "r50" / "best.pt").read_text() == "a run trained here"

@@ -10,7 +10,7 @@ import torch
 
 import evaluate
 import train
-from conftest import IMAGENETTE, error_line, needs_imagenette, run, run_here, torchrun_cmd, train_cmd
+from conftest import IMAGENETTE, ROOT, error_line, needs_imagenette, run, run_here, torchrun_cmd, train_cmd
 
 # small and fast: ResNet-18 at 32 px, batches of 16, on 160 real training images (10 steps per epoch)
 FAST = ["--arch", "resnet18", "--img-size", "32", "--batch-size", "16", "--workers", "1", "--log-every", "1"]
@@ -126,6 +126,43 @@ def test_the_run_folder_is_named_after_the_data_and_the_network(monkeypatch):
     monkeypatch.setenv("DATA_DIR", "/data/imagenet-1k")
     assert train.parse_args([]).out == os.path.join("runs", "imagenet-1k-resnet50")
     assert train.parse_args(["--out", "x"]).out == "x"
+
+
+def test_no_gpu_and_no_recipe_flag_runs_the_cpu_preset_and_records_it(monkeypatch, capsys):
+    """`python train.py` on a machine without a GPU ran the ImageNet recipe (ResNet-50, 192 px, batch 256, 24 epochs:
+    days on a CPU). With no recipe flag it now runs the cpu preset and says so in one line; the checkpoint's command
+    line records `--preset cpu` as if given, so a resume (run_ec2.sh replays it) keeps the recipe; any recipe flag,
+    and every GPU, keep the defaults."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sys, "argv", ["train.py", "--data", "/x"])
+    args = train.parse_args(None, cpu_preset=True)
+    assert (args.preset, args.arch, args.img_size, args.batch_size, args.epochs, args.lr) == \
+        ("cpu", "resnet18", 64, 32, 5, 0.194)
+    assert "no GPU here: the cpu preset" in capsys.readouterr().out
+    assert train.recorded_argv(args) == ["--data", "/x", "--preset", "cpu"]
+    for given in (["--epochs", "3"], ["--arch=resnet50"], ["--preset", "default"]):
+        monkeypatch.setattr(sys, "argv", ["train.py", *given])
+        assert train.parse_args(None, cpu_preset=True).preset != "cpu" and "cpu preset" not in capsys.readouterr().out
+    assert train.parse_args(["--data", "/x"]).preset == "default"  # as a library (bench.py, tests): the recipe
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    assert train.parse_args(None, cpu_preset=True).arch == "resnet50"
+
+
+def test_the_readme_flag_table_is_the_parsers(capsys):
+    """README's table of flags is made from the parsers (train.flag_table): a flag added, renamed or re-defaulted
+    shows there, and the column that says which flags lr_finder.py takes is its parser's own answer."""
+    import lr_finder
+    assert train.flag_table() in (ROOT / "README.md").read_text(), "README's flag table is stale: paste train.flag_table()"
+    for row in train.flag_table().splitlines()[2:]:
+        flag, shared = row.split(" | ")[0].strip("| `").split("`")[0], row.split(" | ")[2]
+        value = {"--data": "/x", "--preset": "fast", "--arch": "resnet18", "--device": "cpu", "--amp": "bf16",
+                 "--resume": "none", "--shrink-by": "longer"}.get(flag, "1")
+        takes_a_value = not any(s in row for s in ("| on |", "| off |"))
+        p = run_here(lr_finder.main, [flag, value] if takes_a_value else [flag], capsys, check=False) \
+            if shared == "no" else None
+        if p is not None:
+            assert p.returncode == 2 and "is a flag of a whole training run" in p.stderr, (flag, p.stderr[-500:])
 
 
 def test_torchrun_two_ranks_matches_one_process(tiny_data, tmp_path):
