@@ -50,7 +50,10 @@ def load_model(path, ema, device):
         ema = meta["ema"]  # an exported Space's model.pt may hold the EMA weights without --ema
         top1 = (meta["metrics"] or {}).get("ema_top1" if ema else "val_top1")
         about = (f"{meta['arch']}{' (EMA weights)' if ema else ''} from `{os.path.basename(path)}`"
-                 + (f" (val top-1 {top1:.1f}%)" if top1 is not None else ""))
+                 + (f" (val top-1 {top1:.1f}%)" if top1 is not None else "")
+                 # one forward a photo, for speed: the run's TTA would double it
+                 + (f"; without the run's {meta['tta']} TTA here (one forward a photo, for speed), so confidences "
+                    f"can differ a little from evaluate.py's" if meta["tta"] != "none" else ""))
         return model.to(device), meta["names"], meta["eval_size"], about, meta
     from torchvision.models import ResNet50_Weights
     weights = ResNet50_Weights.IMAGENET1K_V2
@@ -296,7 +299,7 @@ def model_card(meta, ema, checkpoint, curves):
     if best is not None:
         lines += [f"| val top-1 | {best[key]:.2f}% (epoch {best['epoch'] + 1}{', EMA' if key == 'ema_top1' else ''}) |",
                   f"| val top-5 | {best['val_top5']:.2f}% |",
-                  f"| evaluation | {meta['eval_size']} px{', flip TTA' if meta['tta'] else ''} |"]
+                  f"| evaluation | {meta['eval_size']} px{', flip TTA' if meta['tta'] == 'flip' else ''} |"]
     lines += ["", "Trained with:", "", "```", command, "```", ""]
     if curves:
         lines += ["![loss, accuracy and learning rate per epoch](curves.png)", ""]

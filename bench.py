@@ -348,9 +348,9 @@ def cost_table(names=None, measured=None, kind=None):
     headers come from the presets: their epochs, and the default's smallest and largest training size."""
     fast, default = train_args(["--preset", "fast"]), train_args([])
     lo, hi = min(epoch_sizes(default)), max(epoch_sizes(default))
-    lines = [f"| instance | GPUs | vCPUs | on-demand $/h | spot $/h | a GPU's img/s at {lo} / {hi} px | loader img/s at "
-             f"{lo} / {hi} px | first step | `--preset fast` ({fast.epochs} epochs) | default ({default.epochs} epochs) "
-             f"| bound by |",
+    lines = [f"| instance | GPUs | vCPUs | on-demand $/h | spot $/h | a GPU's img/s at {lo} / {hi} px | loader img/s "
+             f"at {lo} / {hi} px | first step | `--preset fast` ({fast.epochs} epochs) | default ({default.epochs} "
+             f"epochs) | bound by |",
              "| --- | --- | ---: | ---: | --- | --- | --- | ---: | --- | --- | --- |"]
     for name in names or INSTANCES:
         inst = INSTANCES[name]

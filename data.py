@@ -37,6 +37,13 @@ UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  #
 EVAL_CROP_RATIO = 0.875  # resize to img_size / 0.875, then center crop: 256 -> 224, the standard ImageNet eval
 
 
+def seed_cpu(seed):
+    """Seed the CPU generator, the one every draw of the data and the mixing uses. torch.manual_seed would seed
+    CUDA's too, and where CUDA is not initialized (a CPU, every DataLoader worker) it queues that seeding, formatting
+    a stack trace each call: a tenth of the loader's time when called for every image (BENCHMARKS.md)."""
+    torch.random.default_generator.manual_seed(seed)
+
+
 def seed_for(seed, epoch, index=0, stream=""):
     """The seed of one random draw of the run: the data order (stream "order"), one image's crop ("crop"), one
     batch's mixing ("mix<rank>"). A hash of all four, so a draw depends on nothing but them: not on the worker or
@@ -234,7 +241,7 @@ class ImageList(Dataset):
         index, epoch = item
         path, label = self.samples[index]
         if self.seed is not None:
-            torch.manual_seed(seed_for(self.seed, epoch, index, "crop"))
+            seed_cpu(seed_for(self.seed, epoch, index, "crop"))
         try:
             return self.transform(Image.open(path), epoch), label, -1
         except UNREADABLE:
@@ -296,10 +303,21 @@ class StepSampler(Sampler):
     def __len__(self):
         return (self.steps - self.start) * (self.per_step // self.world) * self.batch
 
+    def micro_batches(self, step):
+        """The micro-batches of `step` this rank loads, in the order it loads them, each by its index k in the step
+        (its images: micro_batch(order, step, k, ...)). The one statement of the layout: __iter__ follows it, and so
+        does micro_index, by which train.py seeds a micro-batch's mixing without working the layout out itself."""
+        return range(self.rank, self.per_step, self.world)
+
+    def micro_index(self, step, j):
+        """The index in the epoch of the j-th micro-batch this rank loads in `step`: the same micro-batch, the same
+        index, on any number of ranks."""
+        return step * self.per_step + self.micro_batches(step)[j]
+
     def __iter__(self):
         order = epoch_order(self.seed, self.epoch, self.n)
         for step in range(self.start, self.steps):
-            for k in range(self.rank, self.per_step, self.world):
+            for k in self.micro_batches(step):
                 yield from ((i, self.epoch) for i in micro_batch(order, step, k, self.batch, self.global_batch))
 
 
@@ -320,10 +338,21 @@ class ShardSampler(Sampler):
 # -----------------------------------------------------------------------------
 # datasets and loaders
 
-def build_datasets(root, img_size, subset=1.0, seed=0, trivial_augment=False, random_erase=0.0, eval_size=None,
-                   resize_size=None):
+# The augmentations a training step may add after the crop and flip, in the order they apply: each is a flag of
+# train.py and lr_finder.py (train.add_step_args adds them from here; flag: its argparse arguments) and the transform
+# built from the flag's value (None: off). A new augmentation is one entry here, nothing else.
+AUGMENTATIONS = dict(
+    trivial_augment=dict(flag=dict(action="store_true", help="add TrivialAugmentWide (Mueller & Hutter 2021)"),
+                         build=lambda on: v2.TrivialAugmentWide() if on else None),
+    random_erase=dict(flag=dict(type=float, default=0.0, help="probability of RandomErasing per image"),
+                      build=lambda p: v2.RandomErasing(p=p, value=0) if p > 0 else None),
+)
+
+
+def build_datasets(root, img_size, subset=1.0, seed=0, augment=None, eval_size=None, resize_size=None):
     """Return (train_set, val_set, info) where info has 'classes' (folder names) and 'names' (readable names).
-    img_size is the training crop, or a list of one per epoch (progressive resizing)."""
+    img_size is the training crop, or a list of one per epoch (progressive resizing); augment: {name: value} of
+    AUGMENTATIONS (a name left out is off)."""
     train_dir, val_dir, val_csv, mapping = find_splits(root)
     classes, train_samples = scan_folder(train_dir)
     if val_csv is None:
@@ -332,8 +361,8 @@ def build_datasets(root, img_size, subset=1.0, seed=0, trivial_augment=False, ra
         val_samples = read_val_csv(val_dir, val_csv, classes)
     train_samples = stratified_subset(train_samples, subset, seed)
     sizes = tuple(img_size) if isinstance(img_size, (list, tuple)) else (img_size,)
-    extra = [v2.TrivialAugmentWide()] if trivial_augment else []
-    extra += [v2.RandomErasing(p=random_erase, value=0)] if random_erase > 0 else []
+    built = (AUGMENTATIONS[name]["build"]((augment or {})[name]) for name in AUGMENTATIONS if name in (augment or {}))
+    extra = [t for t in built if t is not None]
     train_tf = partial(train_transform, sizes=sizes, extra=v2.Compose(extra) if extra else None)
     val_tf = partial(eval_image, tf=eval_transform(eval_size or sizes[-1], resize_size))
     train_set, val_set = ImageList(train_samples, train_tf, seed=seed), ImageList(val_samples, val_tf)

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 import data
-from model import load_checkpoint, newest_checkpoint
+from model import TTA, load_checkpoint, newest_checkpoint
 from runtime import autocast_for, close_distributed, init_distributed, to_device
 
 
@@ -38,7 +38,7 @@ def add_common_args(p):
     p.add_argument("--data", default=None, help="dataset root; default: the checkpoint's --data, else Imagenette")
     p.add_argument("--img-size", type=int, default=None, help="eval crop, px; default: the run's --eval-size")
     p.add_argument("--resize-size", type=int, default=None, help="resize before the crop, px; default size/0.875")
-    p.add_argument("--tta", default=None, choices=["none", "flip"], help="flip: average with the mirror image; "
+    p.add_argument("--tta", default=None, choices=TTA, help="flip: average with the mirror image; "
                                                                           "default: as the run evaluated")
     p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
     p.add_argument("--batch-size", type=int, default=100, help="images per step per process")
@@ -72,7 +72,7 @@ def load_model(args, device, with_data=True):
     path = os.path.abspath(args.checkpoint)
     settings = dict(checkpoint=path, checkpoint_mtime_ns=os.stat(path).st_mtime_ns, data=os.path.abspath(root),
                     img_size=img_size, resize_size=args.resize_size or round(img_size / data.EVAL_CROP_RATIO),
-                    tta=args.tta or ("flip" if meta["tta"] else "none"), ema=args.ema)
+                    tta=args.tta or meta["tta"], ema=args.ema)
     return model.to(device).eval(), meta, root, settings
 
 
@@ -80,10 +80,11 @@ def load_model(args, device, with_data=True):
 # the one evaluation loop, and what train.py's log and this script's reports make of it
 
 @torch.no_grad()
-def log_probabilities(model, loader, device, ctx, tta=False, channels_last=True):
+def log_probabilities(model, loader, device, ctx, tta="none", channels_last=True):
     """For each batch of the loader: (log-probabilities (B, C), float32, and labels (B,)), on the device.
 
-    tta: the log of the mean of the probabilities of each image and its mirror image (FFCV's lr_tta), taken with
+    tta (model.TTA, the one spelling of every script and checkpoint; a new mode is one more branch here): "flip",
+    the log of the mean of the probabilities of each image and its mirror image (FFCV's lr_tta), taken with
     logaddexp so that a confident class cannot round to log(0). train.py's log (accuracy) and this script's reports
     (predict) both read their top-1, top-5 and loss off these, so they agree by construction."""
     model.eval()
@@ -91,9 +92,9 @@ def log_probabilities(model, loader, device, ctx, tta=False, channels_last=True)
         x, y = to_device(images, labels, device, channels_last)
         with ctx:
             logits = model(x)
-            mirrored = model(x.flip(3)) if tta else None
+            mirrored = model(x.flip(3)) if tta == "flip" else None
         logp = logits.float().log_softmax(1)
-        if tta:
+        if tta == "flip":
             logp = torch.logaddexp(logp, mirrored.float().log_softmax(1)) - math.log(2)
         yield logp, y
 
@@ -104,7 +105,7 @@ def hits(top_i, labels):
     return match[:, 0], match.any(1)
 
 
-def accuracy(model, loader, device, ctx, tta=False, channels_last=True):
+def accuracy(model, loader, device, ctx, tta="none", channels_last=True):
     """Exact top-1/top-5 and the loss over the whole val set (train.py's log): every rank runs its shard (the
     indices rank, rank + world, ...: each image once) and the counts are all-reduced."""
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, images
@@ -119,7 +120,7 @@ def accuracy(model, loader, device, ctx, tta=False, channels_last=True):
     return dict(val_loss=loss / n, val_top1=100 * top1 / n, val_top5=100 * top5 / n, val_n=int(n))
 
 
-def predict(model, loader, device, ctx, tta=False):
+def predict(model, loader, device, ctx, tta="none"):
     """Top-5 (class indices, probabilities) and labels for the loader's images, in its order, with progress."""
     top_i, top_p, labels = [], [], []
     t0, done, total, correct = time.time(), 0, len(loader.sampler), 0
@@ -244,7 +245,7 @@ def run(args):
         raise ValueError(f"{args.checkpoint} predicts {model.fc.out_features} classes but {root} has "
                          f"{len(info['classes'])}; pass a matching --data")
     names = meta["names"]
-    top_i, top_p, labels, seconds = evaluate_all(model, val_set, args, settings["tta"] == "flip", device, rank, world)
+    top_i, top_p, labels, seconds = evaluate_all(model, val_set, args, settings["tta"], device, rank, world)
     if rank == 0:
         out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
         pairs, report = write_reports(out, val_set.samples, names, top_i, top_p, labels, settings)

@@ -118,7 +118,7 @@ def predictions(args, model, meta, root, settings, device, out):
     print(f"{why}: evaluating {args.checkpoint} first", flush=True)
     img_size = settings["img_size"]
     _, val_set, _ = data.build_datasets(root, img_size, eval_size=img_size, resize_size=args.resize_size)
-    top_i, top_p, labels, _ = evaluate.evaluate_all(model, val_set, args, settings["tta"] == "flip", device)
+    top_i, top_p, labels, _ = evaluate.evaluate_all(model, val_set, args, settings["tta"], device)
     evaluate.write_reports(out, val_set.samples, meta["names"], top_i, top_p, labels, settings)
     return read_predictions(path)
 

@@ -214,42 +214,47 @@ def resnet50d(**kw): return build_model("resnet50d", **kw)
 # checkpoints: the contract between train.py and every script after it
 #
 # A checkpoint is one dict, saved with torch.save and read back with weights_only=True (tensors, numbers, strings and
-# plain containers only, so a file cannot run code). Every key, its type, and who writes it:
-#
-#   format       int          FORMAT: the version of this layout; a file without it is version 1 (before 2026-12-03)
-#   model        dict         the bare network's state_dict: torchvision's keys, no 'module.' or '_orig_mod.' prefix,
-#                             and with BlurPool each blur's filter ('layerN.0.blur.kernel'), which torchvision lacks
-#   weights      str          which weights `model` holds: "model", or "ema" (app.py --export-space --ema)
-#   ema          dict | None  AveragedModel's state_dict with --ema ('module.'-prefixed, 'n_averaged'), else None
-#   args         dict         vars(args) of the train.py run: arch, blurpool and eval_size rebuild the network and its
-#                             evaluation; RESUME_MUST_MATCH in train.py checks the rest on a resume
-#   argv         list[str]    train.py's command line
-#   classes      list[str]    the class folders (wnids), in label order
-#   class_names  list[str]    readable names, in label order
-#   metrics      dict | None  log.jsonl's row of the last finished epoch (None in a mid-epoch save)
-# and the state of the run, only in a file that can be resumed (train.py's last.pt, best.pt, the newest epoch_NNN.pt):
-#   optimizer, scheduler, scaler   dict | None   their state_dicts (the scaler's is None unless --amp fp16)
-#   rng          dict         {"torch": ByteTensor, "python": tuple}: the generators of rank 0
-#   world        int          the processes of the session that wrote it (a resume may have others)
-#   global_batch int          images per optimizer step: the run's constant, on any number of processes
-#   amp          str | None   the precision it trained in, "bf16", "fp16" or "fp32" (None: unknown, a version 2 file
-#                             without a loss scaler's state)
-#   progress     dict         epochs_done: whole epochs finished (so the epoch to run next, 0-based); step: optimizer
-#                             steps done in that next epoch (0 at an epoch's end); best_top1; sums: the epoch's running
-#                             sums so far over all processes, train.SUMS: [loss sum, micro-batches, top-1 hits,
-#                             images counted for top-1, mixed micro-batches]; lr_steps: the [epoch, LR] of each logged
-#                             step of that epoch
-#
-# A key of the first group that a file lacks reads as its OPTIONAL default.
-# Writers: train.py (through save_checkpoint) writes whole checkpoints; save_weights writes the weights-only files
-# (slimmed epoch_NNN.pt, the Space's model.pt). The reader: read_checkpoint, which upgrades any older format step by
-# step (UPGRADES), and on top of it load_checkpoint (a network and what to run it with) and load_weights (--init-from).
-# A new field: add it here, then to its writer; a changed field: bump FORMAT and add its step to UPGRADES.
+# plain containers only, so a file cannot run code). FIELDS below is its format, the one definition of it: every key,
+# its group, its default, what it holds. Group "file": in every file, weights-only ones too (a key a file lacks reads
+# as its default); group "run": only in a file that can be resumed (train.py's last.pt, best.pt, the newest
+# epoch_NNN.pt). From the table follow the writers (save_checkpoint takes exactly one group's keys or all of them:
+# a field missing from a writer, or one the table lacks, stops the save), the slimming of weights-only files
+# (save_weights keeps the "file" group) and the readers (read_checkpoint fills the defaults and upgrades older files
+# step by step, UPGRADES). A new field: its line here and its value in its writer (train.snapshot for the run's files;
+# save_weights copies the "file" group); a changed field: bump FORMAT and add its step to UPGRADES.
 
-FORMAT = 4
-RESUME_KEYS = ("optimizer", "scheduler", "scaler", "rng", "world", "global_batch", "amp", "progress")
-OPTIONAL = dict(weights="model", ema=None, args={}, argv=None, classes=None, class_names=None, metrics=None)
-KEYS = {"format", "model", *OPTIONAL, *RESUME_KEYS}
+FIELDS = dict(
+    format=("file", None, "int: FORMAT, the version of this layout; a file without it is version 1 (before "
+                          "2026-12-03)"),
+    model=("file", None, "dict: the bare network's state_dict: torchvision's keys, no 'module.' or '_orig_mod.' "
+                         "prefix, and with BlurPool each blur's filter ('layerN.0.blur.kernel'), which torchvision "
+                         "lacks"),
+    weights=("file", "model", "str: which weights `model` holds: model, or ema (app.py --export-space --ema)"),
+    ema=("file", None, "dict | None: AveragedModel's state_dict with --ema ('module.'-prefixed, 'n_averaged')"),
+    args=("file", {}, "dict: vars(args) of the train.py run: arch, blurpool, eval_size and tta rebuild the network "
+                      "and its evaluation; RESUME_MUST_MATCH in train.py checks the rest on a resume"),
+    argv=("file", None, "list[str]: train.py's command line (a preset it chose for the user, as if given)"),
+    classes=("file", None, "list[str]: the class folders (wnids), in label order"),
+    class_names=("file", None, "list[str]: readable names, in label order"),
+    metrics=("file", None, "dict | None: log.jsonl's row of the last finished epoch (None in a mid-epoch save)"),
+    optimizer=("run", None, "dict: the optimizer's state_dict"),
+    scheduler=("run", None, "dict: OneCycleLR's state_dict"),
+    scaler=("run", None, "dict | None: the loss scaler's state_dict (None unless fp16)"),
+    rng=("run", None, "dict: {'torch': ByteTensor, 'python': tuple}, the generators of rank 0"),
+    world=("run", None, "int: the processes of the session that wrote it (a resume may have others)"),
+    global_batch=("run", None, "int: images per optimizer step, the run's constant on any number of processes"),
+    amp=("run", None, "str | None: the precision it trained in: bf16, fp16 or fp32 (None: unknown, a version 2 file "
+                      "without a loss scaler's state)"),
+    progress=("run", None, "dict: epochs_done (whole epochs finished, so the next epoch, 0-based); step (optimizer "
+                           "steps done in that next epoch, 0 at an epoch's end); best_top1; sums (the epoch's running "
+                           "sums so far over all processes, in train.SUMS' order; a file with fewer reads the missing "
+                           "ones as 0); lr_steps (the [epoch, LR] of each logged step of that epoch)"),
+)
+FORMAT = 5
+RESUME_KEYS = tuple(k for k, (group, _, _) in FIELDS.items() if group == "run")
+OPTIONAL = {k: default for k, (group, default, _) in FIELDS.items() if group == "file" and k not in ("format", "model")}
+KEYS = set(FIELDS)
+TTA = ("none", "flip")  # the evaluations a run may use: its checkpoint's args['tta'] (evaluate.log_probabilities)
 
 
 def upgrade_1_to_2(ckpt):
@@ -292,7 +297,14 @@ def upgrade_3_to_4(ckpt):
     return ckpt
 
 
-UPGRADES = [upgrade_1_to_2, upgrade_2_to_3, upgrade_3_to_4]  # UPGRADES[v - 1] turns version v into v + 1
+def upgrade_4_to_5(ckpt):
+    """Version 5 spells TTA as every script does, "none" or "flip", where train.py's args held a bool."""
+    if isinstance((ckpt.get("args") or {}).get("tta"), bool):
+        ckpt["args"] = {**ckpt["args"], "tta": "flip" if ckpt["args"]["tta"] else "none"}
+    return ckpt
+
+
+UPGRADES = [upgrade_1_to_2, upgrade_2_to_3, upgrade_3_to_4, upgrade_4_to_5]  # UPGRADES[v - 1] turns v into v + 1
 assert len(UPGRADES) == FORMAT - 1, "one upgrade step per version"
 
 
@@ -364,9 +376,13 @@ def save_atomic(obj, path):
 
 
 def save_checkpoint(ckpt, path):
-    """The writer of every checkpoint: the keys above and no others, stamped with FORMAT, written atomically."""
-    unknown = set(ckpt) - KEYS
-    assert not unknown, f"keys {sorted(unknown)} are not in the checkpoint format: document them above KEYS first"
+    """The writer of every checkpoint: exactly FIELDS' "file" group (a weights-only file) or all of FIELDS (a file
+    that can be resumed), stamped with FORMAT, written atomically. A field the table lacks, or one of its group the
+    writer left out, stops the save: nothing vanishes silently."""
+    keys, file_keys = set(ckpt) | {"format"}, {k for k, (group, _, _) in FIELDS.items() if group == "file"}
+    assert keys in (file_keys, KEYS), (f"a checkpoint holds the format's 'file' fields or all of FIELDS: unknown "
+                                       f"{sorted(keys - KEYS)}, missing {sorted(file_keys - keys)} of the file's, "
+                                       f"{sorted(KEYS - keys - file_keys)} of the run's (model.FIELDS)")
     save_atomic({**ckpt, "format": FORMAT}, path)
 
 
@@ -448,7 +464,7 @@ def load_checkpoint(path, arch=None, ema=False, map_location="cpu"):
         from torchvision.models import ResNet50_Weights
         names = list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
     info = dict(arch=arch, names=list(names or map(str, range(n))), classes=ckpt["classes"],
-                eval_size=saved.get("eval_size") or saved.get("img_size") or 224, tta=bool(saved.get("tta")),
+                eval_size=saved.get("eval_size") or saved.get("img_size") or 224, tta=saved.get("tta") or "none",
                 ema=ema or ckpt["weights"] == "ema", args=saved, argv=ckpt["argv"], metrics=ckpt["metrics"])
     return model.eval(), info
 

@@ -24,6 +24,11 @@
 #   ./run_ec2.sh bench             bench.py on this GPU and these JPEGs: the projected hours and dollars
 #   ./run_ec2.sh status | stop
 #   ./run_ec2.sh end STAGE [CODE]  the end step of a launched instance: the final backup and OUT/ended.json
+# On each node of a run on several (skypilot.yaml's steps; README "Several nodes with SkyPilot"):
+#   ./run_ec2.sh data | setup      as above, on every node
+#   ./run_ec2.sh restore           the run from S3_RUNS into OUT (train does it too, when OUT has no last.pt)
+#   ./run_ec2.sh node [flags]      this node's part of the run, once, then an exit status for the launcher: 75 to
+#                                  recover the run on new instances, anything else ends it
 #
 # What ends a launched instance: the end of its work, whatever it was (done, the budget, a stop, a config error, a
 # diverged or hung or crashing trainer, a failed clone, setup or data), then the end step (the final backup and a
@@ -67,6 +72,16 @@ BUDGET_POLL_S=${BUDGET_POLL_S:-60}                   # seconds between budget ch
 HANG_POLL_S=${HANG_POLL_S:-30}                       # seconds between the watchdog's looks
 MIN_SHM_GB=${MIN_SHM_GB:-8}                          # DataLoader workers pass batches through /dev/shm
 TRAIN_CMD=${TRAIN_CMD:-}                             # replaces "torchrun ... train.py" (tests use a stand-in)
+GPUS=${GPUS:-}                                       # the trainer's processes on this node; default: nvidia-smi's GPUs
+# node: a run on several nodes (a launcher such as SkyPilot starts `node` on each; skypilot.yaml sets these)
+NODES=${NODES:-1}                                    # the run's nodes
+NODE_RANK=${NODE_RANK:-0}                            # this node's rank: 0 checkpoints, backs up, keeps the budget
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}                # node 0's address, torchrun's rendezvous
+MASTER_PORT=${MASTER_PORT:-29500}
+RECOVER_EXIT=75                                      # node's exit status that asks the launcher to recover the run
+                                                     # on new instances (SkyPilot's recover_on_exit_codes); train.py's
+                                                     # own for preempted
+FINISH=${FINISH:-1}                                  # 0: no finish step (the results) after a launched run's end
 AWS=${AWS:-$(command -v aws >/dev/null && echo aws || echo "$VENV/bin/aws")}  # the AWS CLI (setup puts one in VENV
                                                      # where there is none)
 SUDO=${SUDO-sudo}                                    # privileged commands go through these (tests replace them;
@@ -121,8 +136,8 @@ REMOTE_HOME=${REMOTE_HOME:-/home/$REMOTE_USER}       # where the instance clones
 
 # what a tmux session, a helper and a launched instance get explicitly: a tmux server keeps its own environment
 SETTINGS=(REPO_DIR VENV DATA_DIR S3_DATA S3_RUNS OUT BACKUP_MIN HOURLY_USD BUDGET_USD SESSION MAX_RESTARTS
-          RESTART_DELAY_S IMDS_URL SPOT_POLL_S BUDGET_POLL_S HANG_S HANG_POLL_S KILL_WAIT_S MIN_SHM_GB TRAIN_CMD AWS
-          DRY_RUN PATH)
+          RESTART_DELAY_S IMDS_URL SPOT_POLL_S BUDGET_POLL_S HANG_S HANG_POLL_S KILL_WAIT_S MIN_SHM_GB TRAIN_CMD GPUS
+          NODES NODE_RANK MASTER_ADDR MASTER_PORT AWS DRY_RUN PATH)
 AWS_SETTINGS=(AWS_PROFILE AWS_REGION AWS_DEFAULT_REGION AWS_ENDPOINT_URL AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY
               AWS_SESSION_TOKEN AWS_SHARED_CREDENTIALS_FILE AWS_CONFIG_FILE)
 LOG=$OUT/train.log
@@ -137,6 +152,8 @@ usage() {
         setup) echo "setup: check the commands it needs (NEEDED; installed where missing on an instance, else named), create $VENV (reusing a CUDA torch already on the system), install requirements.txt (and tensorboard when TRAIN_ARGS ask), and check nvidia-smi, free disk (MIN_FREE_GB) and /dev/shm (MIN_SHM_GB)." ;;
         prepare) echo "prepare: once per dataset, ImageNet into tar shards: with FROM_KAGGLE=1 the competition's files from Kaggle (the Kaggle CLI; on a launched instance its token comes from an SSM SecureString parameter only the prepare role reads, deleted when prepare ends; KEEP_ZIP=1 also keeps the zip in S3_DATA), else S3_DATA (the Kaggle zip or a tree), into tar shards of about 1 GB under SHARDS (default S3_DATA/shards-<SHRINK_BY><SHRINK>, shards-shorter320; S3_DATA/shards with SHRINK= for full size), every image decoded once on the way, the training images shrunk to SHRINK px; resumes. On a laptop, or on a CPU instance: PREPARE=1 INSTANCE_TYPE=c7i.4xlarge ./run_ec2.sh launch." ;;
         data) echo "data: DATA_DIR onto the instance store (formatted only when launch's user-data sets FORMAT_STORE=1; striped over several disks; one the AMI mounted is used as it is), then the shards under S3_DATA streamed into it, checked against their sha256 (SHARDS where they fit, else the smallest that do); with no shards, the zip or the tree copied and train.py --check-data." ;;
+        restore) echo "restore: when OUT holds no last.pt, the run's folder S3_RUNS/<name of OUT> into OUT (train does it first; on several nodes, every node, since a recovered cluster starts with nothing)." ;;
+        node) echo "node [train.py flags]: one node's part of a run on NODES nodes (NODE_RANK, MASTER_ADDR, MASTER_PORT, GPUS; skypilot.yaml sets them from SkyPilot's variables), after restore: torchrun over the nodes once, in the foreground, no restart here; node 0 alone backs up, keeps BUDGET_USD over every node and cluster of the run (spent.json; HOURLY_USD is one node's price, else EC2's), watches for hangs, and runs finish and the end step; every node watches for its own spot notice. Node 0 exits $RECOVER_EXIT for the launcher to recover the run on new instances (a spot notice on any node, a preemption, a crash or hang after progress), else 0 (done, the budget), 1 (a crash with no progress), 2 (a config error), 3 (a diverged loss), which end it; the other nodes exit 0." ;;
         train) echo "train [train.py flags]: torchrun --nproc_per_node=<GPUs> train.py --data DATA_DIR --out OUT [flags] in tmux session SESSION (nohup without tmux), every setting passed in a file only you can read, output to OUT/train.log. Restarted after 'preempted', and after 'crashed' or 'hung' only when last.pt moved on since the start; ended by done, a config error, a diverged loss, BUDGET_USD, or ./run_ec2.sh stop. Starts the S3 backup and the spot watcher (S3_RUNS), the budget guard (BUDGET_USD, which needs HOURLY_USD) and the watchdog. With no OUT/last.pt it first restores OUT from S3_RUNS." ;;
         backup) echo "backup: aws s3 sync of a snapshot of OUT (hard links: a checkpoint replaced mid-upload arrives whole) to S3_RUNS/<name of OUT> every BACKUP_MIN minutes while training runs, and once more at the end; a failed sync is said and tried again at the next round, and OUT/backup.ok keeps the time of the last good one (train starts it)." ;;
         watchdog) echo "watchdog: a trainer that writes no log line and no checkpoint for HANG_S seconds (30 min), or 4 times its longest silence so far, is hung: SIGTERM, SIGKILL after KILL_WAIT_S, status 'hung', restarted only if it had made progress (train starts it)." ;;
@@ -148,7 +165,7 @@ usage() {
         stop) echo "stop: end the run for good: SIGTERM the trainer (it checkpoints) and the restart loop ends; a launched instance then runs its end step and shuts down (unless KEEP_ALIVE=1). resume, on the laptop, continues the run on a new instance." ;;
         launch) echo "launch: from INSTANCE_TYPE, SPOT, DISK_GB, S3_DATA, S3_RUNS, KEY_NAME, REGION (and RUN, TRAIN_ARGS, HOURLY_USD, BUDGET_USD, MAX_HOURS, KEEP_ALIVE; PREPARE, FROM_KAGGLE): check first (CHECK=0 skips it), this checkout's commit as a git archive into S3 beside the run (uncommitted changes are refused), the Deep Learning AMI from SSM (AMI_PARAM), the run's own IAM role (reads S3_DATA, writes S3_RUNS/RUN only), a security group open to MY_IP's SSH only, the instance (IMDSv2 only), and user-data that runs setup, data and train on every boot (systemd). Refused while an instance of RUN runs. The price it counts: HOURLY_USD, else EC2's current spot price, else ec2_instances.json's on-demand one. The instance ends itself once its work ends (the end step, then a shutdown) and MAX_HOURS after launch at the latest; KEEP_ALIVE=1 keeps it up after its work." ;;
         resume) echo "resume: launch a new instance for RUN, which must have a last.pt in S3_RUNS/RUN: train restores it and continues." ;;
-        check) echo "check: before any instance is paid for, for INSTANCE_TYPE and SPOT's market in REGION: the vCPU quota (Service Quotas; the codes in ec2_instances.json) less what runs already, the zones that offer the type, the key pair KEY_NAME, and that the buckets of S3_DATA and S3_RUNS are in REGION and readable; each failure is one line with its fix. launch runs it first (CHECK=0 skips it)." ;;
+        check) echo "check: before any instance is paid for, for INSTANCE_TYPE and SPOT's market in REGION: the vCPU quota (Service Quotas; the codes in ec2_instances.json) less what runs already (for NODES of the type, a run on several nodes), the zones that offer the type, the key pair KEY_NAME, and that the buckets of S3_DATA and S3_RUNS are in REGION and readable; each failure is one line with its fix. launch runs it first (CHECK=0 skips it)." ;;
         list) echo "list: this tool's instances in REGION (tagged made-by=run_ec2.sh): run, type, market, state, uptime, the price counted, the commit." ;;
         curves) echo "curves: the run's current curves.png (over SSH, else from S3_RUNS) into runs/RUN/curves.png here, and says where." ;;
         finish) echo "finish: after the run ended done, or stopped at its budget: evaluate.py (top-1, top-5, per class, predictions), gradcam.py --worst 32 (grid and HTML), app.py --export-space with photos of the val set, and a weights-only best.pt, into OUT/results, then backed up to S3_RUNS/RUN; FINISH_MIN minutes at most. A launched instance runs it before its end step; by hand (KEEP_ALIVE=1), it runs wherever OUT, DATA_DIR and S3_RUNS are set." ;;
@@ -218,6 +235,9 @@ backup_once() {  # OUT to S3_RUNS/<name of OUT> as it is at this moment: a sync 
     # file that train.py replaces mid-upload (last.pt, by os.replace) reaches S3 whole, the old one or the new one,
     # never parts of both (the CLI opens a file again for each part of a multipart upload)
     if [[ -z $S3_RUNS ]]; then say "S3_RUNS is not set: no backup"; return 0; fi
+    # only node 0 uploads: it alone writes the checkpoints, and another node's OUT (an older restored copy) synced
+    # over it could put an older last.pt in S3 than the one node 0 saved
+    if [[ $NODE_RANK != 0 ]]; then return 0; fi
     local dest snap code=0
     dest=$S3_RUNS/$(basename "$OUT")
     if [[ $DRY_RUN == 1 ]]; then run "$AWS" s3 sync "$OUT" "$dest" --only-show-errors --exclude "*.tmp" --exclude "*.pid"; return 0; fi
@@ -478,11 +498,20 @@ cmd_bench() {  # this instance's measured rates in place of the published ones, 
 
 # The restart loop: train.py writes done / stopped / preempted / crashed / bad_input / diverged to OUT/status.
 trainer_cmd() {  # the command line the loop runs, one word a line
-    local gpus words
-    gpus=$(gpu_count)
+    local gpus words torchrun=torchrun
+    gpus=${GPUS:-$(gpu_count)}
+    # setup's venv has it (a launched instance's PATH does not, and the AMI has no PyTorch of its own)
+    if [[ -x $VENV/bin/torchrun ]]; then torchrun=$VENV/bin/torchrun; fi
     if [[ -n $TRAIN_CMD ]]; then read -r -a words <<< "$TRAIN_CMD"; printf '%s\n' "${words[@]}"; else
-        printf '%s\n' torchrun "--nproc_per_node=$(( gpus > 0 ? gpus : 1 ))" "$REPO_DIR/train.py" --data "$DATA_DIR"
-        if [[ $HOURLY_USD != 0 ]]; then printf '%s\n' --hourly-usd "$HOURLY_USD"; fi
+        printf '%s\n' "$torchrun"
+        if [[ $NODES != 1 ]]; then  # torchrun's static rendezvous at node 0: global rank 0 is on node 0
+            printf '%s\n' "--nnodes=$NODES" "--node_rank=$NODE_RANK" "--master_addr=$MASTER_ADDR" "--master_port=$MASTER_PORT"
+        fi
+        printf '%s\n' "--nproc_per_node=$(( gpus > 0 ? gpus : 1 ))" "$REPO_DIR/train.py" --data "$DATA_DIR"
+        if [[ $HOURLY_USD != 0 && $NODES == 1 ]]; then printf '%s\n' --hourly-usd "$HOURLY_USD"; fi
+        if [[ $HOURLY_USD != 0 && $NODES != 1 ]]; then  # the price of all the nodes, for the log's ETA in dollars
+            printf '%s\n' --hourly-usd "$(awk -v p="$HOURLY_USD" -v n="$NODES" 'BEGIN {print p * n}')"
+        fi
     fi
 }
 
@@ -499,14 +528,19 @@ note() {  # a line of the restart loop, on stderr (the journal, on a launched in
     [[ $DRY_RUN == 1 ]] || printf 'run_ec2.sh: %s\n' "$*" >> "$LOG"
 }
 
+NODE_MODE=0  # 1 under `node`: the loop runs the trainer once, and a launcher recovers the run (RECOVER_EXIT)
+recovered_by_launcher() { if [[ $NODE_MODE == 1 && $NODE_RANK == 0 ]]; then echo "$RECOVER_EXIT"; else echo 0; fi; }
+
 HELPERS=(backup watch-spot budget watchdog)  # what train starts beside the trainer, each with its pid in OUT/NAME.pid
 HELPER_PIDS=()
 start_helpers() {  # the backup and the spot watcher (with S3_RUNS), the budget guard (BUDGET_USD) and the watchdog,
-    # for as long as the loop runs
+    # for as long as the loop runs; on a node other than 0 only its spot watcher (node 0 holds the checkpoints, the
+    # money and the log the watchdog reads)
     local name
     [[ -n $S3_RUNS ]] || say "warning: S3_RUNS is not set: nothing is backed up, and a spot reclaim takes the disk with it"
     for name in "${HELPERS[@]}"; do
         case $name in backup|watch-spot) [[ -n $S3_RUNS ]] || continue ;; budget) [[ -n $BUDGET_USD ]] || continue ;; esac
+        [[ $NODE_RANK == 0 || $name == watch-spot ]] || continue
         "$REPO_DIR/run_ec2.sh" "$name" >> "$( [[ $name == backup || $name == watch-spot ]] && echo "$OUT/$name.log" || echo "$LOG")" 2>&1 &
         HELPER_PIDS+=("$!")
         write_pid "$OUT/$name.pid" "$!"
@@ -541,14 +575,14 @@ train_loop() {
             loop_end stopped "training stopped by ./run_ec2.sh stop; ./run_ec2.sh resume on the laptop continues it"
             return 0
         fi
-        if [[ -n $BUDGET_USD ]] && budget_spent; then
+        if [[ -n $BUDGET_USD && $NODE_MODE == 0 ]] && budget_spent; then  # (node decides before, on every node)
             echo stopped > "$OUT/status"
             loop_end stopped "not starting: \$$(money spent) of BUDGET_USD=\$$BUDGET_USD spent; to continue, resume the run with a higher BUDGET_USD (./run_ec2.sh resume on the laptop)"
             return 0
         fi
         if [[ -f $OUT/spot_notice ]]; then  # the notice came while no trainer ran: none starts on an instance about
             loop_end preempted "spot interruption: not starting a trainer on an instance about to go"  # to go
-            return 0
+            return "$(recovered_by_launcher)"
         fi
         rm -f "$OUT/status" "$OUT/hung"
         mark train_start
@@ -559,6 +593,12 @@ train_loop() {
         write_pid "$PIDFILE" "$pid"
         code=0
         wait "$pid" || code=$?
+        if [[ $NODE_RANK != 0 ]]; then  # node 0 holds the run's status and speaks for the run with its exit status;
+            # this node exits 0, since SkyPilot cancels every other node at once when one exits otherwise, which
+            # could cut node 0's final backup short
+            loop_end node "node $NODE_RANK: the trainer exited ($code)$([[ -f $OUT/spot_notice ]] && echo " after this node's spot notice"); node 0's exit status says how the run ended"
+            return 0
+        fi
         status=$(cat "$OUT/status" 2>/dev/null || echo crashed)
         if [[ -f $OUT/hung ]]; then status=hung; fi  # the watchdog stopped it: a crash, as far as restarting goes
         if [[ -f $OUT/budget_stop ]]; then
@@ -571,7 +611,7 @@ train_loop() {
             loop_end stopped "training stopped by ./run_ec2.sh stop (checkpointed); ./run_ec2.sh resume on the laptop continues it"
             return 0
         fi
-        if [[ -f $OUT/spot_notice ]]; then loop_end preempted "spot interruption: not restarting on an instance about to go"; return 0; fi
+        if [[ -f $OUT/spot_notice ]]; then loop_end preempted "spot interruption: not restarting on an instance about to go"; return "$(recovered_by_launcher)"; fi
         case $status in
             done|stopped) loop_end "$status" "training $status"; return 0 ;;
             bad_input) loop_end bad_input "training stopped: a config error: $(last_error)"; return 2 ;;
@@ -582,6 +622,10 @@ train_loop() {
                     return 1
                 fi ;;
         esac
+        if [[ $NODE_MODE == 1 ]]; then  # every node's trainer ended with this one: the launcher starts them anew
+            loop_end "$status" "training $status (exit $code): exit $RECOVER_EXIT, for the launcher to recover the run on new instances"
+            return "$RECOVER_EXIT"
+        fi
         restarts=$((restarts + 1))
         if [[ $restarts -gt $MAX_RESTARTS ]]; then loop_end "$status" "giving up after $MAX_RESTARTS restarts"; return 1; fi
         note "training $status (exit $code): restart $restarts in ${RESTART_DELAY_S}s"
@@ -604,15 +648,20 @@ while i < len(argv):
 PY
 }
 
-cmd_train() {
-    if [[ -n $BUDGET_USD && $HOURLY_USD == 0 ]]; then  # the guard would know no price, and the run no limit
-        die "BUDGET_USD=$BUDGET_USD needs the instance's price to count against: set HOURLY_USD (launch sets it from ec2_instances.json or EC2's current spot price)"
-    fi
+cmd_restore() {  # OUT from S3_RUNS/<name of OUT> when OUT holds no checkpoint (a new instance, a recovered
+    # cluster): train does it first; on several nodes every node does (each reads its own copy of last.pt)
     run mkdir -p "$OUT"
     if [[ ! -f $OUT/last.pt && -n $S3_RUNS ]]; then
         say "no local checkpoint: restoring $S3_RUNS/$(basename "$OUT")"
         run "$AWS" s3 sync "$S3_RUNS/$(basename "$OUT")" "$OUT" --only-show-errors
     fi
+}
+
+cmd_train() {
+    if [[ -n $BUDGET_USD && $HOURLY_USD == 0 ]]; then  # the guard would know no price, and the run no limit
+        die "BUDGET_USD=$BUDGET_USD needs the instance's price to count against: set HOURLY_USD (launch sets it from ec2_instances.json or EC2's current spot price)"
+    fi
+    cmd_restore
     # a resume (on another instance type, say) continues the run's own flags; those given again come later and win
     local saved=()
     if [[ ${FOREGROUND:-0} == 1 || $DRY_RUN == 1 ]]; then mapfile -t saved < <(checkpoint_flags); fi
@@ -756,14 +805,17 @@ launch_time() {  # "<seconds since 1970> <source>": IMDS's identity document (pe
 }
 
 costs() {  # "hours mine spent projected_usd epochs_left min_per_epoch source": this instance's hours and dollars
-    # since its launch, the run's dollars (OUT/spent.json adds its earlier instances: it travels with the run
-    # through S3_RUNS, and each instance updates its own entry), the projection to the last epoch (log.jsonl)
+    # since its launch (times NODES: node 0 counts the run's nodes, launched together), the run's dollars
+    # (OUT/spent.json adds its earlier instances and clusters: it travels with the run through S3_RUNS, and each
+    # updates its own entry), the projection to the last epoch (log.jsonl)
     local launched source id
     read -r launched source < <(launch_time)
     id=$(imds_get meta-data/instance-id)
-    python3 - "$OUT" "$HOURLY_USD" "$launched" "$source" "${id:-$(hostname)}" <<'PY'
+    python3 - "$OUT" "$(awk -v p="$HOURLY_USD" -v n="$NODES" 'BEGIN {print p * n}')" "$launched" "$source" \
+        "${id:-$(hostname)}" "$NODES" <<'PY'
 import json, os, sys, time
-out, price, launched, source, me = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4], sys.argv[5]
+out, price, launched, source, me, nodes = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4], \
+    sys.argv[5], int(sys.argv[6])
 log, record_path = os.path.join(out, "log.jsonl"), os.path.join(out, "spent.json")
 rows = []
 for line in open(log) if os.path.exists(log) else []:  # a torn line (a kill mid-write) is skipped, not fatal
@@ -774,6 +826,8 @@ for line in open(log) if os.path.exists(log) else []:  # a torn line (a kill mid
 hours = (time.time() - launched) / 3600
 record = json.load(open(record_path)) if os.path.exists(record_path) else {}
 record[me] = dict(hours=round(hours, 4), hourly_usd=price, usd=round(hours * price, 4))
+if nodes > 1:  # price is then all the nodes' (HOURLY_USD is one node's)
+    record[me]["nodes"] = nodes
 if os.path.isdir(out):  # atomically: the backup may be copying it
     with open(record_path + ".tmp", "w") as f:
         json.dump(record, f)
@@ -794,6 +848,17 @@ money() {  # one field of costs(): what the run has spent, or its projection
 
 budget_spent() { awk -v s="$(money spent)" -v b="$BUDGET_USD" 'BEGIN { exit !(s >= b) }'; }
 
+spent_before() {  # the dollars of OUT/spent.json as restored: the run's other instances and clusters, not this one
+    python3 - "$OUT/spent.json" "$(imds_get meta-data/instance-id)" <<'PY'
+import json, sys
+try:
+    record = json.load(open(sys.argv[1]))
+except (OSError, ValueError):
+    record = {}
+print(round(sum(v["usd"] for k, v in record.items() if k != sys.argv[2]), 2))
+PY
+}
+
 cmd_budget() {
     [[ -n $BUDGET_USD ]] || die "set BUDGET_USD, the most this run may cost"
     [[ $HOURLY_USD != 0 ]] || die "set HOURLY_USD to the instance's price: the budget needs it"
@@ -808,11 +873,14 @@ cmd_budget() {
             warned=1
         fi
         if awk -v s="$spent" -v b="$BUDGET_USD" 'BEGIN { exit !(s >= b) }'; then
-            say "budget reached: \$$spent of BUDGET_USD=\$$BUDGET_USD spent: stopping the trainer (it checkpoints)"
-            touch "$OUT/budget_stop"
+            if [[ ! -f $OUT/budget_stop ]]; then
+                say "budget reached: \$$spent of BUDGET_USD=\$$BUDGET_USD spent: stopping the trainer (it checkpoints)"
+                touch "$OUT/budget_stop"
+            fi
             pid=$(trainer_pid)
-            if [[ -n $pid ]]; then stop_trainer "$pid"; fi
-            return 0
+            if [[ -n $pid ]]; then stop_trainer "$pid"; return 0; fi
+            # no trainer yet (the loop is about to start one, which node does on every node alike): the next round
+            training_active || return 0
         fi
         sleep "$BUDGET_POLL_S" &
         wait $! || true
@@ -886,6 +954,56 @@ PY
          "projected \$${projected} to the last epoch (${left} left at ${per_epoch} min each)${BUDGET_USD:+; BUDGET_USD \$$BUDGET_USD}"
     if [[ $KEEP_ALIVE == 1 ]]; then echo "KEEP_ALIVE=1: this instance stays up when its work ends; terminate it yourself"; fi
     wait_report
+}
+
+node_price() {  # HOURLY_USD, when it is not set, for this instance (IMDS: its type, market and region) as launch
+    # prices one: EC2's spot price, else ec2_instances.json's on-demand price
+    local market
+    INSTANCE_TYPE=$(imds_get meta-data/instance-type)
+    [[ -n $INSTANCE_TYPE ]] || return 0
+    market=$(imds_get meta-data/instance-life-cycle)
+    if [[ $market == spot ]]; then SPOT=1; else SPOT=0; fi
+    REGION=$(imds_get meta-data/placement/region)
+    REGION=${REGION:-us-east-1}
+    read -r HOURLY_USD _ < <(launch_price) || true
+    HOURLY_USD=${HOURLY_USD:-0}
+    if [[ $HOURLY_USD != 0 ]]; then say "node: \$$HOURLY_USD/h a node ($INSTANCE_TYPE, $market, $REGION)"; fi
+}
+
+cmd_node() {  # [train.py flags]: this node's part of a run on NODES nodes that a launcher started on each
+    # (skypilot.yaml), in the foreground, after `restore`: torchrun over the nodes, once, then an exit status for
+    # the launcher, from node 0, which holds the run's status (the others exit 0). RECOVER_EXIT (75): recover the run
+    # on new instances (a spot notice, a preemption, a crash or a hang after progress); any other ends the run and
+    # the job: 0 done or stopped at the budget, 1 a crash with no progress since its start, 2 a config error, 3 a
+    # diverged loss. Node 0 alone backs up, keeps the budget over every node and every cluster of the run
+    # (spent.json), watches for hangs, and runs finish and the end step; every node watches for its own spot notice.
+    # A node that stopped before the others started would leave them waiting at the rendezvous, so what decides
+    # before the start is the same on every node.
+    [[ -n $S3_RUNS ]] || die "node needs S3_RUNS: a recovered run continues from there (set S3_RUNS=s3://bucket/runs)"
+    [[ $NODE_RANK =~ ^[0-9]+$ && $NODES =~ ^[0-9]+$ && $NODE_RANK -lt $NODES ]] \
+        || die "NODE_RANK=$NODE_RANK of NODES=$NODES: set both (skypilot.yaml sets them from SkyPilot's variables)"
+    if [[ -n $BUDGET_USD && $HOURLY_USD == 0 ]]; then node_price; fi
+    [[ -z $BUDGET_USD || $HOURLY_USD != 0 ]] \
+        || die "BUDGET_USD=$BUDGET_USD needs a node's price: set HOURLY_USD (EC2 and ec2_instances.json have none for this instance)"
+    NODE_MODE=1 JOURNAL=true  # no systemd service here: ended.json keeps train.log's tail
+    local code=0 before
+    before=$(spent_before)
+    if [[ -n $BUDGET_USD ]] && awk -v s="$before" -v b="$BUDGET_USD" 'BEGIN { exit !(s >= b) }'; then
+        [[ $NODE_RANK != 0 ]] || echo stopped > "$OUT/status"
+        loop_end stopped "not starting: \$$before of BUDGET_USD=\$$BUDGET_USD spent by the run's earlier instances (spent.json); to continue, launch it again with a higher BUDGET_USD"
+    else
+        local shown=""
+        if [[ $NODE_RANK == 0 ]]; then  # the run's lines (img/s, ETA, top-1) in the launcher's log too
+            tail -n 0 -F "$LOG" 2>/dev/null & shown=$!
+        fi
+        train_loop "$@" || code=$?
+        [[ -z $shown ]] || kill "$shown" 2>/dev/null || true
+    fi
+    if [[ $NODE_RANK == 0 ]]; then
+        if [[ $FINISH == 1 ]]; then (cmd_finish auto) || true; fi
+        cmd_end train "$code"
+    fi
+    return "$code"
 }
 
 cmd_stop() {  # a user's stop, which is final: the loop does not restart the trainer, and a launched instance then
@@ -1399,12 +1517,14 @@ print(total)' "$PRICES" "$1" "$2" "$rows"
 
 cmd_check() {  # before any instance is paid for: what would stop a launch, each said in one line with its fix
     [[ -n $INSTANCE_TYPE ]] || die "set INSTANCE_TYPE, e.g. g5.xlarge (README 'Choosing an instance')"
-    local failed=() code cls name quota need used zones bucket where url market
+    local failed=() code cls name quota need used zones bucket where url market what=$INSTANCE_TYPE
     market=$([[ $SPOT == 1 ]] && echo spot || echo on-demand)
+    [[ $NODES == 1 ]] || what="$NODES x $INSTANCE_TYPE"  # a run on several nodes (SkyPilot) needs them all at once
     # the vCPU quota of the type's class and market, less what runs already (new accounts often start at 0)
     read -r code cls name < <(quota_for "$INSTANCE_TYPE" "$SPOT") || true
     type_facts
     need=${TYPE_FACTS%% *}
+    if [[ $need =~ ^[0-9]+$ ]]; then need=$(( need * NODES )); fi
     if [[ ! $need =~ ^[0-9]+$ ]]; then
         failed+=("$INSTANCE_TYPE is not an instance type that EC2 knows in $REGION: check its name (aws ec2 describe-instance-types)")
     elif [[ -z ${code:-} ]]; then
@@ -1417,9 +1537,9 @@ cmd_check() {  # before any instance is paid for: what would stop a launch, each
         if [[ ! $quota =~ ^[0-9]+$ ]]; then
             say "check: the quota $code ($name) could not be read (Service Quotas): not checked"
         elif (( quota - used < need )); then
-            failed+=("the $market vCPU quota '$name' ($code) in $REGION is $quota with $used in use, and $INSTANCE_TYPE needs $need: ask for $(( used + need )) (Service Quotas console, Amazon EC2, or aws service-quotas request-service-quota-increase --service-code ec2 --quota-code $code --desired-value $(( used + need )) --region $REGION); spot and on-demand quotas are separate (SPOT=$(( 1 - SPOT )) counts against the other)")
+            failed+=("the $market vCPU quota '$name' ($code) in $REGION is $quota with $used in use, and $what needs $need: ask for $(( used + need )) (Service Quotas console, Amazon EC2, or aws service-quotas request-service-quota-increase --service-code ec2 --quota-code $code --desired-value $(( used + need )) --region $REGION); spot and on-demand quotas are separate (SPOT=$(( 1 - SPOT )) counts against the other)")
         else
-            say "check: $market vCPUs: $INSTANCE_TYPE needs $need of '$name' ($code): $quota, $used in use"
+            say "check: $market vCPUs: $what needs $need of '$name' ($code): $quota, $used in use"
         fi
     fi
     zones=$(aws_q "${REGION}a" ec2 describe-instance-type-offerings --location-type availability-zone --filters \
@@ -1727,6 +1847,8 @@ main() {
         prepare) cmd_prepare "$@" ;;
         data) cmd_data "$@" ;;
         train) cmd_train "$@" ;;
+        restore) cmd_restore "$@" ;;
+        node) cmd_node "$@" ;;
         backup) cmd_backup "$@" ;;
         watch-spot) cmd_watch_spot "$@" ;;
         budget) cmd_budget "$@" ;;

@@ -27,6 +27,7 @@ import sys
 import time
 from contextlib import nullcontext
 from functools import partial
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -37,7 +38,8 @@ from torchvision.transforms import v2
 
 import data
 from evaluate import accuracy
-from model import ARCHS, build_model, load_weights, read_checkpoint, save_checkpoint, save_weights, write_summary
+from model import (ARCHS, TTA, build_model, load_weights, read_checkpoint, save_checkpoint,
+                   save_weights, write_summary)
 from runtime import autocast_for, close_distributed, init_distributed, to_device
 
 # Exit status, for restart loops (run_ec2.sh): resume after preempted (and after a crash that made progress), stop
@@ -65,8 +67,8 @@ PRESETS = dict(
 # the flags that shape the recipe: any of them on the command line, and no cpu preset is chosen for the user
 RECIPE_FLAGS = ("--preset", "--arch", "--blurpool", "--no-blurpool", "--img-size", "--min-img-size", "--eval-size",
                 "--batch-size", "--accum-steps", "--epochs", "--lr", "--warmup-pct", "--weight-decay", "--mixup",
-                "--cutmix", "--ema", "--label-smoothing", "--subset", "--init-from", "--trivial-augment",
-                "--random-erase")
+                "--cutmix", "--ema", "--label-smoothing", "--subset", "--init-from",
+                *("--" + name.replace("_", "-") for name in data.AUGMENTATIONS))
 
 
 # -----------------------------------------------------------------------------
@@ -85,8 +87,8 @@ def add_step_args(p):
     p.add_argument("--img-size", type=int, default=192, help="training crop side, px (the last epochs' size)")
     p.add_argument("--subset", type=float, default=1.0, help="train on this fraction of each class (0, 1]")
     p.add_argument("--workers", type=int, help="loader processes per GPU; default: cores/GPUs - 1")
-    p.add_argument("--trivial-augment", action="store_true", help="add TrivialAugmentWide (Mueller & Hutter 2021)")
-    p.add_argument("--random-erase", type=float, default=0.0, help="probability of RandomErasing per image")
+    for name, aug in data.AUGMENTATIONS.items():  # each augmentation's flag, from its one entry there
+        p.add_argument("--" + name.replace("_", "-"), dest=name, **aug["flag"])
     # model
     p.add_argument("--arch", default="resnet50", choices=list(ARCHS), help="network")
     p.add_argument("--blurpool", action=flag, default=True, help="blur before strided convs (Zhang 2019; FFCV)")
@@ -118,7 +120,10 @@ def add_run_args(p):
     g.add_argument("--warmup-pct", type=float, default=0.1, help="fraction of steps that OneCycle spends rising")
     g.add_argument("--min-img-size", type=int, help="progressive resizing from, px; default 5/6 of --img-size")
     g.add_argument("--eval-size", type=int, help="eval crop, px; default 4/3 of --img-size (FixRes, Touvron 2019)")
-    g.add_argument("--tta", action=flag, default=True, help="evaluate on each image and its mirror image")
+    g.add_argument("--tta", nargs="?", const="flip", default="flip", choices=TTA, help="evaluation: flip (each image "
+                   "and its mirror image) or none; --tta alone is flip")
+    g.add_argument("--no-tta", dest="tta", action="store_const", const="none", help="the same as --tta none (the "
+                   "spelling of runs begun before --tta took a value, kept for their resumes)")
     g.add_argument("--mix-off-epoch", type=int, help="no mixup/cutmix from this epoch (0-based); default: last 10%%")
     g.add_argument("--ema", type=float, default=0.0, help="EMA decay per step, e.g. 0.9999; 0 = off")
     g.add_argument("--target-top1", type=float, help="stop once val top-1 (EMA's with --ema) reaches this, %%")
@@ -235,9 +240,10 @@ def epoch_sizes(args):
 # the pieces lr_finder.py reuses, so that the range test runs the exact training step
 
 def make_datasets(args, root, img_size, eval_size=None):
-    """(train set, val set, info) of --data with the step's augmentation; img_size: one size, or one per epoch."""
-    return data.build_datasets(root, img_size, args.subset, args.seed, args.trivial_augment, args.random_erase,
-                               eval_size=eval_size)
+    """(train set, val set, info) of --data with the step's augmentation (every flag of data.AUGMENTATIONS, as given);
+    img_size: one size, or one per epoch."""
+    augment = {name: getattr(args, name) for name in data.AUGMENTATIONS}
+    return data.build_datasets(root, img_size, args.subset, args.seed, augment, eval_size=eval_size)
 
 
 def make_model(args, num_classes, device):
@@ -276,6 +282,13 @@ def make_mixer(args, num_classes):
     return v2.RandomChoice(mixers) if mixers else None
 
 
+# An epoch's running sums, in this order (a checkpoint holds them summed over the ranks, progress.sums): the loss
+# summed over micro-batches, the micro-batches, the top-1 hits and the images they count (unmixed micro-batches
+# only), the mixed micro-batches. A new one: its name at the end here, and where forward_backward adds to it.
+SUMS = ("loss", "micro_batches", "hits", "counted", "mixed")
+SUM = {name: k for k, name in enumerate(SUMS)}
+
+
 def forward_backward(model, x, y, criterion, ctx, scaler, accum_steps, sums=None):
     """One micro-batch under autocast, its loss scaled for fp16 and for accumulation; returns the loss. `sums`, the
     epoch's running sums (SUMS), gains this batch's: they stay on the device, so adding to them never waits for it."""
@@ -285,18 +298,14 @@ def forward_backward(model, x, y, criterion, ctx, scaler, accum_steps, sums=None
     scaler.scale(loss / accum_steps).backward()
     loss = loss.detach()
     if sums is not None:
-        sums[0] += loss
-        sums[1] += 1
+        sums[SUM["loss"]] += loss
+        sums[SUM["micro_batches"]] += 1
         if y.ndim == 1:
-            sums[2] += (logits.detach().argmax(1) == y).sum()
-            sums[3] += len(y)
+            sums[SUM["hits"]] += (logits.detach().argmax(1) == y).sum()
+            sums[SUM["counted"]] += len(y)
         else:  # soft targets: mixup or cutmix mixed this batch, so it has no top-1 to count
-            sums[4] += 1
+            sums[SUM["mixed"]] += 1
     return loss
-
-
-# an epoch's running sums, in this order; a checkpoint holds them summed over the ranks
-SUMS = ("loss sum", "micro-batches", "top-1 hits", "images counted for top-1", "mixed micro-batches")
 
 
 def optimizer_step(optimizer, scaler):
@@ -406,21 +415,23 @@ def accumulation(global_batch, batch, world, path):
                      f"cannot split into whole micro-batches; resume with --batch-size {fits}")
 
 
-def resume(ckpt, path, args, classes, world, parts, amp, accum, steps_per_epoch, print0):
+def resume(r, ckpt, path):
     """Check that the checkpoint continues this very run, load every part of it, and say what changed. Returns
     the run's progress."""
-    saved = ckpt["args"]
-    if ckpt["classes"] != classes:
+    args, saved = r.args, ckpt["args"]
+    if ckpt["classes"] != r.info["classes"]:
         raise ValueError(f"{path} was trained on other classes than --data has ({len(ckpt['classes'])} vs "
-                         f"{len(classes)}); point --data at the same dataset, or use --resume none with a new --out")
+                         f"{len(r.info['classes'])}); point --data at the same dataset, or start a new run in a new "
+                         f"--out")
     for name in RESUME_MUST_MATCH:
         if saved.get(name) != getattr(args, name):
             flag = "--" + name.replace("_", "-")
             raise ValueError(f"{flag} is {getattr(args, name)} but {path} was trained with {saved.get(name)}; "
-                             f"rerun with {flag} {saved.get(name)}, or start afresh with --resume none and a new --out")
-    if ckpt["amp"] != amp:  # --amp auto resolves per GPU (bf16 on an A100, fp16 on a T4): fp16's scaler starts afresh
-        print0(f"{path} trained in {ckpt['amp'] or 'bf16 or fp32'}, this run in {amp}: "
-               + ("a fresh loss scaler" if amp == "fp16" else "its loss scaler is not needed"))
+                             f"rerun with {flag} {saved.get(name)}, or start a new run in a new --out")
+    parts = r.parts
+    if ckpt["amp"] != r.amp:  # --amp auto resolves per GPU (bf16 on an A100, fp16 on a T4): fp16's scaler starts afresh
+        r.print0(f"{path} trained in {ckpt['amp'] or 'bf16 or fp32'}, this run in {r.amp}: "
+                 + ("a fresh loss scaler" if r.amp == "fp16" else "its loss scaler is not needed"))
         parts = {k: v for k, v in parts.items() if k != "scaler"}
     for name, part in parts.items():
         if part is not None and ckpt.get(name) is not None:
@@ -428,21 +439,21 @@ def resume(ckpt, path, args, classes, world, parts, amp, accum, steps_per_epoch,
     torch.set_rng_state(ckpt["rng"]["torch"])
     random.setstate(ckpt["rng"]["python"])
     progress = ckpt["progress"]
-    if (ckpt["world"], saved["batch_size"]) != (world, args.batch_size):
+    if (ckpt["world"], saved["batch_size"]) != (r.world, args.batch_size):
         unit = "GPUs" if torch.cuda.is_available() else "processes"
-        print0(f"resuming on {world} {unit} instead of {ckpt['world']}: {accum} micro-batch{'es' * (accum > 1)} of "
-               f"{args.batch_size} per step on each, the same {ckpt['global_batch']:,} images per step"
-               + (f"; BatchNorm now normalizes groups of {args.batch_size} images, not {saved['batch_size']}"
-                  if args.batch_size != saved["batch_size"] else ""))
+        r.print0(f"resuming on {r.world} {unit} instead of {ckpt['world']}: {r.accum} micro-batch"
+                 f"{'es' * (r.accum > 1)} of {args.batch_size} per step on each, the same {ckpt['global_batch']:,} "
+                 f"images per step" + (f"; BatchNorm now normalizes groups of {args.batch_size} images, not "
+                                       f"{saved['batch_size']}" if args.batch_size != saved["batch_size"] else ""))
     changed = "".join(f"; --{k.replace('_', '-')} {v} -> {getattr(args, k)}" for k, v in saved.items()
                       if getattr(args, k, v) != v)
-    print0(f"resumed from {path}: epoch {progress['epochs_done'] + 1}, step {progress['step']}/{steps_per_epoch}, "
-           f"best top-1 {progress['best_top1']:.2f}%{changed}")
+    r.print0(f"resumed from {path}: epoch {progress['epochs_done'] + 1}, step {progress['step']}/{r.steps_per_epoch}, "
+             f"best top-1 {progress['best_top1']:.2f}%{changed}")
     return progress
 
 
 def fresh_progress(epochs_done=0, best_top1=0.0):
-    """Where a run stands at the start of an epoch (model.py's checkpoint format says what each field means)."""
+    """Where a run stands at the start of an epoch (model.FIELDS says what each field means)."""
     return dict(epochs_done=epochs_done, step=0, best_top1=best_top1, sums=[0.0] * len(SUMS), lr_steps=[])
 
 
@@ -454,52 +465,45 @@ def recorded_argv(args):
     return given + (["--preset", "cpu"] if chosen else [])
 
 
-def snapshot(parts, progress, args, run, info, row=None):
-    """Everything needed to resume, in one dict (the format of model.py), written by rank 0. run: the world, the
-    global batch and the resolved AMP."""
-    return dict({k: v.state_dict() if v is not None else None for k, v in parts.items()}, weights="model",
-                progress=progress, **run, args=vars(args), argv=recorded_argv(args), classes=info["classes"],
-                class_names=info["names"], metrics=row, rng=dict(torch=torch.get_rng_state(), python=random.getstate()))
+def snapshot(r, progress, row=None):
+    """Everything needed to resume, in one dict: all of model.FIELDS but its format, which save_checkpoint stamps
+    (and refuses a field left out). Written by rank 0."""
+    return dict({k: v.state_dict() if v is not None else None for k, v in r.parts.items()}, weights="model",
+                progress=progress, world=r.world, global_batch=r.global_batch, amp=r.amp, args=vars(r.args),
+                argv=recorded_argv(r.args), classes=r.info["classes"], class_names=r.info["names"], metrics=row,
+                rng=dict(torch=torch.get_rng_state(), python=random.getstate()))
 
 
-def save_mid_epoch(parts, progress, args, run, info, preempted):
-    """Rank 0, inside an epoch (a preemption, or --save-every-min): last.pt with the steps done and the epoch's
-    running sums, so that a resume continues this epoch at the next step and logs it as if never stopped."""
-    if not math.isfinite(progress["sums"][0]):
-        raise FloatingPointError(f"the training loss is not finite at epoch {progress['epochs_done'] + 1}")
-    path = os.path.join(args.out, "last.pt")
-    save_checkpoint(snapshot(parts, progress, args, run, info), path)
-    print(f"saved {path} at epoch {progress['epochs_done'] + 1} step {progress['step']}"
-          + (" (preempted)" if preempted else ""), flush=True)
-
-
-def save_epoch(ckpt, args, is_best, rows):
+def save_epoch(r, ckpt, is_best):
     """Rank 0, after each epoch: last.pt, best.pt on a new best, epoch_NNN.pt every --keep-every epochs, log.jsonl
     and curves.png. SGD's momentum is as large as the weights, so only the newest epoch_NNN.pt keeps the state of
     the run; the one before it is slimmed to what evaluate.py, app.py and --init-from read."""
-    out, done, every = args.out, ckpt["progress"]["epochs_done"], args.keep_every or 0
+    out, done, every = r.args.out, ckpt["progress"]["epochs_done"], r.args.keep_every or 0
     kept = every and done % every == 0
     for name in ["last.pt"] + (["best.pt"] if is_best else []) + ([f"epoch_{done:03d}.pt"] if kept else []):
         save_checkpoint(ckpt, os.path.join(out, name))
     previous = os.path.join(out, f"epoch_{done - every:03d}.pt")
     if kept and os.path.exists(previous):
         save_weights(read_checkpoint(previous), previous)
-    write_log(rows, os.path.join(out, "log.jsonl"))  # rows ends with this epoch's, ckpt["metrics"]
-    plot_curves(rows, os.path.join(out, "curves.png"))
+    write_log(r.rows, os.path.join(out, "log.jsonl"))  # r.rows ends with this epoch's row, ckpt["metrics"]
+    plot_curves(r.rows, os.path.join(out, "curves.png"))
 
 
 # -----------------------------------------------------------------------------
 # the epoch's metrics, its log and its curves
 
-def epoch_metrics(sums, model, ema, val_loader, device, ctx, args):
+def epoch_metrics(r, sums):
     """A training epoch's metrics from its running sums over all ranks: the mean loss of its micro-batches, the
     top-1 of its unmixed images, whether any was mixed; then the val loss, top-1 and top-5 of the model, and the EMA's
-    top-1, at --eval-size with --tta (evaluate.py's loop)."""
-    loss, micro_batches, hits, counted, mixed = global_sums(sums)
-    metrics = dict(train_loss=loss / micro_batches, train_top1=100 * hits / counted if counted else None,
-                   mixed=mixed > 0, **accuracy(model, val_loader, device, ctx, args.tta, args.channels_last))
-    if ema is not None:
-        metrics["ema_top1"] = accuracy(ema.module, val_loader, device, ctx, args.tta, args.channels_last)["val_top1"]
+    top-1, at --eval-size with --tta (evaluate.py's loop). Every rank evaluates the bare module: a DDP forward would
+    need all ranks in step."""
+    s, args = dict(zip(SUMS, global_sums(sums))), r.args
+    metrics = dict(train_loss=s["loss"] / s["micro_batches"], mixed=s["mixed"] > 0,
+                   train_top1=100 * s["hits"] / s["counted"] if s["counted"] else None,
+                   **accuracy(r.model, r.val_loader, r.device, r.ctx, args.tta, args.channels_last))
+    if r.ema is not None:
+        metrics["ema_top1"] = accuracy(r.ema.module, r.val_loader, r.device, r.ctx, args.tta,
+                                       args.channels_last)["val_top1"]
     return metrics
 
 
@@ -570,10 +574,13 @@ def plot_curves(rows, png_path):
 
 
 # -----------------------------------------------------------------------------
-# the run
+# the run: set up once, then one epoch after another
 
-def train(args):
-    t_start = time.time()  # for the line of the session's first step: what a restart costs before it trains
+def setup(args):
+    """Everything a run holds fixed, and where it starts: the processes, the data, the derived sizes (printed once),
+    the network with its optimizer, schedule, loss and EMA, restored from a checkpoint when the run resumes. Returns
+    the run, a namespace of what every epoch reads and the little it updates from epoch to epoch, and its progress."""
+    started = time.time()  # the session's first step says how long a (re)start took before it trained
     ddp, rank, world, device = init_distributed(args.device)
     master = rank == 0
     print0 = partial(print, flush=True) if master else (lambda *a, **k: None)
@@ -582,7 +589,7 @@ def train(args):
         dist.barrier()  # the download, on rank 0
     sizes = epoch_sizes(args)
     train_set, val_set, info = make_datasets(args, root, sizes, args.eval_size)
-    classes, workers = info["classes"], data.default_workers(args.workers, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    workers = data.default_workers(args.workers, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     ckpt, resume_path = find_resume(args, rank, print0)  # first: a resumed run keeps its global batch
 
     # derived values, printed once. The global batch is a constant of the run: resumed on other GPUs, or with another
@@ -596,163 +603,199 @@ def train(args):
     peak_lr = args.lr or 1.7 * global_batch / 4096  # FFCV rn50: 1.7 at 8 x 512 images (Goyal et al.'s 0.1 per 256)
     mix_off = args.mix_off_epoch if args.mix_off_epoch is not None else math.ceil(0.9 * args.epochs)
     amp, ctx, scaler = autocast_for(args.amp, device)
-    run = dict(world=world, global_batch=global_batch, amp=amp)  # what a checkpoint records of this session
     loader = partial(data.make_loader, batch_size=args.batch_size, rank=rank, world=world, seed=args.seed,
                      workers=workers, pin_memory=device.type == "cuda", global_batch=global_batch)
-    train_loader, val_loader = loader(train_set, shuffle=True), loader(val_set, shuffle=False)
-    print0(f"data {root}: {len(train_set)} train / {len(val_set)} val images, {len(classes)} classes")
+    print0(f"data {root}: {len(train_set)} train / {len(val_set)} val images, {len(info['classes'])} classes")
     print0(f"{args.arch}{' + BlurPool' if args.blurpool else ''} on {world} x {device.type} ({amp}, channels_last="
            f"{args.channels_last}, compile={args.compile}, {workers} workers); {sizes[0]} -> {sizes[-1]} px, eval at "
-           f"{args.eval_size} px{' with flip TTA' if args.tta else ''}; global batch {global_batch} = "
-           f"{args.batch_size} x {world} ranks x {accum} accum; {steps_per_epoch} steps/epoch; peak lr "
-           f"{peak_lr:.4g}" + (f"; mixup/cutmix off from epoch {mix_off}" if args.mixup or args.cutmix else ""))
+           f"{args.eval_size} px{'' if args.tta == 'none' else f' with {args.tta} TTA'}; global batch {global_batch} = "
+           f"{args.batch_size} x {world} ranks x {accum} accum; {steps_per_epoch} steps/epoch; peak lr {peak_lr:.4g}"
+           + (f"; mixup/cutmix off from epoch {mix_off}" if args.mixup or args.cutmix else ""))
     os.makedirs(args.out, exist_ok=True)
     if master:
-        print0(write_summary(os.path.join(args.out, "model_summary.txt"), args.arch, args.img_size, len(classes),
-                             args.blurpool) + " (model_summary.txt)")
+        print0(write_summary(os.path.join(args.out, "model_summary.txt"), args.arch, args.img_size,
+                             len(info["classes"]), args.blurpool) + " (model_summary.txt)")
 
-    # model, optimizer, schedule, loss, EMA; a run starts from a checkpoint (resume), given weights, or nothing
-    model = raw_model = make_model(args, len(classes), device)  # raw: what checkpoints hold and evaluation runs
+    # the network: `model` is the bare one (what checkpoints hold and evaluation runs), `step_model` what the step
+    # runs (DDP's wrapper, compiled with --compile: on the first step of each image size). A run starts from a
+    # checkpoint (a resume), given weights (--init-from), or nothing.
+    model = make_model(args, len(info["classes"]), device)
     if args.init_from and ckpt is not None:
         print0(f"--init-from is for a new run: continuing {resume_path} instead")
     elif args.init_from and master:
-        print0(load_weights(raw_model, args.init_from, classes))  # under DDP the wrapper hands rank 0's weights on
-    if ddp:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    ema = AveragedModel(raw_model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None
-    optimizer = make_optimizer(raw_model, args, peak_lr)
+        print0(load_weights(model, args.init_from, info["classes"]))  # under DDP the wrapper hands rank 0's weights on
+    step_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
+    step_model = torch.compile(step_model) if args.compile else step_model
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None
+    optimizer = make_optimizer(model, args, peak_lr)
     scheduler = make_scheduler(optimizer, args, peak_lr, steps_per_epoch)
-    criterion = make_criterion(args)
-    mixer = make_mixer(args, len(classes))
-    step_model = torch.compile(model) if args.compile else model  # compiles on the first step of each image size
-    parts = dict(model=raw_model, ema=ema, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
-    progress = resume(ckpt, resume_path, args, classes, world, parts, amp, accum, steps_per_epoch, print0) if ckpt \
-        else fresh_progress()
-    resumed = ckpt is not None
-    del ckpt  # its memory, as large as the model and the optimizer
-    rows = read_log(os.path.join(args.out, "log.jsonl")) if master else []  # for the trend and the curves
-    tb = None
+    r = SimpleNamespace(
+        args=args, rank=rank, world=world, device=device, master=master, print0=print0, ddp=ddp, info=info,
+        train_set=train_set, train_loader=loader(train_set, shuffle=True), val_loader=loader(val_set, shuffle=False),
+        sizes=sizes, global_batch=global_batch, accum=accum, steps_per_epoch=steps_per_epoch, mix_off=mix_off,
+        amp=amp, ctx=ctx, scaler=scaler, model=model, step_model=step_model, ema=ema, optimizer=optimizer,
+        scheduler=scheduler, criterion=make_criterion(args), mixer=make_mixer(args, len(info["classes"])),
+        parts=dict(model=model, ema=ema, optimizer=optimizer, scheduler=scheduler, scaler=scaler),
+        stop_epoch=min(args.epochs, args.stop_epoch or args.epochs), started=started, stepped=False,
+        group=dist.new_group(backend="gloo") if ddp and device.type == "cuda" else None,  # agreed() talks over it
+        signals=[], bad_seen=set(), saved_at=time.time(), eval_s=0.0, best_top1=0.0, tb=None,
+        rows=read_log(os.path.join(args.out, "log.jsonl")) if master else [])  # for the trend and the curves
+    progress = resume(r, ckpt, resume_path) if ckpt else fresh_progress()
+    r.best_top1 = progress["best_top1"]
     if args.tensorboard and master:  # at global steps; a resume drops what a stopped session logged after its save
         from torch.utils.tensorboard import SummaryWriter
         done = progress["epochs_done"] * steps_per_epoch + progress["step"]
-        tb = SummaryWriter(os.path.join(args.out, "tb"), purge_step=done + 1 if resumed else None)
-
+        r.tb = SummaryWriter(os.path.join(args.out, "tb"), purge_step=done + 1 if ckpt is not None else None)
     # SIGTERM (a spot reclaim; torchrun forwards it): finish the step, checkpoint, exit with preempted
-    signals = []
-    signal.signal(signal.SIGTERM, lambda signum, frame: signals.append(signum))
-    group = dist.new_group(backend="gloo") if ddp and device.type == "cuda" else None  # for agreed()
-    stop_epoch = min(args.epochs, args.stop_epoch or args.epochs)
-    eval_s, t_saved, bad_seen = 0.0, time.time(), set()  # last eval's duration for the ETA; last save; named files
-    for epoch in range(progress["epochs_done"], stop_epoch):
-        first = progress["step"]  # optimizer steps of this epoch already done (a mid-epoch resume)
-        train_loader.sampler.set_epoch(epoch, start=first)  # the sampler skips the images of the steps done
-        mixing = mixer is not None and epoch < mix_off
-        model.train()
-        # SUMS: a resumed epoch's, summed over the ranks that ran it, restored once (on rank 0); else zeros
-        sums = torch.tensor(progress["sums"] if master else [0.0] * len(SUMS), device=device)
-        bad_count, t_epoch = 0, time.time()
-        for i, (images, labels, bad) in enumerate(train_loader, start=first * accum):
-            step, last_micro = i // accum, i % accum == accum - 1
-            bad_count += data.report_bad(bad, train_set, bad_seen)  # unreadable files, replaced by class-mates
-            x, y = to_device(images, labels, device, args.channels_last)
-            if mixing:  # seeded per (seed, epoch, micro-batch of the epoch): the same mix on any GPUs, after a resume
-                micro = step * (global_batch // args.batch_size) + rank + (i % accum) * world  # StepSampler's k
-                torch.manual_seed(data.seed_for(args.seed, epoch, micro, "mix"))
-                x, y = mixer(x, y)
-            # forward/backward/update; DDP all-reduces gradients only on the last micro-batch
-            with model.no_sync() if ddp and not last_micro else nullcontext():
-                forward_backward(step_model, x, y, criterion, ctx, scaler, accum, sums)
-            if not last_micro:
-                continue
-            optimizer_step(optimizer, scaler)
-            scheduler.step()
-            if ema is not None:
-                ema.update_parameters(raw_model)
-            if t_start is not None:  # run_ec2.sh's status reads this line: launch to the first step
-                print0(f"first step at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}, "
-                       f"{time.time() - t_start:.0f} s after train.py started")
-                t_start = None
+    signal.signal(signal.SIGTERM, lambda signum, frame: r.signals.append(signum))
+    return r, progress
 
-            # log; .item() syncs with the device, so only every --log-every steps
-            if (step + 1) % args.log_every == 0 or step + 1 == steps_per_epoch:
-                now, avg, lr = time.time(), sums[0].item() / sums[1].item(), scheduler.get_last_lr()[0]
-                if not math.isfinite(avg):
-                    raise FloatingPointError(f"the training loss is {avg} at epoch {epoch + 1} step {step + 1}")
-                progress["lr_steps"].append([epoch + (step + 1) / steps_per_epoch, lr])
-                # ETA: this epoch's time per step so far, times the steps left to --stop-epoch, plus their evals
-                step_s = (now - t_epoch) / (step + 1 - first)
-                eta = step_s * ((stop_epoch - epoch) * steps_per_epoch - step - 1) + eval_s * (stop_epoch - epoch)
-                mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-                print0(f"epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps_per_epoch} {sizes[epoch]}px "
-                       f"loss {avg:.4f} lr {lr:.4g} img/s {global_batch / step_s:.0f} eta {fmt_time(eta)}"
-                       + (f" (${eta / 3600 * args.hourly_usd:.2f})" if args.hourly_usd else "")
-                       + (f" mem {mem:.1f}GiB" if mem else ""))
-                if tb is not None:
-                    tb.add_scalar("train/loss", avg, epoch * steps_per_epoch + step + 1)
-                    tb.add_scalar("train/lr", lr, epoch * steps_per_epoch + step + 1)
 
-            # a preemption, or --save-every-min (rank 0's clock): a mid-epoch checkpoint; not after the last step,
-            # where the epoch's own follows. All ranks agree every step, since all take part in the save's sums.
-            preempted, timed = agreed(bool(signals), master and time.time() - t_saved > 60 * args.save_every_min,
-                                      group=group)
-            if not (preempted or timed) or step + 1 == steps_per_epoch:
-                continue
-            progress.update(epochs_done=epoch, step=step + 1, sums=global_sums(sums))
-            if master:
-                save_mid_epoch(parts, progress, args, run, info, preempted)
-                if tb is not None:
-                    tb.flush()
-            t_saved = time.time()
-            if preempted:
-                return "preempted"
-        train_s = time.time() - t_epoch
-
-        # eval: on every rank, the bare module (a DDP forward would need all ranks in step)
-        metrics = epoch_metrics(sums, raw_model, ema, val_loader, device, ctx, args)
-        eval_s = time.time() - t_epoch - train_s
-        row = dict(epoch=epoch, epochs=args.epochs, img_size=sizes[epoch], lr=scheduler.get_last_lr()[0], **metrics,
-                   img_per_s=global_batch * (steps_per_epoch - first) / train_s, epoch_s=time.time() - t_epoch,
-                   bad_images=bad_count,
-                   best_top1=max(progress["best_top1"], metrics["val_top1"]), lr_steps=progress["lr_steps"],
-                   trend=trend(rows, epoch, metrics["val_top1"]) if master else None)
-        is_best, progress = row["val_top1"] > progress["best_top1"], fresh_progress(epoch + 1, row["best_top1"])
-
-        # the epoch's line, then on rank 0 its checkpoints, log and curves
-        train_top1 = "mixed" if row["train_top1"] is None else f"{row['train_top1']:.2f}%"
-        print0(f"epoch {epoch + 1}/{args.epochs} done: train loss {row['train_loss']:.4f} top-1 {train_top1} | val "
-               f"loss {row['val_loss']:.4f} top-1 {row['val_top1']:.2f}% top-5 {row['val_top5']:.2f}% ({row['val_n']} "
-               f"images)" + (f", EMA top-1 {row['ema_top1']:.2f}%" if "ema_top1" in row else "")
-               + (", a new best" if is_best else "")
-               + (f"; trend {row['trend']:+.2f} points/epoch" if row["trend"] is not None else "")
-               + f"; {fmt_time(row['epoch_s'])}, {row['img_per_s']:.0f} img/s"
-               + (f"; {row['bad_images']} unreadable images replaced" if row["bad_images"] else ""))
-        if tb is not None:
-            for key in ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "ema_top1", "img_per_s"):
-                if row.get(key) is not None:
-                    tb.add_scalar(f"epoch/{key}", row[key], (epoch + 1) * steps_per_epoch)
-            tb.flush()
-        if master:
-            rows.append(row)
-            save_epoch(snapshot(parts, progress, args, run, info, row), args, is_best, rows)
-            t_saved = time.time()
-        score = metrics.get("ema_top1", metrics["val_top1"])
+def train(args):
+    """The run: epoch after epoch, each trained, evaluated and saved, until --epochs (done), --stop-epoch (stopped),
+    --target-top1 (done) or a SIGTERM (preempted, with a checkpoint to continue from)."""
+    r, progress = setup(args)
+    for epoch in range(progress["epochs_done"], r.stop_epoch):
+        # an epoch's running state, in one place. A resumed epoch continues from its checkpoint's step and sums; the
+        # sums there are of all ranks, so rank 0 alone restores them (an older file may hold fewer: zeros follow)
+        sums = (progress["sums"] + [0.0] * len(SUMS))[:len(SUMS)] if r.master else [0.0] * len(SUMS)
+        e = SimpleNamespace(epoch=epoch, first=progress["step"], lr_steps=list(progress["lr_steps"]), bad=0,
+                            started=time.time(), sums=torch.tensor(sums, device=r.device))
+        if train_epoch(r, e) == "preempted":
+            return "preempted"
+        row = report_epoch(r, e)
+        progress = fresh_progress(epoch + 1, r.best_top1)
+        score = row.get("ema_top1", row["val_top1"])
         if args.target_top1 is not None and score >= args.target_top1 and epoch + 1 < args.epochs:
             saved_s = (args.epochs - epoch - 1) * row["epoch_s"]
-            print0(f"reached top-1 {score:.2f}% >= --target-top1 {args.target_top1} after epoch {epoch + 1} of "
-                   f"{args.epochs}: stopping, which saves about {fmt_time(saved_s)} of training"
-                   + (f" (${saved_s / 3600 * args.hourly_usd:.2f} at ${args.hourly_usd}/h)" if args.hourly_usd else ""))
+            r.print0(f"reached top-1 {score:.2f}% >= --target-top1 {args.target_top1} after epoch {epoch + 1} of "
+                     f"{args.epochs}: stopping, which saves about {fmt_time(saved_s)} of training"
+                     + (f" (${saved_s / 3600 * args.hourly_usd:.2f} at ${args.hourly_usd}/h)" if args.hourly_usd
+                        else ""))
             return "done"
-        if agreed(bool(signals), group=group):  # a SIGTERM during evaluation: the epoch's checkpoint is saved
+        if agreed(bool(r.signals), group=r.group):  # a SIGTERM during evaluation: the epoch's checkpoint is saved
             return "preempted"
-        if ddp:
+        if r.ddp:
             dist.barrier()  # nobody races ahead of a checkpoint
+    if r.tb is not None:
+        r.tb.close()
+    if r.ddp:
+        r.print0(f"weights identical on all {r.world} ranks (checksum {check_ranks_agree(r.model, r.device):.6f})")
+    r.print0(f"best val top-1 {r.best_top1:.2f}%; checkpoints and curves.png in {args.out}")
+    return "done" if r.stop_epoch == args.epochs else "stopped"
 
-    if tb is not None:
-        tb.close()
-    if ddp:
-        print0(f"weights identical on all {world} ranks (checksum {check_ranks_agree(raw_model, device):.6f})")
-    print0(f"best val top-1 {progress['best_top1']:.2f}%; checkpoints and curves.png in {args.out}")
-    return "done" if stop_epoch == args.epochs else "stopped"
+
+def train_epoch(r, e):
+    """The epoch's optimizer steps from e.first on: each its micro-batches' forward and backward, then the update and
+    the log line; a checkpoint inside the epoch when checkpoint_now says so. Returns "preempted" after a SIGTERM's."""
+    args, loader = r.args, r.train_loader
+    loader.sampler.set_epoch(e.epoch, start=e.first)  # the sampler skips the images of the steps done
+    mixing = r.mixer is not None and e.epoch < r.mix_off
+    r.step_model.train()  # (DDP's wrapper and the compiled module too; evaluation put the bare one in eval mode)
+    for i, (images, labels, bad) in enumerate(loader, start=e.first * r.accum):
+        step, j = divmod(i, r.accum)  # the optimizer step, and which of this rank's micro-batches of it this is
+        last = j == r.accum - 1
+        e.bad += data.report_bad(bad, r.train_set, r.bad_seen)  # unreadable files, replaced by class-mates
+        x, y = to_device(images, labels, r.device, args.channels_last)
+        if mixing:  # seeded by the micro-batch's index in the epoch, as the sampler laid the epoch out: the same
+            # mix on any number of GPUs, and after a resume
+            data.seed_cpu(data.seed_for(args.seed, e.epoch, loader.sampler.micro_index(step, j), "mix"))
+            x, y = r.mixer(x, y)
+        # forward and backward; DDP all-reduces the gradients on the step's last micro-batch only
+        with r.step_model.no_sync() if r.ddp and not last else nullcontext():
+            forward_backward(r.step_model, x, y, r.criterion, r.ctx, r.scaler, r.accum, e.sums)
+        if not last:
+            continue
+        # update
+        optimizer_step(r.optimizer, r.scaler)
+        r.scheduler.step()
+        if r.ema is not None:
+            r.ema.update_parameters(r.model)
+        if not r.stepped:  # run_ec2.sh's status reads this line: from launch to the first step
+            r.stepped = True
+            r.print0(f"first step at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}, "
+                     f"{time.time() - r.started:.0f} s after train.py started")
+        # log: .item() waits for the device, so only every --log-every steps
+        if (step + 1) % args.log_every == 0 or step + 1 == r.steps_per_epoch:
+            log_step(r, e, step)
+        if checkpoint_now(r, e, step):
+            return "preempted"
+    return None
+
+
+def log_step(r, e, step):
+    """The progress line of a step (loss, LR, images/s, ETA, memory) and TensorBoard's; the LR kept for the curves."""
+    args, now, lr = r.args, time.time(), r.scheduler.get_last_lr()[0]
+    avg = e.sums[SUM["loss"]].item() / e.sums[SUM["micro_batches"]].item()
+    if not math.isfinite(avg):
+        raise FloatingPointError(f"the training loss is {avg} at epoch {e.epoch + 1} step {step + 1}")
+    e.lr_steps.append([e.epoch + (step + 1) / r.steps_per_epoch, lr])
+    # ETA: this epoch's time per step so far, times the steps left to --stop-epoch, plus their evaluations
+    step_s = (now - e.started) / (step + 1 - e.first)
+    eta = step_s * ((r.stop_epoch - e.epoch) * r.steps_per_epoch - step - 1) + r.eval_s * (r.stop_epoch - e.epoch)
+    mem = torch.cuda.max_memory_allocated(r.device) / 2**30 if r.device.type == "cuda" else 0.0
+    r.print0(f"epoch {e.epoch + 1}/{args.epochs} step {step + 1}/{r.steps_per_epoch} {r.sizes[e.epoch]}px "
+             f"loss {avg:.4f} lr {lr:.4g} img/s {r.global_batch / step_s:.0f} eta {fmt_time(eta)}"
+             + (f" (${eta / 3600 * args.hourly_usd:.2f})" if args.hourly_usd else "")
+             + (f" mem {mem:.1f}GiB" if mem else ""))
+    if r.tb is not None:
+        r.tb.add_scalar("train/loss", avg, e.epoch * r.steps_per_epoch + step + 1)
+        r.tb.add_scalar("train/lr", lr, e.epoch * r.steps_per_epoch + step + 1)
+
+
+def checkpoint_now(r, e, step):
+    """Save now? After a SIGTERM (a preemption), or --save-every-min after the last save (rank 0's clock): a
+    checkpoint inside the epoch, with its steps done and its running sums, so that a resume continues at the next step
+    and logs the epoch as if never stopped. Not after the epoch's last step, where the epoch's own follows. All ranks
+    ask together after every step, since all take part in the save's sums. Returns whether it was a preemption."""
+    preempted, timed = agreed(bool(r.signals), r.master and time.time() - r.saved_at > 60 * r.args.save_every_min,
+                              group=r.group)
+    if not (preempted or timed) or step + 1 == r.steps_per_epoch:
+        return False
+    progress = dict(epochs_done=e.epoch, step=step + 1, best_top1=r.best_top1, sums=global_sums(e.sums),
+                    lr_steps=e.lr_steps)
+    if r.master:
+        if not math.isfinite(progress["sums"][SUM["loss"]]):
+            raise FloatingPointError(f"the training loss is not finite at epoch {e.epoch + 1}")
+        path = os.path.join(r.args.out, "last.pt")
+        save_checkpoint(snapshot(r, progress), path)
+        print(f"saved {path} at epoch {e.epoch + 1} step {step + 1}" + (" (preempted)" if preempted else ""),
+              flush=True)
+        if r.tb is not None:
+            r.tb.flush()
+    r.saved_at = time.time()
+    return preempted
+
+
+def report_epoch(r, e):
+    """The end of an epoch: its evaluation (every rank), its row of log.jsonl, its line, TensorBoard's points, and on
+    rank 0 its checkpoints, log and curves. Returns the row."""
+    args, train_s = r.args, time.time() - e.started
+    metrics = epoch_metrics(r, e.sums)
+    r.eval_s = time.time() - e.started - train_s  # for the next epochs' ETA
+    row = dict(epoch=e.epoch, epochs=args.epochs, img_size=r.sizes[e.epoch], lr=r.scheduler.get_last_lr()[0],
+               **metrics, img_per_s=r.global_batch * (r.steps_per_epoch - e.first) / train_s,
+               epoch_s=time.time() - e.started, bad_images=e.bad, best_top1=max(r.best_top1, metrics["val_top1"]),
+               lr_steps=e.lr_steps, trend=trend(r.rows, e.epoch, metrics["val_top1"]) if r.master else None)
+    is_best, r.best_top1 = row["val_top1"] > r.best_top1, row["best_top1"]
+    notes = [f"EMA top-1 {row['ema_top1']:.2f}%" if "ema_top1" in row else "", "a new best" if is_best else ""]
+    train_top1 = "mixed" if row["train_top1"] is None else f"{row['train_top1']:.2f}%"
+    r.print0(f"epoch {e.epoch + 1}/{args.epochs} done: train loss {row['train_loss']:.4f} top-1 {train_top1} | val "
+             f"loss {row['val_loss']:.4f} top-1 {row['val_top1']:.2f}% top-5 {row['val_top5']:.2f}% "
+             f"({row['val_n']} images)" + "".join(f", {n}" for n in notes if n)
+             + (f"; trend {row['trend']:+.2f} points/epoch" if row["trend"] is not None else "")
+             + f"; {fmt_time(row['epoch_s'])}, {row['img_per_s']:.0f} img/s"
+             + (f"; {row['bad_images']} unreadable images replaced" if row["bad_images"] else ""))
+    if r.tb is not None:
+        for key in ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "ema_top1", "img_per_s"):
+            if row.get(key) is not None:
+                r.tb.add_scalar(f"epoch/{key}", row[key], (e.epoch + 1) * r.steps_per_epoch)
+        r.tb.flush()
+    if r.master:
+        r.rows.append(row)
+        save_epoch(r, snapshot(r, fresh_progress(e.epoch + 1, r.best_top1), row), is_best)
+        r.saved_at = time.time()
+    return row
 
 
 def finish(out, status, clean=True):

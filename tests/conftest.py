@@ -1,6 +1,8 @@
 """Shared fixtures: the real images in ../shared/data, small dataset trees built from them, and a runner."""
 import contextlib
+import http.server
 import io
+import json
 import os
 import signal
 import socket
@@ -11,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 # Gradio (app.py, gradio_client) and the Hugging Face hub send no usage reports from tests
@@ -104,6 +107,18 @@ def error_line(main, argv, capture, code=2):
     return [line for line in p.stderr.splitlines() if line.strip()][-1]
 
 
+def assert_same_weights(a, b):
+    """Two checkpoints' weights, EMA, momentum and schedule, equal bit for bit."""
+    import torch
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys(), part
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs"
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"]
+
+
 BIN = str(Path(sys.executable).parent)  # the venv's aws and moto_server
 
 
@@ -111,6 +126,58 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def fake_venv(d):
+    """A venv whose python is this one and whose pip only records what setup asks of it (run_ec2.sh's setup, with no
+    installs)."""
+    (d / "bin").mkdir(parents=True, exist_ok=True)
+    (d / "bin" / "python").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+    (d / "bin" / "pip").write_text(f'#!/bin/sh\necho "$@" >> {d / "pip.log"}\n')
+    for f in (d / "bin").iterdir():
+        f.chmod(0o755)
+    return d
+
+
+PREEMPTIBLE = """#!/usr/bin/env python3
+# a stand-in trainer that checkpoints every 0.2 s and, on SIGTERM, writes its preemption checkpoint and exits 75;
+# it reports epoch 1 of 10 at 10 minutes an epoch in log.jsonl (for the cost projection)
+import json, os, signal, sys, time
+out = sys.argv[sys.argv.index("--out") + 1]
+os.makedirs(out, exist_ok=True)
+row = dict(epoch=0, epochs=10, epoch_s=600, val_top1=12.5)
+open(os.path.join(out, "log.jsonl"), "w").write(json.dumps(row) + "\\n")
+def stop(*a):
+    open(os.path.join(out, "last.pt"), "w").write("the checkpoint written on SIGTERM")
+    open(os.path.join(out, "status"), "w").write("preempted\\n")
+    open(os.path.join(out, "got_sigterm"), "w").write("yes")
+    sys.exit(75)
+signal.signal(signal.SIGTERM, stop)
+for k in range(300):
+    open(os.path.join(out, "last.pt"), "w").write(f"step {k}")
+    time.sleep(0.2)
+open(os.path.join(out, "status"), "w").write("done\\n")
+"""
+
+
+def write_trainer(tmp_path, text):
+    trainer = tmp_path / "trainer.py"
+    trainer.write_text(text)
+    trainer.chmod(0o755)
+    return str(trainer)
+
+
+class Answers(http.server.BaseHTTPRequestHandler):
+    """A local HTTP stand-in (IMDS): reply(code, body), and no log lines."""
+
+    def reply(self, code, body):
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
 
 
 def aws(env, *args, check=True):
@@ -144,3 +211,45 @@ def moto():
         time.sleep(0.2)
     yield env
     server.kill()
+
+
+# -----------------------------------------------------------------------------
+# the multi-rank runs (test_survive.py, test_skypilot.py): one uninterrupted reference, run once a session
+
+FAST = ["--arch", "resnet18", "--img-size", "32", "--batch-size", "16", "--workers", "1", "--log-every", "1",
+        "--epochs", "2", "--ema", "0.9", "--mixup", "0.2", "--cutmix", "1.0"]
+TWO_RANKS = ["--batch-size", "8", "--amp", "fp32", "--mix-off-epoch", "1"]  # bf16 would amplify the sums' order
+
+
+@pytest.fixture(scope="session")
+def two_ranks(tiny_data, tmp_path_factory):
+    """The reference of the multi-rank tests: an uninterrupted run on 2 ranks of --batch-size 8 (a global batch of
+    16, 10 steps an epoch), with mixup, cutmix (the first epoch) and EMA on, in fp32."""
+    out = tmp_path_factory.mktemp("two_ranks") / "full"
+    run(torchrun_cmd(2, "--data", tiny_data, *FAST, *TWO_RANKS, "--out", out), env={"OMP_NUM_THREADS": "1"})
+    return out
+
+
+def final_state(out):
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    return ckpt, [line for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def assert_close_run(reference, out, atol):
+    """The same run up to the order of float sums: weights and EMA within atol, the same schedule; BatchNorm's
+    running statistics may differ (each process keeps its own), so they are not compared; the log's train loss and
+    top-1 of every epoch within float error."""
+    a, b = final_state(reference)[0], final_state(out)[0]
+    for part in ("model", "ema"):
+        for k, v in a[part].items():
+            if "running_" not in k and "num_batches" not in k and v.is_floating_point():
+                torch.testing.assert_close(b[part][k], v, atol=atol, rtol=0, msg=f"{part}.{k}")
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] and a["global_batch"] == b["global_batch"]
+    rows_a, rows_b = ([json.loads(line) for line in log] for log in (final_state(reference)[1], final_state(out)[1]))
+    assert [r["train_loss"] for r in rows_b] == pytest.approx([r["train_loss"] for r in rows_a], rel=1e-3)
+    assert [r["mixed"] for r in rows_b] == [r["mixed"] for r in rows_a] == [True, False]
+    assert rows_a[0]["train_top1"] is None and rows_b[0]["train_top1"] is None  # every batch of epoch 1 was mixed
+    assert rows_b[1]["train_top1"] == pytest.approx(rows_a[1]["train_top1"], abs=100 / 160)  # one argmax may flip
+
+
+ELASTIC_ATOL = 2e-4  # the largest difference measured, fp32 after 20 steps: 1.2e-7 (2 ranks -> 1), 4.3e-5 (1 -> 2)

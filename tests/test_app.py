@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -21,19 +20,13 @@ import pytest
 from PIL import Image
 
 import train
-from conftest import ROOT, SAMPLES, error_line, needs_samples, run, run_here
+from conftest import ROOT, SAMPLES, error_line, free_port, needs_samples, run, run_here
 
 pytestmark = needs_samples
 GRADIO_ENV = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONUNBUFFERED": "1",
               "no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost"}
 CHROMIUM = "/usr/bin/chromium"
 SAMPLES_FIRST = "n01514859_hen.JPEG"  # the first of the 8 examples app.py picks from the 100 samples
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -394,6 +387,7 @@ def test_ema_weights_are_served_when_asked_for(tiny_data, tmp_path, checkpoint, 
     model, _, _, about, _ = app.load_model(str(out / "last.pt"), True, torch.device("cpu"))
     ema = {k[len("module."):]: v for k, v in ckpt["ema"].items() if k.startswith("module.")}
     assert all(torch.equal(model.state_dict()[k], v) for k, v in ema.items()) and "(EMA weights)" in about
+    assert "without the run's flip TTA here (one forward a photo, for speed)" in about  # said, not silently ignored
     assert not torch.equal(model.state_dict()["fc.weight"], ckpt["model"]["fc.weight"])
     assert "holds no EMA weights" in error_line(app.main, ["--checkpoint", str(checkpoint), "--ema"], capsys)
 

@@ -94,11 +94,32 @@ def test_a_format_1_slimmed_epoch_file_and_space_model_load(format_1, capsys):
         assert torch.equal(space.state_dict()[k], v), k
 
 
-def test_the_format_is_stated_once_and_checked(tmp_path):
-    """A writer cannot add a key that model.py does not state; a file of a newer format is refused with one line
-    that says to update; a bare state_dict reads as a checkpoint with weights only."""
-    with pytest.raises(AssertionError, match="not in the checkpoint format"):
-        M.save_checkpoint({"model": {}, "notes": "a field nobody documented"}, tmp_path / "x.pt")
+def test_the_format_is_one_table_that_every_writer_follows(tiny_data, tmp_path, capfd, monkeypatch):
+    """model.FIELDS is the format: train.py's checkpoint holds exactly its fields, a weights-only file exactly its
+    "file" group (no state of the run: about half the size), and a writer that leaves a field out, or adds one the
+    table lacks, stops at its save, so that a new field in the table that no writer fills fails at once instead of
+    vanishing. A file of a newer format is refused with one line that says to update; a bare state_dict reads as a
+    checkpoint with weights only."""
+    out = tmp_path / "run"
+    run_here(train.main, ["--data", tiny_data, "--out", out, "--arch", "resnet18", "--img-size", "32", "--batch-size",
+                          "16", "--workers", "0", "--epochs", "2", "--stop-epoch", "1"], capfd)
+    whole = torch.load(out / "last.pt", weights_only=True)
+    assert set(whole) == set(M.FIELDS)
+    M.save_weights(M.read_checkpoint(out / "last.pt"), tmp_path / "slim.pt")
+    slim = torch.load(tmp_path / "slim.pt", weights_only=True)
+    assert set(slim) == {k for k, (group, _, _) in M.FIELDS.items() if group == "file"}
+    assert (tmp_path / "slim.pt").stat().st_size < 0.6 * (out / "last.pt").stat().st_size  # no momentum in it
+    assert M.load_checkpoint(tmp_path / "slim.pt")[1]["arch"] == "resnet18"  # what readers need is in the file group
+    with pytest.raises(AssertionError, match=r"unknown \['notes'\]"):
+        M.save_checkpoint({**whole, "notes": "a field nobody put in the table"}, tmp_path / "x.pt")
+    with pytest.raises(AssertionError, match=r"missing \[\] of the file's, \['rng'\] of the run's"):
+        M.save_checkpoint({k: v for k, v in whole.items() if k != "rng"}, tmp_path / "x.pt")
+    monkeypatch.setitem(M.FIELDS, "seen_images", ("run", None, "int: a field added to the table, no writer yet"))
+    monkeypatch.setattr(M, "KEYS", set(M.FIELDS))
+    with pytest.raises(AssertionError, match=r"\['seen_images'\] of the run's"):  # at its first save, not silently
+        run_here(train.main, ["--data", tiny_data, "--out", tmp_path / "again", "--arch", "resnet18", "--img-size",
+                              "32", "--batch-size", "16", "--workers", "0", "--epochs", "2", "--stop-epoch", "1"],
+                 capfd)
     M.save_atomic({"format": M.FORMAT + 1, "model": M.resnet18(num_classes=2).state_dict()}, tmp_path / "new.pt")
     with pytest.raises(ValueError, match=f"has format {M.FORMAT + 1}, newer than this code reads"):
         M.read_checkpoint(tmp_path / "new.pt")
@@ -109,29 +130,31 @@ def test_the_format_is_stated_once_and_checked(tmp_path):
     assert len(M.UPGRADES) == M.FORMAT - 1
 
 
-def test_a_new_step_flag_reaches_the_lr_test_and_its_command_with_no_second_edit(tiny_data, tmp_path, monkeypatch,
-                                                                                capsys):
-    """A flag added to train.add_step_args (here a made-up --color-jitter) is taken by lr_finder.py, reaches the
-    datasets it trains on (through train.make_datasets, as train.py's do), and is copied into the train.py command
-    it prints."""
-    add_step_args, make_datasets, seen = train.add_step_args, train.make_datasets, []
+def test_a_new_augmentation_is_one_entry_and_reaches_the_images_of_both_scripts(tiny_data, tmp_path, monkeypatch,
+                                                                                 capsys):
+    """A new augmentation is one entry of data.AUGMENTATIONS (here a made-up --invert): its flag is taken by train.py
+    and lr_finder.py, its value reaches the transform of the images both train on (no second edit: make_datasets
+    hands every entry's flag over), and lr_finder.py copies it into the train.py command it prints. Before, the flag
+    was recorded in a wrapper while build_datasets never heard of it."""
+    import torchvision.transforms.v2.functional as F
+    made = []
 
-    def with_a_new_flag(p):
-        add_step_args(p).add_argument("--color-jitter", type=float, default=0.0, help="a new augmentation")
-        return p
+    def build(on):  # the transform: inverts the image, and records that it was made for this value
+        made.append(on)
+        return (lambda x: F.invert(x)) if on else None
 
-    def recording(args, *rest, **kw):
-        seen.append(args.color_jitter)
-        return make_datasets(args, *rest, **kw)
-
-    monkeypatch.setattr(train, "add_step_args", with_a_new_flag)
-    monkeypatch.setattr(train, "make_datasets", recording)
+    monkeypatch.setitem(data.AUGMENTATIONS, "invert", dict(flag=dict(action="store_true", help="invert the colours"),
+                                                           build=build))
+    args = train.parse_args(["--data", str(tiny_data), "--invert", "--img-size", "32", "--seed", "3"])
+    inverted, _, _ = train.make_datasets(args, str(tiny_data), 32)
+    plain, _, _ = train.make_datasets(train.parse_args(["--data", str(tiny_data), "--img-size", "32", "--seed", "3"]),
+                                      str(tiny_data), 32)
+    assert made == [True, False]
+    assert torch.equal(inverted[(0, 0)][0], 255 - plain[(0, 0)][0])  # the same crop, through the new transform
     lr_finder.main(["--data", str(tiny_data), "--arch", "resnet18", "--img-size", "32", "--batch-size", "16",
-                    "--iters", "10", "--workers", "0", "--device", "cpu", "--out", str(tmp_path),
-                    "--color-jitter", "0.4"])
+                    "--iters", "10", "--workers", "0", "--device", "cpu", "--out", str(tmp_path), "--invert"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert seen == [0.4] and " --color-jitter 0.4 " in result["command"]
-    assert train.parse_args(["--color-jitter", "0.4"]).color_jitter == 0.4  # and train.py takes it too
+    assert made[-1] is True and " --invert " in result["command"] + " "
 
 
 def test_one_default_for_the_loader_workers(tiny_data, capfd):

@@ -86,7 +86,7 @@ def test_eval_transform_resizes_then_center_crops():
 
 
 def test_augmentation_is_a_function_of_seed_epoch_index():
-    train_set, _, _ = data.build_datasets(IMAGENETTE, 64, subset=0.01, seed=3, trivial_augment=True)
+    train_set, _, _ = data.build_datasets(IMAGENETTE, 64, subset=0.01, seed=3, augment=dict(trivial_augment=True))
     a, b, c = train_set[(5, 0)][0], train_set[(5, 0)][0], train_set[(5, 1)][0]
     assert torch.equal(a, b) and not torch.equal(a, c)
 
@@ -266,3 +266,43 @@ def test_windows_has_no_sessions_and_opens_no_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "open", windows_open)
     model.save_atomic({"w": torch.ones(3)}, tmp_path / "last.pt")
     assert torch.equal(torch.load(tmp_path / "last.pt", weights_only=True)["w"], torch.ones(3))
+
+
+def test_the_mixing_seed_follows_the_layout_the_sampler_hands_over(tiny_data, tmp_path, monkeypatch, capfd):
+    """train.py seeds each micro-batch's mixing by its index in the epoch, which the StepSampler that laid the epoch
+    out hands over (micro_index): laid out another way (here each step's micro-batches in reverse), the images and
+    their mixing seeds move together. train.py used to work the index out itself, from the layout of the day."""
+    import train
+    from conftest import run_here
+    mixed, real = [], data.seed_for
+
+    def recording(seed, epoch, index=0, stream=""):
+        if stream == "mix":
+            mixed.append(index)
+        return real(seed, epoch, index, stream)
+
+    monkeypatch.setattr(data, "seed_for", recording)
+    monkeypatch.setattr(data.StepSampler, "micro_batches",
+                        lambda self, step: range(self.per_step - 1 - self.rank, -1, -self.world))
+    sampler = data.StepSampler(160, 16, 32, seed=0)
+    order = data.epoch_order(0, 0, 160)
+    assert [i for i, _ in sampler] == [i for s in range(5) for k in (1, 0)
+                                       for i in data.micro_batch(order, s, k, 16, 32)]  # the images: in reverse
+    run_here(train.main, ["--data", tiny_data, "--out", tmp_path / "run", "--arch", "resnet18", "--img-size", "32",
+                          "--batch-size", "16", "--accum-steps", "2", "--epochs", "1", "--mixup", "0.2",
+                          "--workers", "0", "--log-every", "5"], capfd)
+    assert mixed == [2 * s + k for s in range(5) for k in (1, 0)]  # their mixing: the same reverse
+
+
+@needs_imagenette
+def test_seeding_the_cpu_alone_keeps_every_crop_bitwise():
+    """ImageList seeds only the CPU generator for each image (data.seed_cpu): torch.manual_seed also seeded CUDA's,
+    which where CUDA is not initialized costs a stack trace an image. The crops, flips and augmentations are what
+    torch.manual_seed gave, bit for bit: the draws use the CPU generator alone."""
+    train_set, _, _ = data.build_datasets(IMAGENETTE, [48, 64], subset=0.01, seed=5,
+                                          augment=dict(trivial_augment=True, random_erase=0.5))
+    for index, epoch in [(0, 0), (3, 1), (7, 1), (11, 0)]:
+        path, _ = train_set.samples[index]
+        torch.manual_seed(data.seed_for(5, epoch, index, "crop"))  # the way of before
+        reference = train_set.transform(Image.open(path), epoch)
+        assert torch.equal(train_set[(index, epoch)][0], reference), (index, epoch)

@@ -14,9 +14,7 @@ import subprocess
 import sys
 import urllib.request
 import zipfile
-from pathlib import Path
 
-import pytest
 
 from conftest import BIN, IMAGENETTE, ROOT, boto, needs_imagenette
 
@@ -51,7 +49,8 @@ esac
     # SSH to the instance: its commands run here, in its home, with its files where the instance has them
     "ssh": """#!/bin/sh
 while [ $# -gt 1 ]; do case "$1" in -i|-o|-L) shift 2 ;; -N) exit 0 ;; *@*) shift; break ;; *) shift ;; esac; done
-cd "$INSTANCE_HOME" && HOME=$INSTANCE_HOME exec bash -c "$(echo "$*" | sed "s|/etc/resnet-run.env|$BOOT_ROOT/etc/resnet-run.env|g")"
+command=$(echo "$*" | sed "s|/etc/resnet-run.env|$BOOT_ROOT/etc/resnet-run.env|g")
+cd "$INSTANCE_HOME" && HOME=$INSTANCE_HOME exec bash -c "$command"
 """,
     "scp": """#!/bin/sh
 while [ $# -gt 2 ]; do shift; done
@@ -77,7 +76,8 @@ def readme_blocks():
 
 
 def competition_zip(path):
-    """The Kaggle download's layout: 3 classes of real Imagenette JPEGs (8 train each, 6 val in all), the label files."""
+    """The Kaggle download's layout: 3 classes of real Imagenette JPEGs (8 train each, 6 val in all), the label
+    files."""
     with zipfile.ZipFile(path, "w") as z:
         rows = ["ImageId,PredictionString"]
         for c, wnid in enumerate(WNIDS):
@@ -195,8 +195,9 @@ def test_the_readme_ec2_walk_through_from_a_new_account_to_the_demo(tmp_path, mo
         if step.startswith("6."):  # the laptop is elsewhere now, and its user let an office in to the instances too
             journey.env["MY_IP"] = "198.51.100.8"
             group = ec2.describe_security_groups(GroupNames=["resnet-ec2"])["SecurityGroups"][0]["GroupId"]
-            ec2.authorize_security_group_ingress(GroupId=group, IpPermissions=[dict(
-                IpProtocol="tcp", FromPort=22, ToPort=22, IpRanges=[dict(CidrIp="203.0.113.9/32", Description="office")])])
+            office = dict(CidrIp="203.0.113.9/32", Description="office")
+            ec2.authorize_security_group_ingress(GroupId=group, IpPermissions=[
+                dict(IpProtocol="tcp", FromPort=22, ToPort=22, IpRanges=[office])])
             sg_before = group
         if step.startswith("7."):  # the run has ended: its instance shut itself down, which terminates it
             ec2.terminate_instances(InstanceIds=[journey.instances[-1]])
@@ -285,13 +286,15 @@ def check_the_launch(journey, ec2, iam, p, group):
     policy = iam.get_role_policy(RoleName="resnet-ec2-imagenet-1k-resnet50",
                                  PolicyName="resnet-ec2-imagenet-1k-resnet50-s3")["PolicyDocument"]
     grants = {s["Sid"]: (s["Action"], s["Resource"]) for s in policy["Statement"]}
-    assert grants["ReadWriteRun"] == (["s3:GetObject", "s3:PutObject"], "arn:aws:s3:::my-bucket/runs/imagenet-1k-resnet50/*")
+    assert grants["ReadWriteRun"] == (["s3:GetObject", "s3:PutObject"],
+                                      "arn:aws:s3:::my-bucket/runs/imagenet-1k-resnet50/*")
     assert {a for a, _ in grants.values() for a in ([a] if isinstance(a, str) else a)} == \
         {"s3:ListBucket", "s3:GetObject", "s3:PutObject"}  # nothing else: no delete, no other service
     assert [g["GroupId"] for g in inst["SecurityGroups"]] == [group]
     sg = ec2.describe_security_groups(GroupIds=[group])["SecurityGroups"][0]
     assert [(r["FromPort"], sorted((c["CidrIp"], c.get("Description")) for c in r["IpRanges"]))
-            for r in sg["IpPermissions"]] == [(22, [("198.51.100.8/32", "run_ec2.sh launch"), ("203.0.113.9/32", "office")])]
+            for r in sg["IpPermissions"]] == [(22, [("198.51.100.8/32", "run_ec2.sh launch"),
+                                                    ("203.0.113.9/32", "office")])]
     volume = ec2.describe_volumes(VolumeIds=[inst["BlockDeviceMappings"][0]["Ebs"]["VolumeId"]])["Volumes"][0]
     assert volume["VolumeType"] == "gp3" and volume["Size"] == 100  # the data on the instance store: the venv, runs
     again = journey.line("INSTANCE_TYPE=g5.xlarge ./run_ec2.sh launch", check=False)  # the same RUN

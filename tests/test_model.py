@@ -202,7 +202,8 @@ def test_a_blurpool_checkpoint_does_not_load_silently_into_torchvision(tmp_path)
     strict load must fail and name the blur's keys (it loaded silently before the format kept them). Checkpoints
     written before that upgrade gain the filters; --no-blurpool weights still load into torchvision."""
     net = M.build_model("resnet18", num_classes=10, blurpool=True)
-    M.save_checkpoint(dict(model=net.state_dict(), args=dict(arch="resnet18", blurpool=True)), tmp_path / "b.pt")
+    M.save_checkpoint(dict(M.OPTIONAL, model=net.state_dict(), args=dict(arch="resnet18", blurpool=True)),
+                      tmp_path / "b.pt")  # a weights-only file: the format's "file" fields
     sd = torch.load(tmp_path / "b.pt", weights_only=True)["model"]  # what a user hands torchvision
     with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: "layer2.0.blur.kernel"'):
         torchvision.models.resnet18(num_classes=10).load_state_dict(sd)
@@ -210,7 +211,8 @@ def test_a_blurpool_checkpoint_does_not_load_silently_into_torchvision(tmp_path)
     M.save_atomic(dict(format=3, model=old, args=dict(arch="resnet18", blurpool=True)), tmp_path / "old.pt")
     assert set(BLURS) <= set(M.read_checkpoint(tmp_path / "old.pt")["model"])
     plain = M.build_model("resnet18", num_classes=10)
-    M.save_checkpoint(dict(model=plain.state_dict(), args=dict(arch="resnet18", blurpool=False)), tmp_path / "p.pt")
+    M.save_checkpoint(dict(M.OPTIONAL, model=plain.state_dict(), args=dict(arch="resnet18", blurpool=False)),
+                      tmp_path / "p.pt")
     exact = torch.load(tmp_path / "p.pt", weights_only=True)["model"]
     torchvision.models.resnet18(num_classes=10).load_state_dict(exact)
 
@@ -222,7 +224,8 @@ def test_the_export_runs_with_torch_alone_and_equals_model_py(tmp_path, capfd):
     torch.manual_seed(0)
     net = M.build_model("resnet18", num_classes=3, blurpool=True).eval()
     names = ["tench", "church", "golf ball"]
-    M.save_checkpoint(dict(model=net.state_dict(), args=dict(arch="resnet18", blurpool=True, eval_size=64, tta=True),
+    M.save_checkpoint(dict(M.OPTIONAL, model=net.state_dict(), args=dict(arch="resnet18", blurpool=True, eval_size=64,
+                                                                          tta="flip"),
                            classes=["n01440764", "n03028079", "n03445777"], class_names=names), tmp_path / "c.pt")
     p = run_here(M.main, ["--export", tmp_path / "c.pt", "--out", tmp_path / "x"], capfd)
     assert "model.pt2" in p.stdout
@@ -242,3 +245,18 @@ def test_the_export_runs_with_torch_alone_and_equals_model_py(tmp_path, capfd):
         expected = net(M.normalize(photos)).softmax(1)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(one, expected[:1], rtol=1e-5, atol=1e-6)
+
+
+def test_one_tta_vocabulary_with_the_old_spellings_kept(tmp_path):
+    """TTA is "none" or "flip" in every script and checkpoint (model.TTA). train.py's old --tta / --no-tta still parse
+    (run_ec2.sh replays a checkpoint's command line at a resume), and a checkpoint of format 4 or older, whose args
+    held a bool, reads as the words."""
+    import train
+    assert [train.parse_args(flags).tta for flags in ([], ["--tta"], ["--no-tta"], ["--tta", "none"], ["--tta=flip"])] \
+        == ["flip", "flip", "none", "none", "flip"]
+    for old, word in ((True, "flip"), (False, "none")):
+        net = M.build_model("resnet18", num_classes=3)
+        M.save_atomic(dict(format=4, model=net.state_dict(), args=dict(arch="resnet18", tta=old, eval_size=64)),
+                      tmp_path / "old.pt")
+        assert M.read_checkpoint(tmp_path / "old.pt")["args"]["tta"] == word
+        assert M.load_checkpoint(tmp_path / "old.pt")[1]["tta"] == word

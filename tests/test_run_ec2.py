@@ -1,7 +1,6 @@
 """run_ec2.sh driven as users run it: shellcheck, DRY_RUN output, the restart loop, the spot watcher against a
 local IMDSv2 stand-in, and backup/restore through the real aws CLI against a local S3 (moto). No traffic leaves
 127.0.0.1."""
-import base64
 import http.server
 import json
 import os
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, ROOT, aws, boto
+from conftest import BIN, PREEMPTIBLE, ROOT, Answers, aws, boto, fake_venv, write_trainer
 
 SCRIPT = str(ROOT / "run_ec2.sh")
 
@@ -52,8 +51,8 @@ def test_shellcheck_clean():
     assert p.returncode == 0, p.stdout
 
 
-SUBCOMMANDS = ["setup", "prepare", "data", "train", "backup", "watch-spot", "budget", "watchdog", "end", "bench", "check",
-               "list", "curves", "finish", "results",
+SUBCOMMANDS = ["setup", "prepare", "data", "train", "backup", "watch-spot", "budget", "watchdog", "end", "bench",
+               "check", "list", "curves", "finish", "results", "restore", "node",
                "status", "stop", "launch", "resume", "ssh", "logs", "status-remote", "terminate", "tunnel"]
 
 
@@ -134,7 +133,7 @@ def pid_line(pid):
     return f"{pid} {start} {Path('/proc/sys/kernel/random/boot_id').read_text().strip()}\n"
 
 
-class IMDS(http.server.BaseHTTPRequestHandler):
+class IMDS(Answers):
     """IMDSv2 on 127.0.0.1: a token from PUT, then 404 for the spot notice until `notice_at`, then 200; the
     instance identity document with its launch time `pending` (ISO 8601, UTC)."""
     notice_at, seen, pending = 0.0, [], "2026-11-22T03:00:00Z"
@@ -155,15 +154,6 @@ class IMDS(http.server.BaseHTTPRequestHandler):
             doc = {"instanceId": "i-0123", "instanceType": "p5.4xlarge", "pendingTime": IMDS.pending}
             return self.reply(200, json.dumps(doc, indent=2).encode())
         self.reply(404, b"")
-
-    def reply(self, code, body):
-        self.send_response(code)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
 
 
 def test_watch_spot_sends_sigterm_to_the_trainer(tmp_path):
@@ -230,34 +220,6 @@ def imds():
     IMDS.notice_at, IMDS.seen = time.time() + 3600, []
     yield f"http://127.0.0.1:{server.server_port}"
     server.shutdown()
-
-
-PREEMPTIBLE = """#!/usr/bin/env python3
-# a stand-in trainer that checkpoints every 0.2 s and, on SIGTERM, writes its preemption checkpoint and exits 75;
-# it reports epoch 1 of 10 at 10 minutes an epoch in log.jsonl (for the cost projection)
-import json, os, signal, sys, time
-out = sys.argv[sys.argv.index("--out") + 1]
-os.makedirs(out, exist_ok=True)
-row = dict(epoch=0, epochs=10, epoch_s=600, val_top1=12.5)
-open(os.path.join(out, "log.jsonl"), "w").write(json.dumps(row) + "\\n")
-def stop(*a):
-    open(os.path.join(out, "last.pt"), "w").write("the checkpoint written on SIGTERM")
-    open(os.path.join(out, "status"), "w").write("preempted\\n")
-    open(os.path.join(out, "got_sigterm"), "w").write("yes")
-    sys.exit(75)
-signal.signal(signal.SIGTERM, stop)
-for k in range(300):
-    open(os.path.join(out, "last.pt"), "w").write(f"step {k}")
-    time.sleep(0.2)
-open(os.path.join(out, "status"), "w").write("done\\n")
-"""
-
-
-def write_trainer(tmp_path, text):
-    trainer = tmp_path / "trainer.py"
-    trainer.write_text(text)
-    trainer.chmod(0o755)
-    return str(trainer)
 
 
 def test_train_starts_the_spot_watcher_and_the_preemption_checkpoint_reaches_s3(tmp_path, moto, imds):
@@ -460,7 +422,7 @@ def test_a_reclaimed_run_continues_on_another_instance_type_with_its_flags_and_i
     first = tmp_path / "first" / "r50"
     first.mkdir(parents=True)
     argv = ["--data", "/mnt/imagenet", "--epochs", "16", "--batch-size", "128", "--hourly-usd", "21.96"]
-    model.save_checkpoint(dict(model={}, argv=argv), first / "last.pt")
+    model.save_checkpoint(dict(model.OPTIONAL, model={}, argv=argv), first / "last.pt")
     (first / "spent.json").write_text(json.dumps({"i-first": dict(hours=1.5, hourly_usd=20.0, usd=30.0)}))
     aws(moto, "s3", "sync", str(first), "s3://elastic-runs/ec2/r50")
     env = {"DRY_RUN": "1", "INSTANCE_TYPE": "g5.12xlarge", "HOURLY_USD": "5.672", "KEY_NAME": "k", "RUN": "r50",
@@ -527,10 +489,11 @@ def test_tunnel_starts_what_it_forwards_to(tmp_path):
         if (tmp_path / "started").exists():
             break
         time.sleep(0.1)
-    assert (tmp_path / "started").read_text().split() == ["app.py", "--checkpoint", "runs/r50/best.pt", "--port", "7860"]
+    started = (tmp_path / "started").read_text().split()
+    assert started == ["app.py", "--checkpoint", "runs/r50/best.pt", "--port", "7860"]
     assert "started app.py on runs/r50/best.pt" in p.stdout and "no TensorBoard: train with --tensorboard" in p.stdout
     (tmp_path / "started").unlink()
-    (tmp_path / "listening").write_text("LISTEN 0 128 127.0.0.1:7860 0.0.0.0:*\nLISTEN 0 128 127.0.0.1:6006 0.0.0.0:*\n")
+    (tmp_path / "listening").write_text("".join(f"LISTEN 0 128 127.0.0.1:{port} 0.0.0.0:*\n" for port in (7860, 6006)))
     p = sh(["tunnel"], env)
     assert p.stdout == "" and not (tmp_path / "started").exists() and "forwarding 7860 6006" in p.stderr
 
@@ -745,17 +708,6 @@ def service_buckets(moto):
         aws(moto, "s3", "mb", bucket)
 
 
-def fake_venv(d):
-    """A venv whose python is this one and whose pip only records what setup asks of it (the launch test above runs
-    setup's installs for real)."""
-    (d / "bin").mkdir(parents=True, exist_ok=True)
-    (d / "bin" / "python").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
-    (d / "bin" / "pip").write_text(f'#!/bin/sh\necho "$@" >> {d / "pip.log"}\n')
-    for f in (d / "bin").iterdir():
-        f.chmod(0o755)
-    return d
-
-
 @pytest.fixture(scope="module")
 def code_url(moto, service_buckets, instance_repo):
     """What launch ships: a git archive of a clone's commit, in S3 (the service cases' own, not the working tree's)."""
@@ -767,10 +719,10 @@ def code_url(moto, service_buckets, instance_repo):
 
 
 def service(tmp_path, moto, repo, launch=None, **extra):
-    """launch's user-data for run svc-<the test's folder> (made by DRY_RUN=1 launch with `launch`'s settings), run here as the instance
-    would run it at its first boot (BOOT_ROOT, a systemctl that records), then its service once, as systemd would, with
-    the settings `extra` appended to its env file (stand-ins: a trainer, a GPU, a venv). Returns (the service's
-    process, the shutdown stand-in's calls, ended.json from S3 or None)."""
+    """launch's user-data for run svc-<the test's folder> (made by DRY_RUN=1 launch with `launch`'s settings), run here
+    as the instance would run it at its first boot (BOOT_ROOT, a systemctl that records), then its service once, as
+    systemd would, with the settings `extra` appended to its env file (stand-ins: a trainer, a GPU, a venv; repo: the
+    code's URL in S3). Returns (the service's process, the shutdown stand-in's calls, ended.json from S3 or None)."""
     home, boot, fake = tmp_path / "home", tmp_path / "boot", tmp_path / "instance-bin"
     fake.mkdir()
     (fake / "systemctl").write_text("#!/bin/sh\nexit 0\n")
@@ -788,7 +740,8 @@ def service(tmp_path, moto, repo, launch=None, **extra):
                    env={**os.environ, "BOOT_ROOT": str(boot), "SYSTEMCTL": str(fake / "systemctl")})
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / ".run_ec2_data_done").touch()  # staged (a test of data failing removes this)
-    env = {**moto, "CODE_URL": repo, "VENV": str(fake_venv(tmp_path / "venv")), "PATH": f"{fake}:{BIN}:{os.environ['PATH']}",
+    env = {**moto, "CODE_URL": repo, "VENV": str(fake_venv(tmp_path / "venv")),
+           "PATH": f"{fake}:{BIN}:{os.environ['PATH']}",
            "SUDO": "", "JOURNAL": "echo the journal's last line", "RESTART_DELAY_S": "0", "MIN_SHM_GB": "0",
            "IMDS_URL": "http://127.0.0.1:9", **extra}
     with open(boot / "etc/resnet-run.env", "a") as f:
@@ -1071,7 +1024,8 @@ def stub_aws(tmp_path, answers=""):
     stub = tmp_path / "stub-bin" / "aws"
     stub.parent.mkdir(exist_ok=True)
     stub.write_text(f'#!/bin/sh\necho "$*" | tr "\\n" " " >> {log}\necho >> {log}\ncase "$*" in\n{answers}\n'
-                    '*get-parameter*) echo ami-0123 ;;\n*describe-instance-types*) printf "4\\t250\\t125\\t3000\\n" ;;\n'
+                    '*get-parameter*) echo ami-0123 ;;\n'
+                    '*describe-instance-types*) printf "4\\t250\\t125\\t3000\\n" ;;\n'
                     '*"s3 cp - "*) cat > /dev/null ;;\n'
                     '*get-role*|*get-instance-profile*|*describe-security-groups*) exit 254 ;;\n'
                     '*create-security-group*) echo sg-0123 ;;\n*run-instances*) echo i-0abc ;;\nesac\nexit 0\n')
@@ -1125,7 +1079,9 @@ FAILS = """*run-instances*)
     echo call >> "$0.log"
     code=$(echo "$FAILS" | awk -v n="$(wc -l < "$0.log")" '{print $n}')
     if [ "$code" = timeout ]; then echo "Read timeout on endpoint URL" >&2; exit 255; fi
-    if [ -n "$code" ]; then echo "An error occurred ($code) when calling the RunInstances operation: (a stand-in)" >&2; exit 254; fi
+    if [ -n "$code" ]; then
+        echo "An error occurred ($code) when calling the RunInstances operation: (a stand-in)" >&2; exit 254
+    fi
     echo i-0abc ;;"""
 
 
@@ -1135,7 +1091,8 @@ def test_launch_tells_a_quota_from_capacity_and_retries_with_one_client_token(tm
     Now a quota or an unsupported configuration stops at once with its code and the fix; no capacity moves on to the
     type's next zone, with a client token of its own; a lost answer is retried in the same zone with the same token
     (moto does not enforce tokens, nor tell zones' capacity apart: a stand-in answers, its arguments are checked)."""
-    stub, log = stub_aws(tmp_path, FAILS + '\n*describe-instance-type-offerings*) printf "us-east-1a\\tus-east-1b\\n" ;;')
+    offered = '*describe-instance-type-offerings*) printf "us-east-1a\\tus-east-1b\\n" ;;'
+    stub, log = stub_aws(tmp_path, FAILS + "\n" + offered)
     env = {"AWS": stub, "INSTANCE_TYPE": "g5.xlarge", "KEY_NAME": "k", "S3_DATA": "s3://d/x", "S3_RUNS": "s3://r/ec2",
            "MY_IP": "198.51.100.7", "STATE_DIR": str(tmp_path / "state"), "LAUNCH_RETRY_S": "0", "HOURLY_USD": "1",
            "CHECK": "0"}
@@ -1263,7 +1220,8 @@ def test_launch_refuses_uncommitted_changes_and_results_never_write_into_another
     p = sh(["launch"], {"INSTANCE_TYPE": "g5.xlarge", "KEY_NAME": "k", "S3_DATA": "s3://d/x", "S3_RUNS": "s3://r/ec2",
                         "AWS": "/bin/false"}, check=False, script=repo / "run_ec2.sh")
     assert p.returncode == 2
-    assert "changes that are not committed (git status): commit them or git stash them" in p.stderr.strip().splitlines()[-1]
+    last = p.stderr.strip().splitlines()[-1]
+    assert "changes that are not committed (git status): commit them or git stash them" in last
     (repo / "runs" / "r50").mkdir(parents=True)
     (repo / "runs" / "r50" / "best.pt").write_text("a run trained here")
     p = sh(["results"], {"RUN": "r50", "S3_RUNS": "s3://r/ec2", "AWS": "/bin/false"}, check=False,

@@ -13,13 +13,11 @@ import pytest
 import torch
 
 import train
-from conftest import IMAGENETTE, ROOT, error_line, link_tree, needs_imagenette, run, run_here, torchrun_cmd, train_cmd
+from conftest import (ELASTIC_ATOL, FAST, IMAGENETTE, ROOT, TWO_RANKS, assert_close_run, assert_same_weights,
+                      error_line, final_state, free_port, link_tree, needs_imagenette, run, run_here, torchrun_cmd,
+                      train_cmd)
 
 pytestmark = needs_imagenette
-FAST = ["--arch", "resnet18", "--img-size", "32", "--batch-size", "16", "--workers", "1", "--log-every", "1",
-        "--epochs", "2", "--ema", "0.9", "--mixup", "0.2", "--cutmix", "1.0"]
-
-
 def run_until(cmd, global_step, steps_per_epoch=10, env=None):
     """Start cmd, send SIGTERM once it has printed optimizer step `global_step` (1-based over the run), and
     return (exit status, stdout)."""
@@ -36,20 +34,6 @@ def run_until(cmd, global_step, steps_per_epoch=10, env=None):
     # a step, an evaluation or a save at most: well inside torchrun's 30 s and AWS's 2 minutes, even on a CPU
     assert sent is not None and time.time() - sent < 20, f"took {time.time() - sent:.0f} s to stop"
     return code, "".join(out)
-
-
-def final_state(out):
-    ckpt = torch.load(out / "last.pt", weights_only=True)
-    return ckpt, [line for line in (out / "log.jsonl").read_text().splitlines()]
-
-
-def assert_same_weights(a, b):
-    for part in ("model", "ema"):
-        for k in a[part]:
-            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs"
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
-    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"]
 
 
 def test_sigterm_at_three_random_points_then_resume_is_bitwise_identical(tiny_data, tmp_path, capfd):
@@ -74,19 +58,6 @@ def test_sigterm_at_three_random_points_then_resume_is_bitwise_identical(tiny_da
     assert strip(log_a) == strip(log_b)
 
 
-TWO_RANKS = ["--batch-size", "8", "--amp", "fp32", "--mix-off-epoch", "1"]  # bf16 would amplify the sums' order
-
-
-@pytest.fixture(scope="module")
-def two_ranks(tiny_data, tmp_path_factory):
-    """The reference of the multi-rank tests: an uninterrupted run on 2 ranks of --batch-size 8 (a global batch of
-    16, 10 steps an epoch), with mixup, cutmix (the first epoch) and EMA on, in fp32."""
-    out = tmp_path_factory.mktemp("two_ranks") / "full"
-    run(torchrun_cmd(2, "--data", tiny_data, *FAST, *TWO_RANKS, "--out", out),
-        env={"OMP_NUM_THREADS": "1"})
-    return out
-
-
 def test_torchrun_two_ranks_interrupted_once(tiny_data, tmp_path, two_ranks):
     common = ["--data", tiny_data, *FAST, *TWO_RANKS]
     env = {"OMP_NUM_THREADS": "1"}
@@ -97,26 +68,6 @@ def test_torchrun_two_ranks_interrupted_once(tiny_data, tmp_path, two_ranks):
     assert ckpt["progress"]["epochs_done"] == 0 and 6 <= ckpt["progress"]["step"] < 10, "a mid-epoch checkpoint"
     run(torchrun_cmd(2, *common, "--out", out), env=env)
     assert_same_weights(final_state(two_ranks)[0], final_state(out)[0])
-
-
-def assert_close_run(reference, out, atol):
-    """The same run up to the order of float sums: weights and EMA within atol, the same schedule; BatchNorm's
-    running statistics may differ (each process keeps its own), so they are not compared; the log's train loss and
-    top-1 of every epoch within float error."""
-    a, b = final_state(reference)[0], final_state(out)[0]
-    for part in ("model", "ema"):
-        for k, v in a[part].items():
-            if "running_" not in k and "num_batches" not in k and v.is_floating_point():
-                torch.testing.assert_close(b[part][k], v, atol=atol, rtol=0, msg=f"{part}.{k}")
-    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] and a["global_batch"] == b["global_batch"]
-    rows_a, rows_b = ([json.loads(line) for line in log] for log in (final_state(reference)[1], final_state(out)[1]))
-    assert [r["train_loss"] for r in rows_b] == pytest.approx([r["train_loss"] for r in rows_a], rel=1e-3)
-    assert [r["mixed"] for r in rows_b] == [r["mixed"] for r in rows_a] == [True, False]
-    assert rows_a[0]["train_top1"] is None and rows_b[0]["train_top1"] is None  # every batch of epoch 1 was mixed
-    assert rows_b[1]["train_top1"] == pytest.approx(rows_a[1]["train_top1"], abs=100 / 160)  # one argmax may flip
-
-
-ELASTIC_ATOL = 2e-4  # the largest difference measured, fp32 after 20 steps: 1.2e-7 (2 ranks -> 1), 4.3e-5 (1 -> 2)
 
 
 def test_a_run_continues_on_another_number_of_gpus(tiny_data, tmp_path, two_ranks, capfd):
@@ -289,13 +240,6 @@ def test_timed_saves_bound_what_kill_9_loses(tiny_data, tmp_path, capfd):
     resumed = run_here(train.main, cmd[2:], capfd)
     assert f"resumed from {out / 'last.pt'}: epoch 1, step {ckpt['progress']['step']}/10" in resumed.stdout
     assert (out / "status").read_text() == "done\n"
-
-
-def free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_nodes_with_disks_of_their_own_resume_together(tiny_data, tmp_path):

@@ -10,7 +10,8 @@ import torch
 
 import evaluate
 import train
-from conftest import IMAGENETTE, ROOT, error_line, needs_imagenette, run, run_here, torchrun_cmd, train_cmd
+from conftest import (IMAGENETTE, ROOT, assert_same_weights, error_line, needs_imagenette, run, run_here,
+                      torchrun_cmd, train_cmd)
 
 # small and fast: ResNet-18 at 32 px, batches of 16, on 160 real training images (10 steps per epoch)
 FAST = ["--arch", "resnet18", "--img-size", "32", "--batch-size", "16", "--workers", "1", "--log-every", "1"]
@@ -93,13 +94,8 @@ def test_resume_equals_uninterrupted_run_bitwise(tiny_data, tmp_path):
     assert "resumed from" in p.stdout and "epoch 1/2" not in p.stdout.split("resumed from")[1]
     a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
-    for part in ("model", "ema"):
-        assert a[part].keys() == b[part].keys()
-        for k in a[part]:
-            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs"
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
-    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 20
+    assert_same_weights(a, b)
+    assert a["scheduler"]["last_epoch"] == 20
     ra, rb = read_log(tmp_path / "full"), read_log(tmp_path / "split")
     assert [r["train_loss"] for r in ra] == [r["train_loss"] for r in rb]
     assert [r["val_top1"] for r in ra] == [r["val_top1"] for r in rb]
@@ -153,11 +149,11 @@ def test_the_readme_flag_table_is_the_parsers(capsys):
     """README's table of flags is made from the parsers (train.flag_table): a flag added, renamed or re-defaulted
     shows there, and the column that says which flags lr_finder.py takes is its parser's own answer."""
     import lr_finder
-    assert train.flag_table() in (ROOT / "README.md").read_text(), "README's flag table is stale: paste train.flag_table()"
+    assert train.flag_table() in (ROOT / "README.md").read_text(), "README's flag table is stale: paste flag_table()"
     for row in train.flag_table().splitlines()[2:]:
         flag, shared = row.split(" | ")[0].strip("| `").split("`")[0], row.split(" | ")[2]
         value = {"--data": "/x", "--preset": "fast", "--arch": "resnet18", "--device": "cpu", "--amp": "bf16",
-                 "--resume": "none", "--shrink-by": "longer"}.get(flag, "1")
+                 "--tta": "flip", "--resume": "none", "--shrink-by": "longer"}.get(flag, "1")
         takes_a_value = not any(s in row for s in ("| on |", "| off |"))
         p = run_here(lr_finder.main, [flag, value] if takes_a_value else [flag], capsys, check=False) \
             if shared == "no" else None
@@ -251,7 +247,7 @@ def test_resume_with_another_arch_is_refused(tiny_data, tmp_path, capsys):
     before = (out / "last.pt").read_bytes()
     common = ["--data", str(tiny_data), "--out", str(out), *FAST]
     line = error_line(train.main, [*common, "--epochs", "2", "--arch", "resnet34"], capsys)
-    assert "--arch is resnet34 but" in line and "--resume none" in line
+    assert "--arch is resnet34 but" in line and "a new run in a new --out" in line  # (--resume none in it is refused)
     assert "--epochs is 3 but" in error_line(train.main, [*common, "--epochs", "3"], capsys)
     assert (out / "last.pt").read_bytes() == before  # nothing already written is lost
 
@@ -277,7 +273,7 @@ def test_epoch_sizes_ramp_like_ffcv():
     the sizes follow --img-size, and --min-img-size at --img-size turns the ramp off."""
     args = train.parse_args([])
     assert (args.epochs, args.img_size, args.min_img_size, args.eval_size, args.blurpool, args.tta) == \
-        (24, 192, 160, 256, True, True)
+        (24, 192, 160, 256, True, "flip")
     assert (args.mixup, args.cutmix, args.ema, args.weight_decay, args.warmup_pct) == (0, 0, 0, 1e-4, 0.1)
     assert train.epoch_sizes(args) == [160] * 18 + [176] * 2 + [192] * 4
     assert train.epoch_sizes(train.parse_args(["--preset", "fast"])) == [160] * 12 + [176] + [192] * 3
