@@ -107,8 +107,12 @@ def loader_rate(fn, files, size, workers, batch, n):
 # 2. the training step
 
 def bare_loop(arch, size, batch, amp, channels_last, compiled, device, steps, warmup=3):
-    """img/s of forward + loss + backward + SGD on one synthetic batch that never leaves the device."""
+    """(img/s, peak GiB) of forward + loss + backward + SGD on one synthetic batch that never leaves the device; the
+    peak is the GPU memory allocated at most (None on the CPU)."""
     torch.manual_seed(0)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = build_model(arch, num_classes=1000).to(device, memory_format=fmt).train()
     step_model = torch.compile(model) if compiled else model
@@ -133,7 +137,8 @@ def bare_loop(arch, size, batch, amp, channels_last, compiled, device, steps, wa
     for _ in range(steps):
         step()
     sync(device)
-    return batch * steps / (time.perf_counter() - t0)
+    rate = batch * steps / (time.perf_counter() - t0)
+    return rate, torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
 @torch.no_grad()
@@ -501,13 +506,15 @@ def measure_shards(files, tmp, side=320):
     return rows
 
 
-def measure_steps(arch, sizes, batch, steps, amp, low, compile_mode, device):
-    """Section 2: the bare training step in every precision and layout (and compiled), images/s."""
-    amps = ["fp32", low] if device.type == "cuda" or amp != "fp32" else ["fp32"]
-    if len(amps) == 1:
-        print(f"\n(no {low} rows: this CPU has no native {low}, which ran 11-17x slower than fp32 on one "
-              f"without it; see BENCHMARKS.md)")
-    combos = [(a, cl, False) for a in amps for cl in (True, False)]
+def measure_steps(arch, sizes, batch, steps, amp, low, compile_mode, device, amps=None, layouts=("nhwc", "nchw")):
+    """Section 2: the bare training step in every precision (`amps`, default fp32 and `low`) and layout (and
+    compiled: "on" adds `amp` NHWC compiled, "all" compiles every row too), images/s and peak GPU memory."""
+    if amps is None:
+        amps = ["fp32", low] if device.type == "cuda" or amp != "fp32" else ["fp32"]
+        if len(amps) == 1:
+            print(f"\n(no {low} rows: this CPU has no native {low}, which ran 11-17x slower than fp32 on one "
+                  f"without it; see BENCHMARKS.md)")
+    combos = [(a, layout == "nhwc", False) for a in amps for layout in layouts]
     if compile_mode == "on":
         combos.append((amp, True, True))
     elif compile_mode == "all":
@@ -515,13 +522,14 @@ def measure_steps(arch, sizes, batch, steps, amp, low, compile_mode, device):
     rows = []
     for size in sizes:
         for a, cl, comp in combos:
-            rate = bare_loop(arch, size, batch, a, cl, comp, device, steps)
-            rows.append(dict(arch=arch, px=size, amp=a, channels_last=cl, compile=comp, img_s=rate))
+            rate, peak = bare_loop(arch, size, batch, a, cl, comp, device, steps)
+            rows.append(dict(arch=arch, px=size, amp=a, channels_last=cl, compile=comp, img_s=rate, peak_gib=peak))
             if comp:
                 torch._dynamo.reset()  # a fresh compile for each model
     table(f"Training step, {arch}, synthetic batch {batch} on {device.type}, images/s",
-          ["px", "amp", "layout", "compile", "images/s"],
-          [(r["px"], r["amp"], "NHWC" if r["channels_last"] else "NCHW", r["compile"], r["img_s"]) for r in rows])
+          ["px", "amp", "layout", "compile", "images/s", "peak GiB"],
+          [(r["px"], r["amp"], "NHWC" if r["channels_last"] else "NCHW", r["compile"], r["img_s"],
+            "-" if r["peak_gib"] is None else r["peak_gib"]) for r in rows])
     return rows
 
 
@@ -545,6 +553,10 @@ def parse_args(argv=None):
                    f"with this machine's rates in place of the published ones (./run_ec2.sh bench passes its own)")
     p.add_argument("--shards-only", action="store_true", help="measure only packing and extracting shards per core "
                                                               "(run_ec2.sh prepare and data) on the JPEGs, and exit")
+    p.add_argument("--steps-only", action="store_true", help="measure only the training step (--sizes, --amps, "
+                   "--layouts, --compile), print its table and one JSON line, and exit")
+    p.add_argument("--loader-only", action="store_true", help="measure only the loader (--loader-sizes, "
+                   "--shrink-side, --workers) on the JPEGs, print its tables and one JSON line, and exit")
     p.add_argument("--kind", choices=["full", "shrunk"], help="the training JPEGs to project with: full size, or a "
                    "copy at a 320 px shorter side (train.py --shrink); default: what run_ec2.sh data stages there")
     p.add_argument("--data", default=os.environ.get("DATA_DIR"), help="a dataset root whose training JPEGs to time "
@@ -560,6 +572,10 @@ def parse_args(argv=None):
                                                                       "CPU, 160 176 192 224 on a GPU")
     p.add_argument("--batch-size", type=int, default=None, help="default: 32 on the CPU, 256 on a GPU")
     p.add_argument("--steps", type=int, default=None, help="timed steps; default: 3 on the CPU, 30 on a GPU")
+    p.add_argument("--amps", nargs="+", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="the step's precisions; default: fp32 and the GPU's low precision (bf16, else fp16)")
+    p.add_argument("--layouts", nargs="+", choices=["nhwc", "nchw"], default=["nhwc", "nchw"],
+                   help="the step's memory layouts: channels_last (nhwc) and contiguous (nchw)")
     p.add_argument("--compile", default=None, choices=["off", "on", "all"],
                    help="on: also the low-precision NHWC step compiled; all: every step compiled too; "
                         "default: off on the CPU, on on a GPU")
@@ -585,8 +601,8 @@ def main(argv=None):
               + ("" if names else "\n\n" + recommendation()))
         return
     try:
-        files = find_images(args.images, args.data)
         device = pick_device(args.device)
+        files = [] if args.steps_only else find_images(args.images, args.data)  # the step needs no JPEGs
     except (ValueError, FileNotFoundError) as e:
         print(f"bench.py: error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -604,9 +620,25 @@ def main(argv=None):
     workers = data.default_workers(args.workers)
     amp = autocast_for("auto", device)[0]  # what train.py would use here: bf16/fp16 on GPUs, fp32 on most CPUs
     low = "fp16" if gpu and not torch.cuda.is_bf16_supported() else "bf16"  # the low precision to set against fp32
+    versions = dict(device=torch.cuda.get_device_name() if gpu else "cpu", torch=torch.__version__)
+    if args.steps_only:
+        rows = measure_steps(args.arch, sizes, batch, steps, amp, low, args.compile or "off", device, args.amps,
+                             args.layouts)
+        print(json.dumps(dict(**versions, batch=batch, steps=rows)))
+        return
     preset = train_args(["--preset", args.preset])
     preset_sizes = sorted(set(epoch_sizes(preset)))
     tmp = tempfile.mkdtemp()
+    if args.loader_only:
+        try:
+            rows, eval_core, dl = measure_loader(files, sorted(set(args.loader_sizes), reverse=True), args.shrink_side,
+                                                 args.passes, workers, batch, max(20 * batch, 1000) if gpu else 640,
+                                                 tmp, preset.eval_size)
+            print(json.dumps(dict(**versions, cores=len(os.sched_getaffinity(0)), files=len(files), loader=rows,
+                                  eval_loader_per_core=eval_core, dataloader=dl)))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
     try:
         loader_sizes = sorted(set(args.loader_sizes) | set(preset_sizes) | set(sizes), reverse=True)
         loader_rows, eval_core, dl = measure_loader(files, loader_sizes, args.shrink_side, args.passes, workers,
@@ -645,10 +677,10 @@ def main(argv=None):
               + (f", ${proj['usd']:.2f} at ${inst['on_demand']}/h" if inst["on_demand"] else
                  " (pass --hourly-usd for dollars)") + f"; bound by the {proj['bottleneck']}")
         speed176 = next((r["speedup"] for r in loader_rows if r["px"] == 176), None)
-        print(json.dumps(dict(device=torch.cuda.get_device_name() if gpu else "cpu", torch=torch.__version__,
-                              cores=inst["vcpus"], gpus=inst["gpus"], loader_speedup_176=speed176, loader=loader_rows,
-                              eval_loader_per_core=eval_core, dataloader=dl, steps=step_rows, train_vs_bare=versus,
-                              forward_per_step=forward_step, eval_img_s=measured["eval"], projection=proj)))
+        print(json.dumps(dict(**versions, cores=inst["vcpus"], gpus=inst["gpus"], loader_speedup_176=speed176,
+                              loader=loader_rows, eval_loader_per_core=eval_core, dataloader=dl, steps=step_rows,
+                              train_vs_bare=versus, forward_per_step=forward_step, eval_img_s=measured["eval"],
+                              projection=proj)))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -418,9 +418,10 @@ def check_data(root, workers):
     return dict(classes=len(classes), train=len(train), val=len(val), kinds=found, unreadable=len(bad))
 
 
-def shrink_bytes(raw, side, by="shorter"):
+def shrink_bytes(raw, side, by="shorter", quality=90):
     """The image in `raw` (a file's bytes) as a JPEG whose shorter (or longer) side is at most `side` px, at quality
-    90 as FFCV stores ImageNet; None where it is that small already, or unreadable (training replaces those)."""
+    90 as FFCV stores ImageNet (or `quality`); None where it is that small already, or unreadable (training replaces
+    those)."""
     try:
         img = Image.open(io.BytesIO(raw))
         w, h = img.size
@@ -430,7 +431,7 @@ def shrink_bytes(raw, side, by="shorter"):
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
         img.draft("RGB", size)  # decode at a reduced scale where the JPEG allows: shrinking a million files is slow
         out = io.BytesIO()
-        img.convert("RGB").resize(size, Image.LANCZOS).save(out, format="JPEG", quality=90)
+        img.convert("RGB").resize(size, Image.LANCZOS).save(out, format="JPEG", quality=quality)
         return out.getvalue()
     except UNREADABLE:
         return None
