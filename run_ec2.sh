@@ -563,7 +563,7 @@ loop_end() {  # WORD WHY: how the loop ended, for the end step (OUT/loop_end) an
 }
 
 train_loop() {
-    local restarts=0 code status before cmd pid
+    local restarts=0 code status before cmd pid spent
     mapfile -t cmd < <(trainer_cmd)
     write_pid "$OUT/loop.pid" $$
     rm -f "$OUT/spot_notice" "$OUT/budget_stop" "$OUT/stop_request" "$OUT/hung" "$OUT/loop_end"
@@ -575,10 +575,17 @@ train_loop() {
             loop_end stopped "training stopped by ./run_ec2.sh stop; ./run_ec2.sh resume on the laptop continues it"
             return 0
         fi
-        if [[ -n $BUDGET_USD && $NODE_MODE == 0 ]] && budget_spent; then  # (node decides before, on every node)
-            echo stopped > "$OUT/status"
-            loop_end stopped "not starting: \$$(money spent) of BUDGET_USD=\$$BUDGET_USD spent; to continue, resume the run with a higher BUDGET_USD (./run_ec2.sh resume on the laptop)"
-            return 0
+        if [[ -n $BUDGET_USD && $NODE_MODE == 0 ]]; then  # (node decides before, on every node)
+            if ! read -r _ _ spent _ < <(costs); then  # costs said why: no trainer starts that no budget guards
+                echo bad_input > "$OUT/status"
+                loop_end bad_input "not starting: the run's spending cannot be counted against BUDGET_USD=\$$BUDGET_USD (the line above says why)"
+                return 2
+            fi
+            if awk -v s="$spent" -v b="$BUDGET_USD" 'BEGIN { exit !(s >= b) }'; then
+                echo stopped > "$OUT/status"
+                loop_end stopped "not starting: \$$spent of BUDGET_USD=\$$BUDGET_USD spent; to continue, resume the run with a higher BUDGET_USD (./run_ec2.sh resume on the laptop)"
+                return 0
+            fi
         fi
         if [[ -f $OUT/spot_notice ]]; then  # the notice came while no trainer ran: none starts on an instance about
             loop_end preempted "spot interruption: not starting a trainer on an instance about to go"  # to go
@@ -638,7 +645,11 @@ checkpoint_flags() {  # the training flags of OUT/last.pt's command line, one a 
     PYTHONPATH=$REPO_DIR "$(python_bin)" - "$OUT/last.pt" <<'PY'
 import sys
 import model
-argv, own, i = model.read_checkpoint(sys.argv[1])["argv"] or [], ("--data", "--out", "--hourly-usd", "--resume"), 0
+try:
+    argv = model.read_checkpoint(sys.argv[1])["argv"] or []
+except (OSError, ValueError) as e:  # the trainer refuses the file too, when it resumes from it
+    sys.exit(f"run_ec2.sh: {e}")
+own, i = ("--data", "--out", "--hourly-usd", "--resume"), 0
 while i < len(argv):
     if argv[i].split("=")[0] in own:
         i += 1 if "=" in argv[i] else 2
@@ -813,7 +824,7 @@ costs() {  # "hours mine spent projected_usd epochs_left min_per_epoch source": 
     id=$(imds_get meta-data/instance-id)
     python3 - "$OUT" "$(awk -v p="$HOURLY_USD" -v n="$NODES" 'BEGIN {print p * n}')" "$launched" "$source" \
         "${id:-$(hostname)}" "$NODES" <<'PY'
-import json, os, sys, time
+import fcntl, json, os, sys, time
 out, price, launched, source, me, nodes = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4], \
     sys.argv[5], int(sys.argv[6])
 log, record_path = os.path.join(out, "log.jsonl"), os.path.join(out, "spent.json")
@@ -824,7 +835,13 @@ for line in open(log) if os.path.exists(log) else []:  # a torn line (a kill mid
     except ValueError:
         pass
 hours = (time.time() - launched) / 3600
-record = json.load(open(record_path)) if os.path.exists(record_path) else {}
+if os.path.isdir(out):  # one process at a time reads and rewrites it: the loop, the guard and status all count
+    fcntl.flock(os.open(out, os.O_RDONLY), fcntl.LOCK_EX)  # (released when this process exits)
+try:
+    record = json.load(open(record_path)) if os.path.exists(record_path) else {}
+except ValueError:
+    sys.exit(f"run_ec2.sh: error: {record_path} is not JSON, so the run's earlier spending cannot be counted: restore it "
+             f"from S3_RUNS, or delete it to count this instance alone")
 record[me] = dict(hours=round(hours, 4), hourly_usd=price, usd=round(hours * price, 4))
 if nodes > 1:  # price is then all the nodes' (HOURLY_USD is one node's)
     record[me]["nodes"] = nodes
@@ -840,21 +857,17 @@ print(f"{hours:.3f} {hours * price:.2f} {spent:.2f} {spent + left * per_epoch_h 
 PY
 }
 
-money() {  # one field of costs(): what the run has spent, or its projection
-    local hours mine spent projected rest
-    read -r hours mine spent projected rest < <(costs)
-    case $1 in spent) echo "$spent" ;; projected) echo "$projected" ;; hours) echo "$hours" ;; esac
-}
-
-budget_spent() { awk -v s="$(money spent)" -v b="$BUDGET_USD" 'BEGIN { exit !(s >= b) }'; }
 
 spent_before() {  # the dollars of OUT/spent.json as restored: the run's other instances and clusters, not this one
     python3 - "$OUT/spent.json" "$(imds_get meta-data/instance-id)" <<'PY'
 import json, sys
 try:
     record = json.load(open(sys.argv[1]))
-except (OSError, ValueError):
+except OSError:  # none yet: the run's first cluster
     record = {}
+except ValueError:
+    sys.exit(f"run_ec2.sh: error: {sys.argv[1]} is not JSON, so the run's earlier spending cannot be counted: "
+             f"restore it from S3_RUNS, or delete it there to count this cluster alone")
 print(round(sum(v["usd"] for k, v in record.items() if k != sys.argv[2]), 2))
 PY
 }
@@ -987,7 +1000,7 @@ cmd_node() {  # [train.py flags]: this node's part of a run on NODES nodes that 
         || die "BUDGET_USD=$BUDGET_USD needs a node's price: set HOURLY_USD (EC2 and ec2_instances.json have none for this instance)"
     NODE_MODE=1 JOURNAL=true  # no systemd service here: ended.json keeps train.log's tail
     local code=0 before
-    before=$(spent_before)
+    before=$(spent_before) || exit 2  # (it said why)
     if [[ -n $BUDGET_USD ]] && awk -v s="$before" -v b="$BUDGET_USD" 'BEGIN { exit !(s >= b) }'; then
         [[ $NODE_RANK != 0 ]] || echo stopped > "$OUT/status"
         loop_end stopped "not starting: \$$before of BUDGET_USD=\$$BUDGET_USD spent by the run's earlier instances (spent.json); to continue, launch it again with a higher BUDGET_USD"

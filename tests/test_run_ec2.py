@@ -355,6 +355,35 @@ def test_the_budget_warns_stops_cleanly_and_a_higher_one_continues(tmp_path, imd
     assert more.returncode == 0 and (out / "status").read_text() == "done\n", more.stderr
 
 
+def test_the_runs_spending_survives_every_count_at_once_and_a_run_it_cannot_count_starts_no_trainer(tmp_path, imds):
+    """The restart loop, the budget guard and `status` all count the money at once, each rewriting OUT/spent.json.
+    Through one shared temp file they used to tear it: the loop's check before a start then read no spending and
+    started a trainer past the budget, and every later count failed, so the guard guarded nothing and the earlier
+    instances' dollars were lost. Now the counts take turns; a spent.json that is not JSON stops the start, saying
+    so."""
+    IMDS.pending = (datetime.now(timezone.utc) - timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    out = tmp_path / "out"
+    out.mkdir()
+    earlier = {"i-earlier": {"hours": 2.0, "hourly_usd": 4.0, "usd": 8.0}}
+    (out / "spent.json").write_text(json.dumps(earlier))
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "OUT": str(out), "IMDS_URL": imds, "HOURLY_USD": "3"}
+    counts = ("for i in 1 2 3 4 5 6; do ./run_ec2.sh status >/dev/null || echo \"status exited $?\" >&2; done")
+    workers = [subprocess.Popen(["bash", "-c", counts], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+               for _ in range(6)]
+    said = "".join(w.communicate(timeout=120)[1] for w in workers)
+    assert "Traceback" not in said and "exited" not in said, said
+    record = json.loads((out / "spent.json").read_text())
+    assert record["i-earlier"] == earlier["i-earlier"] and 2.9 < record["i-0123"]["usd"] < 3.5, record
+    # a spent.json that is not JSON (torn by the old code, say): no trainer starts unguarded, and the line says why
+    (out / "spent.json").write_text(json.dumps(earlier) + "}")
+    p = sh(["train"], {"FOREGROUND": "1", "OUT": str(out), "IMDS_URL": imds, "PATH": recording_aws(tmp_path),
+                       "S3_RUNS": "s3://runs/ec2", "HOURLY_USD": "3", "BUDGET_USD": "100", "BUDGET_POLL_S": "0.3",
+                       "TRAIN_CMD": write_trainer(tmp_path, PREEMPTIBLE)}, check=False, timeout=60)
+    assert p.returncode == 2 and not (out / "last.pt").exists() and "Traceback" not in p.stderr, p.stderr
+    assert f"{out / 'spent.json'} is not JSON" in p.stderr and "not starting" in p.stderr, p.stderr
+    assert (out / "status").read_text() == "bad_input\n"
+
+
 def test_bench_on_a_fresh_instance_says_where_its_jpegs_come_from(tmp_path, tiny_data, monkeypatch):
     """bench.py with no flags on a fresh clone, where there is no ../shared: one line naming --data and DATA_DIR;
     with --data it times that dataset's own JPEGs; its projection covers every GPU the machine has."""
