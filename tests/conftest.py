@@ -168,10 +168,12 @@ def write_trainer(tmp_path, text):
 
 
 class Answers(http.server.BaseHTTPRequestHandler):
-    """A local HTTP stand-in (IMDS): reply(code, body), and no log lines."""
+    """A local HTTP stand-in (IMDS, the Hub): reply(code, body, content_type), and no log lines."""
 
-    def reply(self, code, body):
+    def reply(self, code, body, content_type=None):
         self.send_response(code)
+        if content_type:
+            self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)

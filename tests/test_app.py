@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 import train
-from conftest import ROOT, SAMPLES, error_line, free_port, needs_samples, run, run_here
+from conftest import ROOT, SAMPLES, Answers, error_line, free_port, needs_samples, run, run_here
 
 pytestmark = needs_samples
 GRADIO_ENV = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONUNBUFFERED": "1",
@@ -296,7 +296,7 @@ def test_the_exported_space_runs_alone_and_classifies_a_photo(checkpoint, exampl
     assert "from `model.pt`" in log and f"4 examples from {alone / 'examples'}" in log
 
 
-class FakeHub(http.server.BaseHTTPRequestHandler):
+class FakeHub(Answers):
     """The Hub's HTTP API as huggingface_hub uses it to create a Space and commit files to it, on 127.0.0.1: it
     records what it receives and answers that every file is a regular (not LFS) upload."""
     created, files, tokens, unknown = [], {}, set(), []
@@ -305,38 +305,30 @@ class FakeHub(http.server.BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         FakeHub.tokens.add(self.headers.get("Authorization"))
         if self.path == "/api/validate-yaml":  # the client checks the README's front matter first
-            return self.reply({"errors": [], "warnings": []})
+            return self.answer({"errors": [], "warnings": []})
         if self.path == "/api/repos/create":
             FakeHub.created.append(json.loads(body))
-            return self.reply({"url": f"http://{self.headers['Host']}/spaces/someone/resnet-demo"})
+            return self.answer({"url": f"http://{self.headers['Host']}/spaces/someone/resnet-demo"})
         if re.fullmatch(r"/api/spaces/someone/resnet-demo/preupload/main", self.path):
             files = json.loads(body)["files"]
-            return self.reply({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+            return self.answer({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
                                          for f in files]})
         if re.fullmatch(r"/api/spaces/someone/resnet-demo/commit/main", self.path):
             for line in body.decode().splitlines():
                 item = json.loads(line)
                 if item["key"] == "file":
                     FakeHub.files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
-            return self.reply({"commitUrl": f"http://{self.headers['Host']}/spaces/someone/resnet-demo/commit/"
+            return self.answer({"commitUrl": f"http://{self.headers['Host']}/spaces/someone/resnet-demo/commit/"
                                             + "0" * 40, "commitOid": "0" * 40})
         FakeHub.unknown.append(("POST", self.path))
-        self.reply({"error": "not in the stand-in"}, 404)
+        self.answer({"error": "not in the stand-in"}, 404)
 
     def do_GET(self):
         FakeHub.unknown.append(("GET", self.path))
-        self.reply({"error": "not in the stand-in"}, 404)
+        self.answer({"error": "not in the stand-in"}, 404)
 
-    def reply(self, obj, code=200):
-        body = json.dumps(obj).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
+    def answer(self, obj, code=200):
+        self.reply(code, json.dumps(obj).encode(), "application/json")
 
 
 def test_push_uploads_the_space_to_the_hub(checkpoint, examples, tmp_path, capfd):

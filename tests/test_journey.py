@@ -16,7 +16,7 @@ import urllib.request
 import zipfile
 
 
-from conftest import BIN, IMAGENETTE, ROOT, boto, needs_imagenette
+from conftest import BIN, IMAGENETTE, ROOT, boto, fake_venv, needs_imagenette
 
 pytestmark = needs_imagenette
 WNIDS = ("n01440764", "n02102040", "n02979186")  # 3 Imagenette classes: tench, English springer, cassette player
@@ -154,12 +154,7 @@ class Journey:
                            ("kaggle", LAPTOP_BIN["kaggle"])):
             (fake / name).write_text(text)
             (fake / name).chmod(0o755)
-        venv = fake.parent / "venv"  # its python is this one; its pip records (the instance's installs)
-        (venv / "bin").mkdir(parents=True)
-        (venv / "bin" / "python").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
-        (venv / "bin" / "pip").write_text(f'#!/bin/sh\necho "$@" >> {venv}/pip.log\n')
-        for f in (venv / "bin").iterdir():
-            f.chmod(0o755)
+        venv = fake_venv(fake.parent / "venv")  # its python is this one; its pip records (the instance's installs)
         subprocess.run(["bash", "-c", user_data], check=True, env={**self.env, "BOOT_ROOT": str(boot),
                                                                    "SYSTEMCTL": str(fake / "systemctl")})
         settings = {**self.moto, "PATH": f"{fake}:{BIN}:{os.environ['PATH']}", "VENV": str(venv), "SUDO": "",
